@@ -1,0 +1,302 @@
+"""The Python API: compile text into ``Loss`` objects and call their fused kernels.
+
+A ``Loss`` checks its arguments (count, dtypes, shapes, axis sizes, params and their domains),
+runs the kernel for the inputs' dtype, and reduces: ``none`` / ``sum`` / ``mean``.
+"""
+import difflib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from . import jit, printing, render_cpu
+from .compiler import compile_definition
+from .derive import fresh_indices
+from .errors import ArgumentError, CompileError, DomainError, LossError, LossTypeError
+from .lower import in_domain, parse
+from .paths import LIBRARY
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def names():
+    """Sorted names of the library's losses."""
+    return sorted(p.stem for p in LIBRARY.glob("*.loss"))
+
+
+@lru_cache(maxsize=None)
+def _library_definition(name):
+    path = LIBRARY / f"{name}.loss"
+    if not path.is_file():
+        return None
+    defs = {d.name: d for d in parse(path.read_text(), str(path))}
+    return defs.get(name)
+
+
+def load(name):
+    """The compiled library loss ``name``."""
+    if _library_definition(name) is None:
+        close = difflib.get_close_matches(name, names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise LossError(f"no loss '{name}' in the library{hint} (lossdsl.names() lists them)")
+    return _load_cached(name)
+
+
+@lru_cache(maxsize=None)
+def _load_cached(name):
+    return Loss(compile_definition(_library_definition(name), _library_definition))
+
+
+def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
+    """{name: Loss} for every definition in ``text``; other losses are looked up in the text, then the library."""
+    defs = {d.name: d for d in parse(text, file)}
+
+    def lookup(name):
+        return defs.get(name) or _library_definition(name)
+
+    out = {}
+    for name, d in defs.items():
+        try:
+            out[name] = Loss(compile_definition(d, lookup))
+        except LossError:
+            raise
+        except (RecursionError, ValueError, TypeError, ZeroDivisionError, NotImplementedError) as e:
+            raise d.span.error(LossTypeError, f"cannot compile loss '{name}': {type(e).__name__}: {e}") from None
+    return out
+
+
+def compile_file(path):
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LossError(f"cannot read {path}: {e}") from None
+    return compile(text, str(path))
+
+
+class Loss:
+    """A compiled loss: call it for the value, ``value_and_grad`` for value and gradients."""
+
+    def __init__(self, compiled):
+        self._c = compiled
+        d = compiled.definition
+        self.name, self.doc, self.definition = d.name, d.doc, d.text
+        self._inputs = d.of_kind("input")
+        self._targets = d.of_kind("target")
+        self._params = d.of_kind("param")
+        self.inputs = tuple(x.name for x in self._inputs)
+        self.targets = tuple(x.name for x in self._targets)
+        self.params = {p.name: p.default for p in self._params}
+        self.shapes = {x.name: x.axes for x in self._inputs + self._targets}
+        self.rules = compiled.fired
+        self._kernels = {}
+
+    def __repr__(self):
+        return f"<Loss {self.name}({', '.join(self.inputs + self.targets)})>"
+
+    # --- symbolic side ---------------------------------------------------------------------
+    @property
+    def expr(self):
+        return self._c.expr
+
+    def gradient(self, name):
+        if name not in self._c.grads:
+            raise LossError(f"loss '{self.name}' has no input '{name}' (inputs: {', '.join(self.inputs)})")
+        return self._c.grads[name][0]
+
+    def gradient_index(self, name):
+        """The index symbols of ``gradient(name)`` (empty for a scalar input)."""
+        self.gradient(name)
+        return self._c.grads[name][1]
+
+    def source(self, target="cpu", dtype="float32"):
+        if target == "cpu":
+            return render_cpu.render(self._c, dtype)
+        if target == "cuda":
+            raise LossError("the CUDA back end is not available yet")
+        raise LossError(f"unknown target '{target}': expected cpu or cuda")
+
+    def __str__(self):
+        return f"{self.name} = {printing.to_text(self.expr)}"
+
+    # --- numeric side ----------------------------------------------------------------------
+    def kernel(self, dtype):
+        if dtype not in self._kernels:
+            self._kernels[dtype] = jit.load_module(render_cpu.render(self._c, dtype)).kernel
+        return self._kernels[dtype]
+
+    def __call__(self, *args, reduction="mean", weight=None, ignore_index=None, **params):
+        return self._run(args, reduction, weight, ignore_index, params, grad=False)[0]
+
+    def value_and_grad(self, *args, reduction="mean", weight=None, ignore_index=None, **params):
+        return self._run(args, reduction, weight, ignore_index, params, grad=True)
+
+    def _run(self, args, reduction, weight, ignore_index, params, grad):
+        call = _Call(self, args, reduction, weight, ignore_index, params)
+        k = self.kernel(call.dtype.name)
+        grads = [np.empty_like(a) for a in call.inputs] if grad else [None] * len(call.inputs)
+        out = np.empty(call.n_samples, call.dtype) if reduction == "none" else None
+        scale = call.dtype.type(1.0 / call.denominator if reduction == "mean" and call.denominator else 1.0)
+        total, bad = k(*call.inputs, *call.targets, *call.param_values, *call.sizes, call.weight, out,
+                       *grads, scale, np.int64(call.ignore))
+        if bad:
+            call.raise_bad_targets()
+        if reduction == "none":
+            value = out.reshape(call.sample_shape)
+        elif reduction == "sum":
+            value = call.dtype.type(total)
+        else:
+            value = call.dtype.type(total / call.denominator if call.denominator else np.nan)
+        if not grad:
+            return value, None
+        return value, tuple(g.reshape(s) for g, s in zip(grads, call.input_shapes))
+
+
+class _Call:
+    """One call's arguments, checked and laid out for the kernel."""
+
+    def __init__(self, loss, args, reduction, weight, ignore_index, params):
+        self.loss = loss
+        name = loss.name
+        decls = loss._inputs + loss._targets
+        if reduction not in REDUCTIONS:
+            raise ArgumentError(f"loss '{name}': reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        if len(args) != len(decls):
+            raise ArgumentError(f"loss '{name}' takes {len(decls)} arrays ({', '.join(d.name for d in decls)}), "
+                                f"got {len(args)}")
+        for a, d in zip(args, decls):
+            if hasattr(a, "__cuda_array_interface__"):
+                raise ArgumentError(f"loss '{name}': argument '{d.name}' is a device array; "
+                                    f"the CUDA back end is not available yet")
+        arrays = [np.asarray(a) for a in args]
+        ins = arrays[:len(loss._inputs)]
+        dtypes = {a.dtype for a in ins}
+        for a, d in zip(ins, loss._inputs):
+            if a.dtype not in (np.float32, np.float64):
+                raise ArgumentError(f"loss '{name}': input '{d.name}' must be float32 or float64, got {a.dtype}")
+        if len(dtypes) > 1:
+            raise ArgumentError(f"loss '{name}': inputs must share one dtype, got "
+                                + ", ".join(f"{d.name}: {a.dtype}" for a, d in zip(ins, loss._inputs)))
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+        self._shapes(arrays, decls, loss)
+        self.inputs = [np.ascontiguousarray(a.reshape(self._layout(d))) for a, d in zip(ins, loss._inputs)]
+        self.input_shapes = [a.shape for a in ins]
+        self.targets = []
+        for a, d in zip(arrays[len(ins):], loss._targets):
+            if d.domain.name == "class":
+                if a.dtype.kind not in "iu":
+                    raise ArgumentError(f"loss '{name}': target '{d.name}' is a class index and must be an "
+                                        f"integer array, got {a.dtype}")
+                a = a.astype(np.int64, copy=False)
+            elif a.dtype.kind not in "fiub":
+                raise ArgumentError(f"loss '{name}': target '{d.name}' must be numeric, got {a.dtype}")
+            else:
+                a = a.astype(self.dtype, copy=False)
+            self.targets.append(np.ascontiguousarray(a.reshape(self._layout(d))))
+        self._params(params, loss)
+        self._weight(weight, loss)
+        has_class = any(d.domain.name == "class" and not d.axes for d in loss._targets)
+        if ignore_index is not None and not has_class:
+            raise ArgumentError(f"loss '{name}': ignore_index applies only to losses with a class target")
+        self.ignore = int(ignore_index) if ignore_index is not None else np.iinfo(np.int64).min
+        self.denominator = self.n_samples
+        if ignore_index is not None:
+            cls = next(t for t, d in zip(self.targets, loss._targets) if d.domain.name == "class" and not d.axes)
+            self.denominator = int(np.count_nonzero(cls != self.ignore))
+
+    def _shapes(self, arrays, decls, loss):
+        """Bind axis sizes and the sample shape; everything must agree."""
+        name, sizes, lead = loss.name, {}, None
+        batch = loss._c.definition.batch
+        for a, d in zip(arrays, decls):
+            n_axes = len(d.axes)
+            if batch:
+                here, tail = (), a.shape
+                if len(tail) != n_axes:
+                    raise ArgumentError(f"loss '{name}': '{d.name}' must have shape [{', '.join(d.axes)}], "
+                                        f"got {a.shape}")
+            elif n_axes:
+                if a.ndim not in (n_axes, n_axes + 1):
+                    raise ArgumentError(f"loss '{name}': '{d.name}' must have shape (N, {', '.join(d.axes)}) "
+                                        f"or ({', '.join(d.axes)}), got {a.shape}")
+                here, tail = a.shape[:a.ndim - n_axes], a.shape[a.ndim - n_axes:]
+            else:
+                here, tail = a.shape, ()
+            for axis, size in zip(d.axes, tail):
+                if sizes.setdefault(axis, (size, d.name))[0] != size:
+                    raise ArgumentError(f"loss '{name}': axis {axis} is {sizes[axis][0]} for "
+                                        f"'{sizes[axis][1]}' but {size} for '{d.name}'")
+            if lead is None:
+                lead = (here, d.name)
+            elif here != lead[0]:
+                raise ArgumentError(f"loss '{name}': '{d.name}' has sample shape {here}, but '{lead[1]}' has "
+                                    f"{lead[0]}: they must match")
+        self.sample_shape = lead[0] if lead else ()
+        self.n_samples = 1 if batch else int(np.prod(self.sample_shape, dtype=np.int64))
+        low = loss._c.lowered
+        self.sizes = []
+        for axis in low.sizes:
+            if axis not in sizes:
+                raise ArgumentError(f"loss '{name}': no argument gives the size of axis {axis}")
+            self.sizes.append(np.int64(sizes[axis][0]))
+        self.axis_size = {a: int(s[0]) for a, s in sizes.items()}
+
+    def _layout(self, d):
+        if self.loss._c.definition.batch:
+            return tuple(self.axis_size[a] for a in d.axes) or (1,)
+        return (self.n_samples,) + tuple(self.axis_size[a] for a in d.axes)
+
+    def _params(self, params, loss):
+        known = {p.name: p for p in loss._params}
+        for k in params:
+            if k not in known:
+                raise ArgumentError(f"loss '{loss.name}' has no param '{k}'"
+                                    + (f" (params: {', '.join(known)})" if known else " (it has no params)"))
+        self.param_values = []
+        for p in loss._params:
+            v = params.get(p.name, p.default)
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ArgumentError(f"loss '{loss.name}': param '{p.name}' must be a number, got {v!r}") from None
+            if not in_domain(v, p.domain.name):
+                raise DomainError(f"loss '{loss.name}': param '{p.name}' = {v:g} is outside its domain "
+                                  f"'{p.domain}'")
+            self.param_values.append(self.dtype.type(v))
+
+    def _weight(self, weight, loss):
+        if weight is None:
+            self.weight = None
+            return
+        w = np.asarray(weight)
+        if w.dtype.kind not in "fiub":
+            raise ArgumentError(f"loss '{loss.name}': weight must be numeric, got {w.dtype}")
+        if w.shape != self.sample_shape:
+            raise ArgumentError(f"loss '{loss.name}': weight must have the per-sample shape "
+                                f"{self.sample_shape}, got {w.shape}")
+        self.weight = np.ascontiguousarray(w.astype(self.dtype, copy=False).reshape(self.n_samples))
+
+    def raise_bad_targets(self):
+        """The kernel counted bad targets: find the first and say what was expected."""
+        loss = self.loss
+        for t, d in zip(self.targets, loss._targets):
+            rows = t.reshape(t.shape[0], -1) if not loss._c.definition.batch else t.reshape(1, -1)
+            if d.domain.name == "class":
+                size = self.axis_size[d.domain.axis]
+                ok = ((rows >= 0) & (rows < size)) | (rows == self.ignore)
+                want = f"a class index in [0, {size})" + (" or ignore_index" if self.ignore > -2**62 else "")
+            else:
+                check = {"unit": lambda v: (v >= 0) & (v <= 1), "binary": lambda v: (v == 0) | (v == 1),
+                         "sign": lambda v: (v == 1) | (v == -1), "positive": lambda v: v > 0,
+                         "nonnegative": lambda v: v >= 0, "simplex": lambda v: v >= 0}.get(d.domain.name)
+                if check is None:
+                    continue
+                ok = check(rows)
+                want = f"values in its domain '{d.domain}'"
+            bad = np.argwhere(~ok)
+            if len(bad):
+                n, k = bad[0]
+                where = f"sample {n}" + (f", element {k}" if rows.shape[1] > 1 else "")
+                raise DomainError(f"loss '{loss.name}': target '{d.name}' must hold {want}; "
+                                  f"got {rows[n, k]!r} at {where}")
+        raise DomainError(f"loss '{loss.name}': a target is outside its domain")

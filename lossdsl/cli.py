@@ -1,0 +1,253 @@
+"""The ``lossdsl`` command line (LANGUAGE.md section 5).
+
+    lossdsl list                           the library, one aligned line per loss
+    lossdsl show NAME [--latex]            definition, stabilized loss, gradients, rules
+    lossdsl grad NAME [--wrt Z] [--latex]  the gradients alone
+    lossdsl source NAME [--target cpu|cuda]
+    lossdsl compile FILE.loss              parse, check and compile a user's file
+    lossdsl check NAME|--all               (not implemented yet)
+    lossdsl bench NAME|--all               (not implemented yet)
+
+NAME is a library loss or ``FILE.loss:NAME`` (``FILE.loss`` alone when the file
+defines a single loss).  Every ``lossdsl.LossError`` is printed on stderr and
+gives exit status 1, never a traceback; compile errors keep their three-line
+``FILE:LINE:COL: error: ...`` form with the caret.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import textwrap
+
+import lossdsl
+
+INDENT = "    "
+
+
+class UsageError(Exception):
+    """A mistake on the command line: unknown loss or input, unreadable file."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _unknown(what: str, name: str, choices, hint: str = "") -> UsageError:
+    """An error for an unknown NAME, naming the close matches (difflib)."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    msg = f"unknown {what} {name!r}"
+    if close:
+        msg += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    elif hint:
+        msg += f" ({hint})"
+    elif choices:
+        msg += " (known: " + ", ".join(choices) + ")"
+    return UsageError(msg)
+
+
+def _compile_file(path: str) -> dict:
+    try:
+        return lossdsl.compile_file(path)
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+
+
+def _resolve(spec: str):
+    """A library name, FILE.loss:NAME, or FILE.loss holding a single loss -> Loss."""
+    path, sep, name = spec.rpartition(":")
+    if sep and path.endswith(".loss"):
+        defs = _compile_file(path)
+        if name not in defs:
+            raise _unknown(f"loss in {path}:", name, defs)
+        return defs[name]
+    if spec.endswith(".loss"):
+        defs = _compile_file(spec)
+        if len(defs) == 1:
+            return next(iter(defs.values()))
+        raise UsageError(f"{spec} defines {len(defs)} losses ({', '.join(defs)}); "
+                         f"choose one with {spec}:NAME")
+    names = lossdsl.names()
+    if spec not in names:
+        raise _unknown("loss", spec, names, "run 'lossdsl list' to see the library")
+    return lossdsl.load(spec)
+
+
+def _arg(loss, name: str) -> str:
+    """``z[K]`` for a vector input, ``y`` for a scalar."""
+    axes = tuple(loss.shapes.get(name, ()))
+    return f"{name}[{', '.join(axes)}]" if axes else name
+
+
+def _num(value) -> str:
+    try:
+        return format(float(value), "g")
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _row(loss) -> tuple[str, ...]:
+    return (
+        loss.name,
+        ", ".join(_arg(loss, n) for n in loss.inputs),
+        ", ".join(_arg(loss, n) for n in loss.targets),
+        ", ".join(f"{k}={_num(v)}" for k, v in loss.params.items()),
+        loss.doc or "",
+    )
+
+
+def _table(losses) -> str:
+    """One aligned line per loss: name, inputs, targets, params, description."""
+    rows = [_row(f) for f in losses]
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r, widths)] + [r[4]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _render(expr, latex: bool) -> str:
+    from lossdsl import printing
+    return printing.to_latex(expr) if latex else printing.to_text(expr)
+
+
+def _gradient_lines(loss, wrt, latex: bool) -> list[str]:
+    names = list(loss.inputs)
+    if wrt is not None:
+        if wrt not in names:
+            if wrt in loss.targets or wrt in loss.params:
+                kind = "a target" if wrt in loss.targets else "a param"
+                raise UsageError(f"{wrt!r} is {kind} of {loss.name}, not an input; "
+                                 f"gradients exist for: {', '.join(names)}")
+            raise _unknown(f"input of {loss.name}:", wrt, names)
+        names = [wrt]
+    lines = []
+    for n in names:
+        if latex:
+            sym = n.replace("_", r"\_")
+            label = rf"\frac{{\partial \ell}}{{\partial {sym}}}"
+        else:
+            label = f"d loss / d {_arg(loss, n)}"
+        lines.append(f"{label} = {_render(loss.gradient(n), latex)}")
+    return lines
+
+
+def _block(title: str, text: str) -> str:
+    body = textwrap.indent(textwrap.dedent(text).strip("\n"), INDENT)
+    return f"{title}\n{body}"
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_list(args) -> int:
+    _write(_table(lossdsl.load(n) for n in lossdsl.names()))
+    return 0
+
+
+def cmd_show(args) -> int:
+    f = _resolve(args.name)
+    parts = [
+        f"{f.name}: {f.doc}" if f.doc else f.name,
+        _block("definition:", f.definition),
+        _block("loss (stabilized, per sample):", _render(f.expr, args.latex)),
+        _block("gradients:", "\n".join(_gradient_lines(f, None, args.latex))),
+        _block("rules:", "\n".join(f.rules) if f.rules else "(none)"),
+    ]
+    _write("\n\n".join(parts))
+    return 0
+
+
+def cmd_grad(args) -> int:
+    f = _resolve(args.name)
+    _write("\n".join(_gradient_lines(f, args.wrt, args.latex)))
+    return 0
+
+
+def cmd_source(args) -> int:
+    _write(_resolve(args.name).source(args.target))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    defs = _compile_file(args.file)
+    for f in defs.values():
+        f.source("cpu")  # lower all the way to kernel text: codegen errors surface here
+    _write(f"{args.file}: compiled {len(defs)} loss{'' if len(defs) == 1 else 'es'}")
+    if defs:
+        _write(_table(defs.values()))
+    return 0
+
+
+def cmd_not_yet(args) -> int:
+    print(f"lossdsl {args.command}: not implemented yet "
+          "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lossdsl",
+        description="Symbolic loss compiler: math-like losses to stable kernels "
+                    "with readable gradients.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    name_help = "a library loss, or FILE.loss:NAME"
+
+    s = sub.add_parser("list", help="the library, one line per loss")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="definition, stabilized expression, gradients, rules")
+    s.add_argument("name", metavar="NAME", help=name_help)
+    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("grad", help="the gradient of each input")
+    s.add_argument("name", metavar="NAME", help=name_help)
+    s.add_argument("--wrt", metavar="Z", help="only the gradient with respect to input Z")
+    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    s.set_defaults(func=cmd_grad)
+
+    s = sub.add_parser("source", help="the generated kernel source")
+    s.add_argument("name", metavar="NAME", help=name_help)
+    s.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
+    s.set_defaults(func=cmd_source)
+
+    s = sub.add_parser("compile", help="parse, check and compile a .loss file")
+    s.add_argument("file", metavar="FILE.loss")
+    s.set_defaults(func=cmd_compile)
+
+    for cmd, what in (("check", "accuracy audit against high-precision evaluation"),
+                      ("bench", "speed against numpy and torch")):
+        s = sub.add_parser(cmd, help=f"{what} (not implemented yet)")
+        s.add_argument("name", metavar="NAME", nargs="?", help=name_help)
+        s.add_argument("--all", action="store_true", help="every library loss")
+        s.set_defaults(func=cmd_not_yet)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except lossdsl.CompileError as e:  # already FILE:LINE:COL: error: ... + caret
+        print(e, file=sys.stderr)
+    except lossdsl.LossError as e:
+        print(f"lossdsl: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        print(f"lossdsl: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""From stabilized sympy expressions to straight-line Python statements (shared by back ends).
+
+``Emitter.scope`` turns named expressions into statements:
+  1. every reduction computable here (its free indices bound) becomes loops, innermost first,
+     reductions over the same axis fused into one loop: a max pass (max, argmax, the shift
+     of logsumexp and norm) then a sum pass;
+  2. piecewise expressions become if/else blocks grouped by their conditions, each branch with
+     its own CSE, so nothing leaves the branch that guards it;
+  3. the rest goes through sympy's CSE and the printer.
+Identifiers are generated (a0, v0, t0, ...): user names never reach the source.
+"""
+import itertools
+
+import sympy as sp
+from sympy import KroneckerDelta
+
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, Sum, expm1, log1p, logcosh,
+                         sigmoid, softplus, substitute, xdivy, xlogy)
+
+# sympy function -> helper or math function in the generated module
+CALLS = {sp.exp: "math.exp", sp.log: "math.log", log1p: "math.log1p", expm1: "math.expm1",
+         sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
+         sp.sign: "_sign", sigmoid: "_sigmoid", softplus: "_softplus", logcosh: "_logcosh",
+         xlogy: "_xlogy", xdivy: "_xdivy", Max2: "_max2", Min2: "_min2"}
+
+
+class Emitter:
+    """Writes indented lines; ``names`` maps sympy atoms (symbols, elements) to code."""
+
+    def __init__(self, names, element):
+        self.lines, self.depth = [], 1
+        self.names = dict(names)            # Symbol -> code string
+        self.element = element              # (UndefinedFunction, [index code]) -> code string
+        self.known = {}                     # Reduce -> variable name
+        self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
+        self.loop_vars = {}                 # index Symbol -> loop variable name
+        self.counter = itertools.count()
+
+    def fresh(self, stem):
+        return f"{stem}{next(self.counter)}"
+
+    def line(self, text):
+        self.lines.append("    " * self.depth + text)
+
+    # --- printing ---------------------------------------------------------------------------
+    def code(self, e):
+        if e in self.names:
+            return self.names[e]
+        if isinstance(e, Reduce):
+            return self.known[e]
+        if e.is_Integer or e.is_Rational or e.is_Float:
+            return f"F({float(e)!r})"
+        if e is sp.true or e is sp.false:
+            return str(bool(e))
+        if e is sp.nan:
+            return "F(math.nan)"
+        if e in (sp.oo, -sp.oo):
+            return f"F({'-' if e == -sp.oo else ''}math.inf)"
+        if isinstance(e, sp.core.function.AppliedUndef):
+            return self.element(e.func, [self.index_code(a) for a in e.args])
+        if e.is_Add:
+            parts = [self.code(a) for a in e.args]
+            return "(" + " + ".join(parts) + ")"
+        if e.is_Mul:
+            num = [a for a in e.args if not (a.is_Pow and a.exp.is_negative and a.exp.is_number)]
+            den = [a.base ** -a.exp for a in e.args if a not in num]
+            if num and num[0] == -1:
+                rest = sp.Mul(*num[1:])
+                return "(-" + self.code(rest / sp.Mul(*den)) + ")"
+            text = "*".join(self.code(a) for a in num) or "F(1.0)"
+            if den:
+                text += "/(" + "*".join(self.code(a) for a in den) + ")"
+            return "(" + text + ")"
+        if e.is_Pow:
+            return self.pow_code(e.base, e.exp)
+        if isinstance(e, sp.Piecewise):
+            text = self.code(e.args[-1].expr)
+            for ex, c in reversed(e.args[:-1]):
+                text = f"({self.code(ex)} if {self.code(c)} else {text})"
+            return text
+        if isinstance(e, KroneckerDelta):
+            return f"(F(1.0) if {self.index_code(e.args[0])} == {self.index_code(e.args[1])} else F(0.0))"
+        if isinstance(e, IsArg):
+            return f"(F(1.0) if {self.index_code(e.args[1])} == {self.argvar[e.args[0]]} else F(0.0))"
+        if isinstance(e, sp.core.relational.Relational):
+            ints = e.lhs.is_integer and e.rhs.is_integer
+            side = self.index_code if ints else self.code
+            return f"({side(e.lhs)} {e.rel_op} {side(e.rhs)})"
+        if isinstance(e, (sp.And, sp.Or)):
+            return "(" + (" and " if isinstance(e, sp.And) else " or ").join(self.code(a) for a in e.args) + ")"
+        if isinstance(e, sp.Not):
+            return f"(not {self.code(e.args[0])})"
+        if e.func in CALLS:
+            return f"{CALLS[e.func]}({', '.join(self.code(a) for a in e.args)})"
+        raise NotImplementedError(f"no code for {type(e).__name__}: {e}")
+
+    def index_code(self, e):
+        """Integer-valued code: loop indices, class targets, integer constants."""
+        if e in self.loop_vars:
+            return self.loop_vars[e]
+        if e.is_Integer:
+            return str(int(e))
+        if e in self.names:
+            return self.names[e].replace("F(", "(")  # sizes are printed as F(K) in float context
+        if isinstance(e, sp.core.function.AppliedUndef):
+            return self.element(e.func, [self.index_code(a) for a in e.args])
+        if e.is_Add:
+            return "(" + " + ".join(self.index_code(a) for a in e.args) + ")"
+        raise NotImplementedError(f"not an index: {e}")
+
+    def pow_code(self, base, exp):
+        b = self.code(base)
+        if exp.is_Integer and 1 <= abs(int(exp)) <= 4:
+            prod = "*".join([b] * abs(int(exp)))
+            return f"({prod})" if exp > 0 else f"(F(1.0)/({prod}))"
+        if exp == sp.S.Half:
+            return f"math.sqrt({b})"
+        if exp == -sp.S.Half:
+            return f"(F(1.0)/math.sqrt({b}))"
+        return f"({b} ** {self.code(exp)})"
+
+    # --- scopes ----------------------------------------------------------------------------
+    def scope(self, named, bound):
+        """Emit statements computing each (var, expr) in ``named`` with indices ``bound`` in scope."""
+        self.reductions([e for _, e in named], bound)
+        self.assign(named)
+
+    def reductions(self, exprs, bound):
+        todo = _computable(exprs, bound, self)
+        levels = {}
+        for r in todo:
+            levels[r] = _level(r, todo, levels)
+        for lv in sorted(set(levels.values())):
+            groups = {}
+            for r in todo:
+                if levels[r] == lv:
+                    groups.setdefault(r.size, []).append(r)
+            for size, group in groups.items():
+                self.reduction_loops(size, group, bound)
+
+    def reduction_loops(self, size, group, bound):
+        k = sp.Symbol(self.fresh("_k"), integer=True)
+        kvar = self.fresh("k")
+        self.loop_vars[k] = kvar
+        bodies = {r: substitute(r.body, {r.index: k}) for r in group}
+        conds = {r: substitute(r.cond, {r.index: k}) for r in group}
+        acc = {r: self.fresh("r") for r in group}
+        shifted = [r for r in group if isinstance(r, (Max, Min, LogSumExp, Norm))]
+        summed = [r for r in group if isinstance(r, (Sum, LogSumExp, Norm))]
+        peak = {}
+        if shifted:                                     # pass 1: max / min / argmax / shifts
+            for r in shifted:
+                peak[r] = acc[r] if isinstance(r, (Max, Min)) else self.fresh("m")
+                init = "math.inf" if isinstance(r, Min) else "-math.inf"
+                self.line(f"{peak[r]} = F({init})")
+                if isinstance(r, (Max, Min)):
+                    self.argvar[r] = self.fresh("arg")
+                    self.line(f"{self.argvar[r]} = -1")
+            self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
+        if summed:                                      # pass 2: sums (shifted by the peak)
+            for r in summed:
+                self.line(f"{acc[r]} = F(0.0)")
+            self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
+        for r in group:
+            self.finish(r, acc[r], peak.get(r))
+            self.known[r] = acc[r]
+
+    def loop(self, kvar, size, group, bodies, conds, bound, step, state):
+        self.line(f"for {kvar} in range({self.index_code(size)}):")
+        self.depth += 1
+        named = [(self.fresh("b"), bodies[r]) for r in group]
+        conds_named = [(self.fresh("c"), conds[r]) for r in group if conds[r] is not sp.true]
+        self.scope(named + conds_named, bound)
+        cvar = dict(zip([r for r in group if conds[r] is not sp.true], [n for n, _ in conds_named]))
+        for r, (bvar, _) in zip(group, named):
+            if r in cvar:
+                self.line(f"if {cvar[r]}:")
+                self.depth += 1
+            step(r, bvar, kvar, state)
+            if r in cvar:
+                self.depth -= 1
+        self.depth -= 1
+
+    def track_peak(self, r, b, kvar, peak):
+        m = peak[r]
+        if isinstance(r, (Max, Min)):
+            better = f"{b} > {m}" if isinstance(r, Max) else f"{b} < {m}"
+            # NaN propagates; the first index wins a tie (so its gradient goes there).
+            self.line(f"if {better} or {b} != {b} or {self.argvar[r]} < 0:")
+            self.line(f"    {m} = {b}")
+            self.line(f"    {self.argvar[r]} = {kvar}")
+        elif isinstance(r, Norm):
+            self.line(f"{m} = max({m}, abs({b})) if {b} == {b} else {b}")
+        else:
+            self.line(f"{m} = max({m}, {b}) if {b} == {b} else {b}")
+
+    def accumulate(self, r, b, kvar, state):
+        acc, peak = state
+        if isinstance(r, Sum):
+            self.line(f"{acc[r]} += {b}")
+        elif isinstance(r, LogSumExp):   # e^(b - m); a -inf peak means every term is 0
+            self.line(f"if {peak[r]} > -math.inf:")
+            self.line(f"    {acc[r]} += math.exp({b} - {peak[r]})")
+        else:                            # Norm: Σ (b/m)²
+            self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
+            self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
+
+    def finish(self, r, acc, peak):
+        if isinstance(r, LogSumExp):
+            # an all -inf row is -inf (not NaN); a +inf peak is +inf
+            self.line(f"{acc} = {peak} + math.log({acc}) if {peak} > -math.inf and {peak} < math.inf else {peak}")
+        elif isinstance(r, Norm):
+            self.line(f"{acc} = {peak} * math.sqrt({acc}) if {peak} > 0 and {peak} < math.inf else {peak}")
+
+    def assign(self, named):
+        """Piecewise blocks first (each branch its own scope), then CSE of the rest."""
+        blocks, plain = {}, []
+        for var, e in named:
+            plain.append((var, _lift_piecewise(e, blocks, self)))
+        for conds, members in blocks.items():
+            for i, cond in enumerate(conds):
+                head = "if" if i == 0 else "elif"
+                if cond is sp.true:
+                    self.line("else:")
+                else:
+                    self.line(f"{head} {self.code(cond)}:")
+                self.depth += 1
+                self.assign([(var, pw.args[i].expr) for var, pw in members])
+                self.depth -= 1
+        if not plain:
+            return
+        temps, reduced = sp.cse([e for _, e in plain], symbols=_Temps(self))
+        for sym, e in temps:
+            self.line(f"{self.names[sym]} = {self.code(e)}")
+        for (var, _), e in zip(plain, reduced):
+            self.line(f"{var} = {self.code(e)}")
+
+
+class _Temps:
+    """An endless supply of CSE temporaries, registered in the emitter's names."""
+
+    def __init__(self, em):
+        self.em = em
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        s = sp.Symbol(self.em.fresh("_t"), real=True)
+        self.em.names[s] = s.name[1:]
+        return s
+
+
+def _lift_piecewise(e, blocks, em):
+    """Replace each outermost Piecewise with a variable assigned in an if/else block."""
+    if isinstance(e, sp.Piecewise) and not all(ex.is_number for ex, _ in e.args):
+        conds = tuple(c for _, c in e.args)
+        var = em.fresh("pw")
+        sym = sp.Symbol("_" + var, real=True)
+        em.names[sym] = var
+        blocks.setdefault(conds, []).append((var, e))
+        return sym
+    if e.is_Atom or isinstance(e, (Reduce, sp.core.function.AppliedUndef)):
+        return e
+    args = [_lift_piecewise(a, blocks, em) for a in e.args]
+    return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+
+
+def _computable(exprs, bound, em):
+    """Reductions in exprs (at any depth) whose free symbols are all known here: no unbound index."""
+    found = []
+    for e in exprs:
+        for r in _all_reductions(e):
+            if r in em.known or r in found:
+                continue
+            if all(s in em.names or s in bound for s in r.free_symbols):
+                found.append(r)
+    return found
+
+
+def _all_reductions(e):
+    for node in sp.preorder_traversal(e):
+        if isinstance(node, Reduce):
+            yield node
+
+
+def _level(r, todo, levels):
+    deps = [s for s in todo if s is not r and any(node == s for node in _all_reductions(r.body))]
+    deps += [s for s in todo if s is not r and any(node == s for node in _all_reductions(r.cond))]
+    return 1 + max((levels.get(s) or _level(s, todo, levels) for s in deps), default=0)

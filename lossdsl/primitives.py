@@ -1,0 +1,235 @@
+"""Stable primitives: sympy Functions that know their derivative and their naive form.
+
+Each elementwise primitive has
+  * ``fdiff``  -- a derivative written in stable primitives again (so gradients stay stable),
+  * ``naive``  -- the textbook formula, used to show what the stable form buys,
+and a printer entry in ``render_cpu`` that emits a branch-guarded implementation.
+
+Reductions (``Sum``, ``LogSumExp``, ``Max``, ``Min``, ``Norm``) are our own nodes rather than
+sympy's ``Sum``/``IndexedBase``: differentiating those gives KroneckerDelta/Piecewise soup,
+while the chain rule over a reduction's result (``derive``) keeps gradients small.
+"""
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
+
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "Max2", "Min2", "log1p", "expm1",
+           "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
+           "substitute", "naive"]
+
+
+def indicator(cond):
+    """1 where ``cond`` holds, else 0 (a Piecewise so that sympy and printers understand it)."""
+    return sp.Piecewise((sp.S.One, cond), (sp.S.Zero, True))
+
+
+class _Elementwise(sp.Function):
+    is_real = True
+
+    def _latex(self, printer):
+        args = ", ".join(printer._print(a) for a in self.args)
+        return r"\operatorname{%s}\left(%s\right)" % (self.latex_name, args)
+
+
+class sigmoid(_Elementwise):
+    """σ(x) = 1/(1+e^-x); printed with two branches so neither e^x nor e^-x overflows."""
+    nargs = 1
+    latex_name = r"\sigma"
+
+    def _latex(self, printer):
+        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+
+    def fdiff(self, argindex=1):
+        # σ' = σ(x)·σ(-x), not σ(1-σ): 1-σ(40) is 0 in float64, σ(-40) is 4e-18.
+        x = self.args[0]
+        return sigmoid(x) * sigmoid(-x)
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return sp.Rational(1, 2)
+
+    def naive(self):
+        return 1 / (1 + sp.exp(-self.args[0]))
+
+
+class softplus(_Elementwise):
+    """log(1 + e^x), printed with Mächler's branches (exact to about 1 ulp, never overflows)."""
+    nargs = 1
+    latex_name = "softplus"
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+    def naive(self):
+        return sp.log(1 + sp.exp(self.args[0]))
+
+
+class logcosh(_Elementwise):
+    """log(cosh x): log1p(2 sinh²(x/2)) near 0 keeps relative accuracy; |x| + softplus(-2|x|) - log 2 far out."""
+    nargs = 1
+    latex_name = r"\log\cosh"
+
+    def fdiff(self, argindex=1):
+        return sp.tanh(self.args[0])
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return sp.log(sp.cosh(self.args[0]))
+
+
+class xdivy(_Elementwise):
+    """x / y, except 0 where x = 0 (so 0/0 -> 0: the gradient of a norm at zero, of xlogy at 0)."""
+    nargs = 2
+    latex_name = "xdivy"
+
+    def fdiff(self, argindex=1):
+        x, y = self.args
+        return xdivy(1, y) if argindex == 1 else -xdivy(x, y**2)
+
+    def naive(self):
+        return self.args[0] / self.args[1]
+
+
+class xlogy(_Elementwise):
+    """x·log(y), except 0 where x = 0: the convention 0·log 0 = 0 of entropies and KL."""
+    nargs = 2
+    latex_name = "xlogy"
+
+    def fdiff(self, argindex=1):
+        x, y = self.args
+        return sp.log(y) if argindex == 1 else xdivy(x, y)
+
+    @classmethod
+    def eval(cls, x, y):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[0] * sp.log(self.args[1])
+
+
+class Max2(_Elementwise):
+    """max(a, b); at a tie the gradient goes to a (so max(0, x) has gradient 0 at the kink)."""
+    nargs = 2
+    latex_name = "max"
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return indicator(a >= b) if argindex == 1 else indicator(a < b)
+
+    def naive(self):
+        return sp.Max(*self.args)
+
+
+class Min2(_Elementwise):
+    """min(a, b); at a tie the gradient goes to a."""
+    nargs = 2
+    latex_name = "min"
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return indicator(a <= b) if argindex == 1 else indicator(a > b)
+
+    def naive(self):
+        return sp.Min(*self.args)
+
+
+class Reduce(sp.Function):
+    """op over index k in [0, size) where cond(k) holds, of body(k): args (k, size, body, cond)."""
+    nargs = 4
+    is_real = True
+    symbol = "?"
+
+    @property
+    def index(self):
+        return self.args[0]
+
+    @property
+    def size(self):
+        return self.args[1]
+
+    @property
+    def body(self):
+        return self.args[2]
+
+    @property
+    def cond(self):
+        return self.args[3]
+
+    @property
+    def free_symbols(self):
+        return (self.body.free_symbols | self.cond.free_symbols | self.size.free_symbols) - {self.index}
+
+    def _subscript(self, printer):
+        sub = printer._print(self.index)
+        if self.cond is not sp.true:
+            sub += r" \,:\, " + printer._print(self.cond)
+        return sub
+
+    def _latex(self, printer):
+        return r"%s_{%s} \left(%s\right)" % (self.latex_op, self._subscript(printer), printer._print(self.body))
+
+    def _sympystr(self, printer):
+        sub = printer._print(self.index)
+        if self.cond is not sp.true:
+            sub += " : " + printer._print(self.cond)
+        return "%s[%s](%s)" % (self.symbol, sub, printer._print(self.body))
+
+
+class Sum(Reduce):
+    symbol, latex_op = "sum", r"\sum"
+
+
+class LogSumExp(Reduce):
+    symbol, latex_op = "logsumexp", r"\operatorname{LSE}"
+
+
+class Max(Reduce):
+    symbol, latex_op = "max", r"\max"
+
+
+class Min(Reduce):
+    symbol, latex_op = "min", r"\min"
+
+
+class Norm(Reduce):
+    """Euclidean norm sqrt(Σ body²), printed scaled by the max so it neither overflows nor underflows."""
+    symbol, latex_op = "norm", r"\operatorname{norm}"
+
+
+REDUCTIONS = {"sum": Sum, "logsumexp": LogSumExp, "max": Max, "min": Min, "norm": Norm}
+
+
+class IsArg(sp.Function):
+    """1 if k is the (first) index where the Max/Min reduction R is attained, else 0."""
+    nargs = 2
+    is_real = True
+
+    def _latex(self, printer):
+        return r"[%s = \operatorname{arg}%s]" % (printer._print(self.args[1]), printer._print(self.args[0]))
+
+    def _sympystr(self, printer):
+        return "[%s == argof %s]" % (printer._print(self.args[1]), printer._print(self.args[0]))
+
+
+def substitute(expr, mapping):
+    """xreplace that respects binding: a reduction's own index is never replaced inside it."""
+    if not mapping or expr.is_Atom:
+        return mapping.get(expr, expr)
+    if isinstance(expr, Reduce) and expr.index in mapping:
+        inner = {a: b for a, b in mapping.items() if a != expr.index}
+        k, size, body, cond = expr.args
+        return expr.func(k, substitute(size, inner), substitute(body, inner), substitute(cond, inner))
+    args = [substitute(a, mapping) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+
+def naive(expr):
+    """The textbook form of an expression: every stable primitive replaced by its naive formula."""
+    forms = {log1p: lambda a: sp.log(1 + a), expm1: lambda a: sp.exp(a) - 1}
+    return expr.replace(lambda e: isinstance(e, sp.Function) and (hasattr(e, "naive") or e.func in forms),
+                        lambda e: e.naive() if hasattr(e, "naive") else forms[e.func](*e.args))

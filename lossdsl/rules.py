@@ -1,0 +1,239 @@
+"""Stabilization rules, as data: each says the unstable form, the stable one, why, and a witness.
+
+``stabilize(expr, facts)`` runs the root rules once (they need the declarations' domains),
+then the node rules bottom-up until nothing changes. The pipeline calls it before and after
+differentiating, since a stable forward pass can still have an unstable gradient.
+
+A rule's ``naive``/``stable`` are templates in one variable ``x`` (``y`` for two-argument
+rules); ``witness`` is a float64 point where the naive form is wrong and the stable one right
+(tests/test_rules.py checks each against mpmath).
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import sympy as sp
+from sympy import KroneckerDelta
+
+from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, sigmoid, softplus, xlogy)
+
+x, y = sp.symbols("x y", real=True)
+_w = sp.Wild("w")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    why: str
+    naive: object                        # unstable template (in x, y)
+    stable: object                       # its stable replacement
+    witness: tuple                       # (x,) or (x, y) where float64 naive fails
+    rewrite: Optional[Callable] = None   # node -> replacement or None; default: match the template
+
+    def apply(self, node):
+        if self.rewrite is not None:
+            return self.rewrite(node)
+        m = node.match(self.naive.xreplace({x: _w}))
+        if m and _w in m:
+            return self.stable.xreplace({x: m[_w]})
+        return None
+
+
+def _one_minus_sigmoid(node):
+    # 1 - σ(a) (possibly inside a longer sum) -> σ(-a)
+    if not node.is_Add or sp.S.One not in node.args:
+        return None
+    for t in node.args:
+        if isinstance(t, sp.Mul) and t.args[0] == -1 and len(t.args) == 2 and isinstance(t.args[1], sigmoid):
+            rest = [a for a in node.args if a not in (sp.S.One, t)]
+            return sp.Add(sigmoid(-t.args[1].args[0]), *rest)
+    return None
+
+
+def _log1p(node):
+    # log(1 + a) -> log1p(a), only where the sum literally holds the 1
+    if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
+        return log1p(node.args[0] - 1)
+    return None
+
+
+def _xlogy(node):
+    # a·log(b) -> xlogy(a, b) when a is not a plain number: 0·log(0) is 0, not NaN.
+    if not node.is_Mul:
+        return None
+    logs = [f for f in node.args if isinstance(f, sp.log)]
+    if len(logs) != 1:
+        return None
+    coef = node / logs[0]
+    if coef.is_number or not coef.free_symbols:
+        return None
+    return xlogy(coef, logs[0].args[0])
+
+
+def _logsumexp(node):
+    # log Σ_k exp(b_k) -> max-shifted logsumexp (guarded for all -inf rows)
+    if isinstance(node, sp.log) and isinstance(node.args[0], Sum) and isinstance(node.args[0].body, sp.exp):
+        s = node.args[0]
+        return LogSumExp(s.index, s.size, s.body.args[0], s.cond)
+    return None
+
+
+def _log_softmax(node):
+    # log(exp(a) / Σ_k exp(b_k)) -> a - logsumexp_k b_k
+    if not (isinstance(node, sp.log) and node.args[0].is_Mul):
+        return None
+    for f in node.args[0].args:
+        if f.is_Pow and f.exp == -1 and isinstance(f.base, Sum) and isinstance(f.base.body, sp.exp):
+            s = f.base
+            return sp.log(node.args[0] / f) - LogSumExp(s.index, s.size, s.body.args[0], s.cond)
+    return None
+
+
+def _norm(node):
+    # sqrt(Σ_k b_k²) -> norm_k b_k: scaled (no overflow) and with gradient 0 at 0, not 0/0.
+    if node.is_Pow and node.exp == sp.Rational(1, 2) and isinstance(node.base, Sum):
+        s = node.base
+        if s.body.is_Pow and s.body.exp == 2:
+            return Norm(s.index, s.size, s.body.base, s.cond)
+    return None
+
+
+NODE_RULES = (
+    Rule("log_sigmoid", "log σ(x) = -softplus(-x); σ(x) underflows to 0 for x < -745, log gives -inf",
+         sp.log(sigmoid(x)), -softplus(-x), (-800.0,)),
+    Rule("log1m_sigmoid", "log(1 - σ(x)) = -softplus(x); 1 - σ(x) cancels to 0 for x > 37",
+         sp.log(1 - sigmoid(x)), -softplus(x), (40.0,)),
+    Rule("one_minus_sigmoid", "1 - σ(x) = σ(-x); the subtraction cancels to 0 for x > 37",
+         1 - sigmoid(x), sigmoid(-x), (40.0,), _one_minus_sigmoid),
+    Rule("softplus", "log(1 + e^x) = softplus(x); e^x overflows for x > 709",
+         sp.log(1 + sp.exp(x)), softplus(x), (800.0,)),
+    Rule("softplus_log1p", "log1p(e^x) = softplus(x); e^x overflows for x > 709",
+         log1p(sp.exp(x)), softplus(x), (800.0,)),
+    Rule("sigmoid_ratio", "e^x / (1 + e^x) = σ(x); inf/inf is NaN for x > 709",
+         sp.exp(x) / (1 + sp.exp(x)), sigmoid(x), (800.0,)),
+    Rule("sigmoid_reciprocal", "1 / (1 + e^-x) = σ(x); e^-x overflows for x < -709, giving 0 for e^x",
+         1 / (1 + sp.exp(-x)), sigmoid(x), (-740.0,)),
+    Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
+         sp.log(1 + x), log1p(x), (1e-17,), _log1p),
+    Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",
+         sp.exp(x) - 1, expm1(x), (1e-17,)),
+    Rule("logcosh", "log cosh x: cosh overflows for |x| > 710, and rounds to 1 for |x| < 1e-8",
+         sp.log(sp.cosh(x)), logcosh(x), (1000.0,)),
+    Rule("tanh_grad", "1 - tanh²(x) = 1/cosh²(x); the subtraction cancels to 0 for |x| > 19",
+         1 - sp.tanh(x) ** 2, sp.cosh(x) ** -2, (20.0,)),
+    Rule("xlogy", "x·log(y) = xlogy(x, y), which is 0 at x = 0 (0·log 0 = 0·-inf is NaN)",
+         x * sp.log(y), xlogy(x, y), (0.0, 0.0), _xlogy),
+    Rule("logsumexp", "log Σ e^b = m + log Σ e^(b-m), m = max b; e^b overflows for b > 709",
+         None, None, (), _logsumexp),
+    Rule("log_softmax", "log(e^a / Σ e^b) = a - logsumexp(b); both exponentials overflow",
+         None, None, (), _log_softmax),
+    Rule("norm", "sqrt(Σ b²) = m·sqrt(Σ (b/m)²); b² overflows for |b| > 1e154, and the gradient "
+                 "b/sqrt(Σ b²) is 0/0 at b = 0 where the convention is 0",
+         None, None, (), _norm),
+)
+
+
+# Root rules: they look at a whole loss and the domains of its symbols. -----------------------
+def _hard_labels(expr, facts):
+    """y·A + (1-y)·B at y ∈ {0, 1}: specialize so a power of a vanishing base stays finite.
+
+    Focal's (1 - p_t)^γ with γ < 1 has a gradient γ·u^(γ-1)·u' that is inf·0 = NaN where u
+    underflows; specialized at y = 1, u is σ(-z) and the powers combine into σ(-z)^γ·σ(z).
+    Binary targets are always in {0, 1} (a select); unit targets keep the general form for
+    soft labels, where u stays away from 0.
+    """
+    out = expr
+    for sym, domain in facts.items():
+        if domain not in ("unit", "binary") or sym not in out.free_symbols:
+            continue
+        risky = any(p.base.has(sym) and not p.exp.is_number for p in out.atoms(sp.Pow))
+        if domain == "binary":
+            out = sp.Piecewise((out.xreplace({sym: 1}), sp.Eq(sym, 1)), (out.xreplace({sym: 0}), True))
+        elif risky:
+            out = sp.Piecewise((out.xreplace({sym: 1}), sp.Eq(sym, 1)), (out.xreplace({sym: 0}), sp.Eq(sym, 0)),
+                               (out, True))
+    return out
+
+
+def _zero_weights(expr, is_input, excluded=frozenset()):
+    """w·A where w is free of inputs: 0 when w = 0, even where A is ±inf (0·inf is NaN).
+
+    label_smoothing/K · Σ_k z_k with label_smoothing = 0 and a masked (-inf) logit is 0, as in
+    the definition; y·softplus(-z) at y = 0, z = -inf likewise.
+    """
+    if expr.is_Atom or isinstance(expr, Reduce):
+        return expr
+    if isinstance(expr, sp.Piecewise):
+        pieces, seen = [], set(excluded)
+        for ex, c in expr.args:
+            pieces.append((_zero_weights(ex, is_input, frozenset(seen)), c))
+            seen.add(c)
+        return sp.Piecewise(*pieces)
+    args = [_zero_weights(a, is_input, excluded) for a in expr.args]
+    new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    if new.is_Mul:
+        weights = [f for f in new.args if not f.is_number and not is_input(f) and not f.is_positive]
+        if weights and any(_may_be_infinite(f, is_input) for f in new.args):
+            guard = sp.Eq(sp.Mul(*weights), 0)
+            if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
+                return sp.Piecewise((sp.S.Zero, guard), (new, True))
+    return new
+
+
+def _may_be_infinite(e, is_input):
+    if e.is_number or not is_input(e) or isinstance(e, (sigmoid, sp.tanh, sp.sign, KroneckerDelta)):
+        return False
+    if e.is_Mul or e.is_Add or isinstance(e, sp.Piecewise):
+        return any(_may_be_infinite(a, is_input) for a in e.args if not isinstance(a, sp.logic.boolalg.Boolean)
+                   or a.is_Symbol)
+    if isinstance(e, sp.functions.elementary.piecewise.ExprCondPair):
+        return _may_be_infinite(e.expr, is_input)
+    return True
+
+
+ROOT_RULES = (
+    Rule("hard_labels", _hard_labels.__doc__.splitlines()[0], None, None, (), None),
+    Rule("zero_weights", _zero_weights.__doc__.splitlines()[0], None, None, (), None),
+)
+
+
+def _bottom_up(expr, fired):
+    if expr.is_Atom:
+        return expr
+    if isinstance(expr, Reduce):
+        # rules never look through a reduction's index; rewrite its body and condition.
+        k, size, body, cond = expr.args
+        new = expr.func(k, size, _bottom_up(body, fired), cond)
+    else:
+        args = [_bottom_up(a, fired) for a in expr.args]
+        new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    for rule in NODE_RULES:
+        out = rule.apply(new)
+        if out is not None and out != new:
+            fired.add(rule.name)
+            return _bottom_up(out, fired)
+    return new
+
+
+def stabilize(expr, facts=None, is_input=None, fired=None):
+    """Rewrite ``expr`` to its stable form.
+
+    ``facts``: {Symbol: domain name} of scalar targets; ``is_input(e)``: does e depend on an
+    input (enables the zero_weights guard); ``fired`` collects the names of the rules that fired.
+    """
+    fired = set() if fired is None else fired
+    if facts:
+        new = _hard_labels(expr, facts)
+        if new != expr:
+            fired.add("hard_labels")
+            expr = new
+    while True:
+        new = _bottom_up(expr, fired)
+        if new == expr:
+            break
+        expr = new
+    if is_input is not None:
+        new = _zero_weights(expr, is_input)
+        if new != expr:
+            fired.add("zero_weights")
+            expr = new
+    return expr

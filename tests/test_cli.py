@@ -1,0 +1,265 @@
+"""The command line (LANGUAGE.md section 5), run in-process through main()."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lossdsl
+from lossdsl import printing
+from lossdsl.cli import main
+
+USER_FILE = """\
+# two losses of a user's own
+loss sq "Squared error, scaled"
+  input  yhat
+  target y
+  param  scale = 2 : positive
+  loss = scale * (yhat - y)^2
+
+loss mybce "bce through a call, with a heavier positive class"
+  input  z
+  target y : unit
+  loss = bce(z, y, pos_weight=3)
+"""
+
+BAD_FILE = """\
+loss sq
+  input  yhat
+  target y
+  loss = (yhat - y)^2 + w
+"""
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return rc, out, err
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "mine.loss"
+    path.write_text(USER_FILE)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- list
+
+def test_list_one_aligned_line_per_library_loss(capsys):
+    rc, out, err = run(capsys, "list")
+    assert rc == 0 and err == ""
+    lines = out.rstrip("\n").split("\n")
+    names = lossdsl.names()
+    assert len(lines) == len(names)
+    assert [line.split()[0] for line in lines] == list(names)
+    by_name = dict(zip(names, lines))
+    assert "pos_weight=1" in by_name["bce"]
+    assert "z[K]" in by_name["cross_entropy"]
+    assert "label_smoothing=0" in by_name["cross_entropy"]
+    assert "gamma=2" in by_name["focal"] and "alpha=0.25" in by_name["focal"]
+    assert "a[D], p[D], n[D]" in by_name["triplet"]
+    for name in ("bce", "cross_entropy"):
+        doc = lossdsl.load(name).doc
+        assert doc and by_name[name].endswith(doc)
+    # aligned: every description starts in the same column
+    starts = {line.index(lossdsl.load(n).doc) for n, line in by_name.items()
+              if lossdsl.load(n).doc}
+    assert len(starts) == 1
+
+
+# --------------------------------------------------------------------------- show
+
+def test_show_bce(capsys):
+    f = lossdsl.load("bce")
+    rc, out, err = run(capsys, "show", "bce")
+    assert rc == 0 and err == ""
+    for line in f.definition.strip().splitlines():
+        assert line.rstrip() in out
+    assert printing.to_text(f.expr) in out
+    assert printing.to_text(f.gradient("z")) in out
+    assert "sigmoid" in out
+    for rule in f.rules:
+        assert rule in out
+
+
+def test_show_cross_entropy_latex(capsys):
+    f = lossdsl.load("cross_entropy")
+    rc, out, err = run(capsys, "show", "cross_entropy", "--latex")
+    assert rc == 0 and err == ""
+    assert "logsumexp" in out                    # the definition text
+    assert printing.to_latex(f.expr) in out
+    assert printing.to_latex(f.gradient("z")) in out
+    assert "\\frac" in out or "\\operatorname" in out or "\\log" in out
+
+
+# --------------------------------------------------------------------------- grad
+
+def test_grad_bce_mentions_sigmoid(capsys):
+    rc, out, err = run(capsys, "grad", "bce")
+    assert rc == 0 and err == ""
+    assert "sigmoid" in out
+    assert printing.to_text(lossdsl.load("bce").gradient("z")) in out
+
+
+def test_grad_latex_has_a_command(capsys):
+    rc, out, err = run(capsys, "grad", "bce", "--latex")
+    assert rc == 0
+    assert "\\" in out
+    assert printing.to_latex(lossdsl.load("bce").gradient("z")) in out
+
+
+def test_grad_wrt_one_input(capsys):
+    f = lossdsl.load("gaussian_nll")
+    rc, out, err = run(capsys, "grad", "gaussian_nll", "--wrt", "logvar")
+    assert rc == 0
+    assert printing.to_text(f.gradient("logvar")) in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_grad_wrt_a_target_is_a_clean_error(capsys):
+    rc, out, err = run(capsys, "grad", "bce", "--wrt", "y")
+    assert rc == 1 and out == ""
+    assert "y" in err and "z" in err
+
+
+def test_grad_of_cross_entropy_per_input(capsys):
+    rc, out, err = run(capsys, "grad", "cross_entropy")
+    assert rc == 0
+    assert printing.to_text(lossdsl.load("cross_entropy").gradient("z")) in out
+
+
+# --------------------------------------------------------------------------- source
+
+def test_source_bce_cpu(capsys):
+    rc, out, err = run(capsys, "source", "bce")
+    assert rc == 0 and err == ""
+    assert "def " in out and "prange" in out
+    assert out == lossdsl.load("bce").source("cpu").rstrip("\n") + "\n"
+
+
+def test_source_cross_entropy_cpu(capsys):
+    rc, out, err = run(capsys, "source", "cross_entropy", "--target", "cpu")
+    assert rc == 0
+    assert "def " in out and "prange" in out
+
+
+def test_source_cuda_prints_kernel_or_a_clean_error(capsys):
+    rc, out, err = run(capsys, "source", "bce", "--target", "cuda")
+    if rc == 0:
+        assert "def " in out and "cuda" in out
+    else:
+        assert rc == 1 and out == ""
+        assert err.strip() and len(err.strip().splitlines()) <= 3
+
+
+def test_source_unknown_target_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["source", "bce", "--target", "tpu"])
+    assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------- names
+
+def test_unknown_name_suggests_close_matches(capsys):
+    rc, out, err = run(capsys, "show", "bse")
+    assert rc == 1 and out == ""
+    assert "bse" in err and "bce" in err
+
+
+def test_unknown_name_without_close_match(capsys):
+    rc, out, err = run(capsys, "grad", "zzzzzz")
+    assert rc == 1 and "zzzzzz" in err
+
+
+def test_file_colon_name(capsys, user_file):
+    defs = lossdsl.compile_file(user_file)
+    rc, out, err = run(capsys, "show", f"{user_file}:sq")
+    assert rc == 0 and err == ""
+    assert "scale * (yhat - y)^2" in out
+    assert printing.to_text(defs["sq"].expr) in out
+
+    rc, out, err = run(capsys, "grad", f"{user_file}:mybce", "--wrt", "z")
+    assert rc == 0 and "sigmoid" in out
+
+    rc, out, err = run(capsys, "source", f"{user_file}:mybce")
+    assert rc == 0 and "def " in out and "prange" in out
+
+
+def test_file_colon_unknown_name_lists_close_matches(capsys, user_file):
+    rc, out, err = run(capsys, "show", f"{user_file}:mybec")
+    assert rc == 1 and out == ""
+    assert "mybce" in err
+
+
+# --------------------------------------------------------------------------- compile
+
+def test_compile_user_file(capsys, user_file):
+    rc, out, err = run(capsys, "compile", user_file)
+    assert rc == 0 and err == ""
+    lines = out.strip().splitlines()
+    sq = next(line for line in lines if line.startswith("sq "))
+    mybce = next(line for line in lines if line.startswith("mybce "))
+    assert "yhat" in sq and "scale=2" in sq and "Squared error, scaled" in sq
+    assert " z " in f" {mybce} " or "z," in mybce
+
+
+def test_compile_bad_file_prints_caret_message(capsys, tmp_path):
+    path = tmp_path / "bad.loss"
+    path.write_text(BAD_FILE)
+    rc, out, err = run(capsys, "compile", str(path))
+    assert rc == 1 and out == ""
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 3
+    assert lines[0].startswith(f"{path}:4:25: error: ")
+    assert lines[1] == "    " + "  loss = (yhat - y)^2 + w"
+    assert lines[2] == "    " + " " * 24 + "^"
+
+
+def test_compile_missing_file_is_a_clean_error(capsys, tmp_path):
+    rc, out, err = run(capsys, "compile", str(tmp_path / "nope.loss"))
+    assert rc == 1 and "nope.loss" in err
+
+
+# --------------------------------------------------------------------------- placeholders
+
+@pytest.mark.parametrize("cmd", [["check", "bce"], ["check", "--all"], ["bench", "bce"]])
+def test_check_and_bench_are_not_implemented_yet(capsys, cmd):
+    rc, out, err = run(capsys, *cmd)
+    assert rc == 2 and out == ""
+    assert "not implemented yet" in err
+
+
+def test_no_command_prints_usage(capsys):
+    rc, out, err = run(capsys)
+    assert rc == 2 and "usage" in err.lower()
+
+
+# --------------------------------------------------------------------------- console script
+
+def _console_script():
+    venv_bin = Path(sys.executable).parent
+    path = os.pathsep.join([str(venv_bin), os.environ.get("PATH", "")])
+    return shutil.which("lossdsl", path=path)
+
+
+@pytest.mark.skipif(_console_script() is None,
+                    reason="the lossdsl console script is not installed (pip install -e .)")
+def test_console_script(tmp_path):
+    exe = _console_script()
+    done = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == len(lossdsl.names())
+
+    bad = tmp_path / "bad.loss"
+    bad.write_text(BAD_FILE)
+    done = subprocess.run([exe, "compile", str(bad)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"{bad}:4:25: error: ")
