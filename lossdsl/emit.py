@@ -32,6 +32,7 @@ class Emitter:
         self.names = dict(names)            # Symbol -> code string
         self.element = element              # (UndefinedFunction, [index code]) -> code string
         self.known = {}                     # Reduce -> variable name
+        self.reduction_symbol = {}          # Reduce -> Symbol standing for it after it is computed
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
         self.loop_vars = {}                 # index Symbol -> loop variable name
         self.counter = itertools.count()
@@ -164,6 +165,11 @@ class Emitter:
         for r in group:
             self.finish(r, acc[r], peak.get(r))
             self.known[r] = acc[r]
+            sym = sp.Symbol("_" + acc[r], real=True)     # CSE must see a reduction as one atom
+            self.names[sym] = acc[r]
+            self.reduction_symbol[r] = sym
+            if r in self.argvar:
+                self.argvar[sym] = self.argvar[r]
 
     def loop(self, kvar, size, group, bodies, conds, bound, step, state):
         self.line(f"for {kvar} in range({self.index_code(size)}):")
@@ -215,6 +221,7 @@ class Emitter:
     def assign(self, named):
         """Piecewise blocks first (each branch its own scope), then CSE of the rest."""
         blocks, plain = {}, []
+        named = [(var, _replace_known(e, self.reduction_symbol)) for var, e in named]
         for var, e in named:
             plain.append((var, _lift_piecewise(e, blocks, self)))
         for conds, members in blocks.items():
@@ -263,6 +270,16 @@ def _lift_piecewise(e, blocks, em):
     if e.is_Atom or isinstance(e, (Reduce, sp.core.function.AppliedUndef)):
         return e
     args = [_lift_piecewise(a, blocks, em) for a in e.args]
+    return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+
+
+def _replace_known(e, known):
+    """Computed reductions become their symbols (outermost first, so nested ones go with them)."""
+    if e in known:
+        return known[e]
+    if e.is_Atom or isinstance(e, Reduce):
+        return e
+    args = [_replace_known(a, known) for a in e.args]
     return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
 
 

@@ -8,10 +8,12 @@ logits), and a count of bad samples is returned so the caller can raise a clear 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore)
         -> (total, bad)
 """
-import numpy as np
 import sympy as sp
+from sympy.core.function import AppliedUndef
+from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .emit import Emitter
+from .primitives import IsArg, Reduce
 
 # Branch thresholds of the stable primitives, per dtype (Mächler 2012 for softplus).
 THRESHOLDS = {
@@ -222,19 +224,19 @@ def _zero_sample(em, sig):
 
 def _hoist(g, idx, hoisted, em):
     """Replace maximal subexpressions free of the map indices with precomputed variables."""
-    if not (g.free_symbols & idx) and not g.is_Atom and not g.is_number:
+    if isinstance(g, ExprCondPair):
+        return ExprCondPair(_hoist(g.expr, idx, hoisted, em), g.cond)
+    if not isinstance(g, sp.Expr) or g.is_Atom:
+        return g
+    if not (g.free_symbols & idx):
         var = em.fresh("h")
         sym = sp.Symbol("_" + var, real=True)
         em.names[sym] = var
         hoisted.append((var, g))
         return sym
-    if g.is_Atom or isinstance(g, sp.core.function.AppliedUndef) or not g.args:
+    if isinstance(g, (AppliedUndef, Reduce, sp.KroneckerDelta, IsArg)):
         return g
-    from .primitives import Reduce
-    if isinstance(g, (Reduce, sp.core.relational.Relational)) or isinstance(g, sp.KroneckerDelta):
-        return g
-    args = [_hoist(a, idx, hoisted, em) if not isinstance(a, sp.logic.boolalg.Boolean) or a.is_Symbol
-            else a for a in g.args]
+    args = [_hoist(a, idx, hoisted, em) for a in g.args]
     return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
 
 
