@@ -196,9 +196,22 @@ ROOT_RULES = (
 )
 
 
+def _try_rules(node, fired):
+    for rule in NODE_RULES:
+        out = rule.apply(node)
+        if out is not None and out != node:
+            fired.add(rule.name)
+            return out
+    return None
+
+
 def _bottom_up(expr, fired):
+    """Rewrite a node before its children (the widest pattern wins), then after them."""
     if expr.is_Atom:
         return expr
+    out = _try_rules(expr, fired)
+    if out is not None:
+        return _bottom_up(out, fired)
     if isinstance(expr, Reduce):
         # rules never look through a reduction's index; rewrite its body and condition.
         k, size, body, cond = expr.args
@@ -206,12 +219,8 @@ def _bottom_up(expr, fired):
     else:
         args = [_bottom_up(a, fired) for a in expr.args]
         new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
-    for rule in NODE_RULES:
-        out = rule.apply(new)
-        if out is not None and out != new:
-            fired.add(rule.name)
-            return _bottom_up(out, fired)
-    return new
+    out = _try_rules(new, fired) if new is not expr else None
+    return _bottom_up(out, fired) if out is not None else new
 
 
 def stabilize(expr, facts=None, is_input=None, fired=None):
