@@ -89,6 +89,8 @@ class Emitter:
             return f"({side(e.lhs)} {e.rel_op} {side(e.rhs)})"
         if isinstance(e, (sp.And, sp.Or)):
             return "(" + (" and " if isinstance(e, sp.And) else " or ").join(self.code(a) for a in e.args) + ")"
+        if isinstance(e, sp.ITE):
+            return f"({self.code(e.args[1])} if {self.code(e.args[0])} else {self.code(e.args[2])})"
         if isinstance(e, sp.Not):
             return f"(not {self.code(e.args[0])})"
         if e.func in CALLS:
