@@ -125,13 +125,25 @@ def _gradient_lines(loss, wrt, latex: bool) -> list[str]:
         names = [wrt]
     lines = []
     for n in names:
+        idx = _element_index(loss, n)
         if latex:
-            sym = n.replace("_", r"\_")
+            sym = n.replace("_", r"\_") + (f"_{{{', '.join(idx)}}}" if idx else "")
             label = rf"\frac{{\partial \ell}}{{\partial {sym}}}"
         else:
-            label = f"d loss / d {_arg(loss, n)}"
+            label = f"d loss / d {n}" + (f"[{', '.join(idx)}]" if idx else "")
         lines.append(f"{label} = {_render(loss.gradient(n), latex)}")
     return lines
+
+
+def _element_index(loss, name) -> tuple[str, ...]:
+    """The index names the gradient of a vector input is written in (``j`` in z[j])."""
+    axes = tuple(loss.shapes.get(name, ()))
+    get = getattr(loss, "gradient_index", None)  # optional: falls back to the axis names
+    if axes and get is not None:
+        idx = tuple(str(i) for i in get(name))
+        if idx:
+            return idx
+    return axes
 
 
 def _block(title: str, text: str) -> str:

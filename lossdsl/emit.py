@@ -14,25 +14,27 @@ import itertools
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, Sum, expm1, log1p, logcosh,
-                         sigmoid, softplus, substitute, xdivy, xlogy)
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, Select, Sum, expand, expm1,
+                         log1p, logcosh, substitute, xdivy, xlogy)
 
 # sympy function -> helper or math function in the generated module
-CALLS = {sp.exp: "math.exp", sp.log: "math.log", log1p: "math.log1p", expm1: "math.expm1",
+CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "math.log1p", expm1: "math.expm1",
          sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
-         sp.sign: "_sign", sigmoid: "_sigmoid", softplus: "_softplus", logcosh: "_logcosh",
+         sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", Max2: "_max2", Min2: "_min2"}
 
 
 class Emitter:
     """Writes indented lines; ``names`` maps sympy atoms (symbols, elements) to code."""
 
-    def __init__(self, names, element):
+    def __init__(self, names, element, element_code=None):
         self.lines, self.depth = [], 1
         self.names = dict(names)            # Symbol -> code string
         self.element = element              # (UndefinedFunction, [index code]) -> code string
+        self.element_code = element_code    # (array name, index code) -> code string
         self.known = {}                     # Reduce -> variable name
         self.reduction_symbol = {}          # Reduce -> Symbol standing for it after it is computed
+        self.exp_store = {}                 # LogSumExp -> (buffer, sum variable): keep e^(b-m) per k
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
         self.loop_vars = {}                 # index Symbol -> loop variable name
         self.counter = itertools.count()
@@ -89,6 +91,8 @@ class Emitter:
             return f"({side(e.lhs)} {e.rel_op} {side(e.rhs)})"
         if isinstance(e, (sp.And, sp.Or)):
             return "(" + (" and " if isinstance(e, sp.And) else " or ").join(self.code(a) for a in e.args) + ")"
+        if isinstance(e, Select):
+            return f"({self.code(e.args[0])} if {self.code(e.args[2])} else {self.code(e.args[1])})"
         if isinstance(e, sp.ITE):
             return f"({self.code(e.args[1])} if {self.code(e.args[0])} else {self.code(e.args[2])})"
         if isinstance(e, sp.Not):
@@ -206,15 +210,24 @@ class Emitter:
         acc, peak = state
         if isinstance(r, Sum):
             self.line(f"{acc[r]} += {b}")
-        elif isinstance(r, LogSumExp):   # e^(b - m); a -inf peak means every term is 0
-            self.line(f"if {peak[r]} > -math.inf:")
-            self.line(f"    {acc[r]} += math.exp({b} - {peak[r]})")
+        elif isinstance(r, LogSumExp) and r in self.exp_store:
+            # the gradient pass reuses e^(b - m) from the buffer: one exp per element in all
+            buf, _ = self.exp_store[r]
+            e = self.fresh("e")
+            self.line(f"{e} = _exp({b} - {peak[r]})")
+            self.line(f"{acc[r]} += {e}")
+            self.line(f"if {buf} is not None:")
+            self.line(f"    {self.element_code(buf, kvar)} = {e}")
+        elif isinstance(r, LogSumExp):   # e^(b - m); a -inf peak makes this NaN, finish() ignores it
+            self.line(f"{acc[r]} += _exp({b} - {peak[r]})")
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
             self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
 
     def finish(self, r, acc, peak):
         if isinstance(r, LogSumExp):
+            if r in self.exp_store:
+                self.line(f"{self.exp_store[r][1]} = {acc}")
             # an all -inf row is -inf (not NaN); a +inf peak is +inf
             self.line(f"{acc} = {peak} + math.log({acc}) if {peak} > -math.inf and {peak} < math.inf else {peak}")
         elif isinstance(r, Norm):
@@ -223,7 +236,7 @@ class Emitter:
     def assign(self, named):
         """Piecewise blocks first (each branch its own scope), then CSE of the rest."""
         blocks, plain = {}, []
-        named = [(var, _replace_known(e, self.reduction_symbol)) for var, e in named]
+        named = [(var, expand(_replace_known(e, self.reduction_symbol))) for var, e in named]
         for var, e in named:
             plain.append((var, _lift_piecewise(e, blocks, self)))
         for conds, members in blocks.items():
@@ -261,8 +274,13 @@ class _Temps:
 
 
 def _lift_piecewise(e, blocks, em):
-    """Replace each outermost Piecewise with a variable assigned in an if/else block."""
-    if isinstance(e, sp.Piecewise) and not all(ex.is_number for ex, _ in e.args):
+    """Replace each outermost Piecewise with a variable assigned in an if/else block.
+
+    Indicators and zero guards (a branch that is a number 0) stay inline selects: both sides
+    are cheap to compute and CSE may share work with the rest.
+    """
+    if isinstance(e, sp.Piecewise) and not any(ex.is_number and ex.is_zero for ex, _ in e.args) \
+            and not all(ex.is_number for ex, _ in e.args):
         conds = tuple(c for _, c in e.args)
         var = em.fresh("pw")
         sym = sp.Symbol("_" + var, real=True)

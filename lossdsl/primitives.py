@@ -14,7 +14,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "Max2", "Min2", "log1p", "expm1",
            "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive"]
+           "substitute", "naive", "expand", "Select"]
 
 
 def indicator(cond):
@@ -51,6 +51,20 @@ class sigmoid(_Elementwise):
     def naive(self):
         return 1 / (1 + sp.exp(-self.args[0]))
 
+    def expanded(self):
+        # e = e^-|x|, r = 1/(1+e): σ(x) = r for x >= 0, e·r below; e and r are shared by CSE
+        # with σ(-x) and softplus(±x), so a logit costs one exp.
+        x = self.args[0]
+        e = sp.exp(-sp.Abs(x))
+        r = 1 / (1 + e)
+        return Select(r, e * r, x >= 0)
+
+
+class Select(sp.Function):
+    """a if cond else b, evaluated branch-free (both sides are cheap and safe to compute)."""
+    nargs = 3
+    is_real = True
+
 
 class softplus(_Elementwise):
     """log(1 + e^x), printed with Mächler's branches (exact to about 1 ulp, never overflows)."""
@@ -62,6 +76,11 @@ class softplus(_Elementwise):
 
     def naive(self):
         return sp.log(1 + sp.exp(self.args[0]))
+
+    def expanded(self):
+        # max(x, 0) + log1p(e^-|x|): never overflows, within an ulp everywhere
+        x = self.args[0]
+        return Select(x, sp.S.Zero, x > 0) + log1p(sp.exp(-sp.Abs(x)))
 
 
 class logcosh(_Elementwise):
@@ -226,6 +245,11 @@ def substitute(expr, mapping):
         return expr.func(k, substitute(size, inner), substitute(body, inner), substitute(cond, inner))
     args = [substitute(a, mapping) for a in expr.args]
     return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+
+def expand(expr):
+    """Primitives in their branch-free stable forms, for CSE to share work between them."""
+    return expr.replace(lambda e: hasattr(e, "expanded"), lambda e: e.expanded())
 
 
 def naive(expr):

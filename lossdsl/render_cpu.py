@@ -13,44 +13,49 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .emit import Emitter
-from .primitives import IsArg, Reduce
+from .primitives import IsArg, LogSumExp, Reduce, substitute
 
-# Branch thresholds of the stable primitives, per dtype (Mächler 2012 for softplus).
-THRESHOLDS = {
-    "float64": dict(sp_lo=-37.0, sp_mid=18.0, sp_hi=33.3, lc_small=0.5),
-    "float32": dict(sp_lo=-17.0, sp_mid=9.0, sp_hi=15.0, lc_small=0.5),
-}
+EXP32 = '''
+@intrinsic
+def _f32_from_bits(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(inline="always")
+def _exp(x):
+    # Cephes expf, written so LLVM vectorizes it (pip's llvmlite has no SVML): x = n ln2 + r,
+    # |r| <= ln2/2, a degree-7 polynomial for e^r, and 2^n as two exponent-bit factors so that
+    # subnormal results and overflow to inf stay right. Within 1 ulp of the rounded truth.
+    c = min(max(x, F(-104.0)), F(89.0))
+    n = np.floor(c * F(1.4426950408889634) + F(0.5))
+    r = c - n * F(0.693359375) - n * F(-2.12194440e-4)
+    p = (((((F(1.9875691500E-4) * r + F(1.3981999507E-3)) * r + F(8.3334519073E-3)) * r
+           + F(4.1665795894E-2)) * r + F(1.6666665459E-1)) * r + F(5.0000001201E-1)) * (r * r) + r + F(1.0)
+    ni = np.int32(n)
+    h = ni >> 1
+    s1 = _f32_from_bits((h + np.int32(127)) << np.int32(23))
+    s2 = _f32_from_bits((ni - h + np.int32(127)) << np.int32(23))
+    out = p * s1 * s2
+    return out if x == x else x
+'''
+
+EXP64 = '''
+@numba.njit(inline="always")
+def _exp(x):
+    return math.exp(x)
+'''
 
 HELPERS = '''
-@numba.njit(inline="always")
-def _sigmoid(x):
-    # two branches: neither e^x nor e^-x overflows
-    if x >= 0:
-        return F(1.0) / (F(1.0) + math.exp(-x))
-    e = math.exp(x)
-    return e / (F(1.0) + e)
-
-
-@numba.njit(inline="always")
-def _softplus(x):
-    # log(1 + e^x) within an ulp: e^x far left, x + e^-x right, x far right
-    if x < F({sp_lo}):
-        return math.exp(x)
-    if x < F({sp_mid}):
-        return math.log1p(math.exp(x))
-    if x < F({sp_hi}):
-        return x + math.exp(-x)
-    return x
-
-
 @numba.njit(inline="always")
 def _logcosh(x):
     # log cosh x = log1p(2 sinh^2(x/2)) near 0 (keeps relative accuracy), else |x| + log1p(e^-2|x|) - log 2
     a = abs(x)
-    if a < F({lc_small}):
+    if a < F(0.5):
         s = math.sinh(a * F(0.5))
         return math.log1p(F(2.0) * s * s)
-    return a + math.log1p(math.exp(F(-2.0) * a)) - F(0.6931471805599453)
+    return a + math.log1p(_exp(F(-2.0) * a)) - F(0.6931471805599453)
 
 
 @numba.njit(inline="always")
@@ -140,7 +145,7 @@ def render(compiled, dtype):
     def element(fn, idx):
         return f"{fn_array[fn]}[{lead}{', '.join(idx)}]"
 
-    em = Emitter(names, element)
+    em = Emitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]")
     em.depth = 2 if not sig.batch else 1
     body_start = len(em.lines)
     size_var = {low.sizes[a]: f"K{i}" for i, a in enumerate(sig.sizes)}
@@ -153,6 +158,8 @@ def render(compiled, dtype):
     hoisted, maps = [], []
     for d in sig.inputs:
         g, idx = compiled.grads[d.name]
+        if len(d.axes) == 1:
+            g = _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
         if d.axes:
             g = _hoist(g, set(idx), hoisted, em)
             maps.append((d, g, idx))
@@ -180,7 +187,8 @@ def render(compiled, dtype):
 def _checks(em, sig, low, scalar_vars, size_var):
     """Count bad targets before reading through them; skip ignored samples."""
     lead = "" if sig.batch else "n, "
-    em.line("bad_row = False")
+    if any(d.axes or d.domain.name == "class" for d in sig.targets):
+        em.line("bad_row = False")
     for d in sig.targets:
         if d.domain.name == "class" and not d.axes:
             v, size = scalar_vars[d.name], size_var[low.sizes[d.domain.axis]]
@@ -197,19 +205,20 @@ def _checks(em, sig, low, scalar_vars, size_var):
             cond = DOMAIN_CHECKS.get(d.domain.name)
         if cond is None:
             continue
-        if not d.axes:
-            em.line(f"if not {cond.format(v=scalar_vars[d.name])}:")
-            em.line("    bad_row = True")
+        if not d.axes and d.domain.name != "class":
+            # counted without a branch, so elementwise loops stay vectorizable; the caller raises
+            em.line(f"bad += 0 if {cond.format(v=scalar_vars[d.name])} else 1")
             continue
         idx = ", ".join(f"q{i}" for i in range(len(d.axes)))
         for i, a in enumerate(d.axes):
             em.line("    " * i + f"for q{i} in range(K{sig.sizes.index(a)}):")
         em.line("    " * len(d.axes) + f"if not {cond.format(v=f'{sig.array_of[d.name]}[{lead}{idx}]')}:")
         em.line("    " * len(d.axes) + "    bad_row = True")
-    em.line("if bad_row:")
-    em.line("    bad += 1")
-    _zero_sample(em, sig)
-    em.line("    continue")
+    if any(d.axes or d.domain.name == "class" for d in sig.targets):
+        em.line("if bad_row:")
+        em.line("    bad += 1")
+        _zero_sample(em, sig)
+        em.line("    continue")
 
 
 def _zero_sample(em, sig):
@@ -220,6 +229,22 @@ def _zero_sample(em, sig):
         em.line(f"    if {sig.grad_of[sig.inputs[0].name]} is not None:")
         for d in sig.inputs:
             em.line(f"        {sig.grad_of[d.name]}[{':' if sig.batch else 'n'}] = F(0.0)")
+
+
+def _reuse_softmax(g, j, size, grad, em, fn_array):
+    """e^(b(j) - R) for a logsumexp R over j's axis: read e^(b(j) - m) stored by R's sum pass
+    in the gradient buffer, times 1/Σ. Saves one exp per element (DESIGN_NOTES, CPU anchors)."""
+    for r in g.atoms(LogSumExp):
+        pattern = sp.exp(substitute(r.body, {r.index: j}) - r)
+        if r.cond is sp.true and r.size == size and g.has(pattern):
+            total = em.fresh("s")
+            buf = sp.Function("_buf_" + grad, real=True)
+            fn_array[buf] = grad
+            s_sym = sp.Symbol("_" + total, positive=True)
+            em.names[s_sym] = total
+            em.exp_store[r] = (grad, total)
+            return g.xreplace({pattern: buf(j) / s_sym})
+    return g
 
 
 def _hoist(g, idx, hoisted, em):
@@ -255,11 +280,13 @@ def _map_loop(em, d, g, idx, sig, lead, size_var, low):
 
 def _module(sig, dtype, body, compiled):
     args = ", ".join(sig.args())
-    th = THRESHOLDS[dtype]
     head = [f"# Generated by lossdsl for loss '{compiled.definition.name}', {dtype}. Do not edit.",
-            "import math", "import numba", "import numpy as np", "", f"F = np.{dtype}",
-            HELPERS.format(**th), "",
-            "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True)",
+            "import math", "import numba", "import numpy as np", "from llvmlite import ir as llvm_ir",
+            "from numba import types", "from numba.extending import intrinsic", "", f"F = np.{dtype}",
+            EXP32 if dtype == "float32" else EXP64, HELPERS, "",
+            # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES)
+            "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True,",
+            "            fastmath={'reassoc', 'nsz', 'contract'})",
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
     if sig.batch:

@@ -28,6 +28,7 @@ class Rule:
     stable: object                       # its stable replacement
     witness: tuple                       # (x,) or (x, y) where float64 naive fails
     rewrite: Optional[Callable] = None   # node -> replacement or None; default: match the template
+    post: bool = False                   # only after the node's children are rewritten
 
     def apply(self, node):
         if self.rewrite is not None:
@@ -121,7 +122,7 @@ NODE_RULES = (
     Rule("tanh_grad", "1 - tanh²(x) = 1/cosh²(x); the subtraction cancels to 0 for |x| > 19",
          1 - sp.tanh(x) ** 2, sp.cosh(x) ** -2, (20.0,)),
     Rule("xlogy", "x·log(y) = xlogy(x, y), which is 0 at x = 0 (0·log 0 = 0·-inf is NaN)",
-         x * sp.log(y), xlogy(x, y), (0.0, 0.0), _xlogy),
+         x * sp.log(y), xlogy(x, y), (0.0, 0.0), _xlogy, post=True),
     Rule("logsumexp", "log Σ e^b = m + log Σ e^(b-m), m = max b; e^b overflows for b > 709",
          None, None, (), _logsumexp),
     Rule("log_softmax", "log(e^a / Σ e^b) = a - logsumexp(b); both exponentials overflow",
@@ -196,8 +197,10 @@ ROOT_RULES = (
 )
 
 
-def _try_rules(node, fired):
+def _try_rules(node, fired, pre=False):
     for rule in NODE_RULES:
+        if pre and rule.post:
+            continue
         out = rule.apply(node)
         if out is not None and out != node:
             fired.add(rule.name)
@@ -209,7 +212,7 @@ def _bottom_up(expr, fired):
     """Rewrite a node before its children (the widest pattern wins), then after them."""
     if expr.is_Atom:
         return expr
-    out = _try_rules(expr, fired)
+    out = _try_rules(expr, fired, pre=True)
     if out is not None:
         return _bottom_up(out, fired)
     if isinstance(expr, Reduce):
@@ -219,7 +222,7 @@ def _bottom_up(expr, fired):
     else:
         args = [_bottom_up(a, fired) for a in expr.args]
         new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
-    out = _try_rules(new, fired) if new is not expr else None
+    out = _try_rules(new, fired)
     return _bottom_up(out, fired) if out is not None else new
 
 

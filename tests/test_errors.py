@@ -155,12 +155,12 @@ def test_python_call_cannot_run_code(tmp_path):
     assert not sentinel.exists()
 
 
-def test_python_call_in_description_position_cannot_run_code(tmp_path):
+def test_exec_is_not_a_function_and_a_description_is_inert(tmp_path):
     sentinel = tmp_path / "pwned2"
     text = (
-        f'loss f "{sentinel}"\n'
+        f'loss f "__import__(\'os\').system(\'touch {sentinel}\')"\n'
         "  input z\n"
-        f"  loss = z + exec(z)\n"
+        "  loss = z + exec(z)\n"
     )
     expect_error(text, LossNameError, 3, 14)
     assert not sentinel.exists()
@@ -339,12 +339,22 @@ def test_compile_file_names_the_path(tmp_path):
 
 
 def test_axis_bound_to_two_sizes_is_a_runtime_argument_error():
-    triplet = lossdsl.load("triplet")  # compiles fine
-    a = np.zeros((4, 3))
-    p = np.zeros((4, 5))               # D = 3 from a, D = 5 from p
-    n = np.zeros((4, 3))
+    dot = lossdsl.compile(              # compiles fine: D is bound only at call time
+        "loss dot\n"
+        "  input a[D], b[D]\n"
+        "  loss = sum[d] a[d] * b[d]\n"
+    )["dot"]
     with pytest.raises(ArgumentError) as info:
-        triplet(a, p, n)
+        dot(np.zeros((4, 3)), np.zeros((4, 5)))   # D = 3 from a, D = 5 from b
+    assert not isinstance(info.value, CompileError)
+    assert "D" in str(info.value)
+
+
+def test_axis_bound_to_two_sizes_in_a_library_loss():
+    triplet = lossdsl.load("triplet")
+    a, p, n = np.zeros((4, 3)), np.zeros((4, 5)), np.zeros((4, 3))
+    with pytest.raises(ArgumentError) as info:
+        triplet.value_and_grad(a, p, n)
     assert not isinstance(info.value, CompileError)
     assert "D" in str(info.value)
 
@@ -354,3 +364,11 @@ def test_the_whole_family_is_loss_error():
                 ArgumentError, lossdsl.DomainError):
         assert issubclass(cls, LossError)
     assert issubclass(lossdsl.DomainError, ArgumentError)
+
+
+def test_a_description_holding_python_is_only_text(tmp_path):
+    sentinel = tmp_path / "pwned3"
+    doc = f"__import__('os').system('touch {sentinel}')"
+    defs = lossdsl.compile(f'loss f "{doc}"\n  input z\n  loss = z^2\n')
+    assert defs["f"].doc == doc
+    assert not sentinel.exists()
