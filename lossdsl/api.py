@@ -44,7 +44,7 @@ def load(name):
 
 @lru_cache(maxsize=None)
 def _load_cached(name):
-    return Loss(compile_definition(_library_definition(name), _library_definition))
+    return Loss(compile_definition(_library_definition(name), _library_definition), _library_definition)
 
 
 def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
@@ -57,7 +57,7 @@ def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
     out = {}
     for name, d in defs.items():
         try:
-            out[name] = Loss(compile_definition(d, lookup))
+            out[name] = Loss(compile_definition(d, lookup), lookup)
         except LossError:
             raise
         except (RecursionError, ValueError, TypeError, ZeroDivisionError, NotImplementedError) as e:
@@ -77,8 +77,8 @@ def compile_file(path):
 class Loss:
     """A compiled loss: call it for the value, ``value_and_grad`` for value and gradients."""
 
-    def __init__(self, compiled):
-        self._c = compiled
+    def __init__(self, compiled, lookup):
+        self._c, self._lookup = compiled, lookup
         d = compiled.definition
         self.name, self.doc, self.definition = d.name, d.doc, d.text
         self._inputs = d.of_kind("input")
@@ -90,6 +90,11 @@ class Loss:
         self.shapes = {x.name: x.axes for x in self._inputs + self._targets}
         self.rules = compiled.fired
         self._kernels = {}
+
+    def naive(self):
+        """The same definition lowered the textbook way: no rules, naive primitives."""
+        d = self._c.definition
+        return Loss(compile_definition(d, self._lookup, stable=False), self._lookup)
 
     def __repr__(self):
         return f"<Loss {self.name}({', '.join(self.inputs + self.targets)})>"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .derive import fresh_indices, gradient
-from .primitives import Reduce
+from .primitives import naive
 from .rules import stabilize
 from .to_sympy import Lowered, to_sympy
 
@@ -35,8 +35,18 @@ def input_test(low):
     return is_input
 
 
-def compile_definition(defn, lookup):
+def compile_definition(defn, lookup, stable=True):
+    """The definition's loss and gradients; ``stable=False`` gives the textbook lowering
+    (every primitive replaced by its naive formula, no rules), to show what the rules buy."""
     low = to_sympy(defn, lookup)
+    if not stable:
+        expr = naive(low.expr)
+        grads = {}
+        for d in defn.of_kind("input"):
+            idx = fresh_indices(expr, d.axes) if d.axes else ()
+            wrt = low.arrays[d.name][0] if d.axes else low.scalars[d.name]
+            grads[d.name] = (naive(gradient(expr, wrt, idx)), idx)
+        return Compiled(low, expr, grads, ())
     facts = {low.scalars[d.name]: d.domain.name for d in defn.of_kind("target") if not d.axes}
     is_input = input_test(low)
     fired = set()

@@ -206,6 +206,10 @@ class Sum(Reduce):
 class LogSumExp(Reduce):
     symbol, latex_op = "logsumexp", r"\operatorname{LSE}"
 
+    def naive(self):
+        k, size, body, cond = self.args
+        return sp.log(Sum(k, size, sp.exp(body), cond))
+
 
 class Max(Reduce):
     symbol, latex_op = "max", r"\max"
@@ -218,6 +222,10 @@ class Min(Reduce):
 class Norm(Reduce):
     """Euclidean norm sqrt(Σ body²), printed scaled by the max so it neither overflows nor underflows."""
     symbol, latex_op = "norm", r"\operatorname{norm}"
+
+    def naive(self):
+        k, size, body, cond = self.args
+        return sp.sqrt(Sum(k, size, body ** 2, cond))
 
 
 REDUCTIONS = {"sum": Sum, "logsumexp": LogSumExp, "max": Max, "min": Min, "norm": Norm}
