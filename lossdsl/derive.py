@@ -115,9 +115,12 @@ def collapse(k, size, term, cond):
     out, keep = [], {}
     for t in delta_terms(term):
         deltas, rest = _split_deltas(t)
-        hit = next((dl for dl in sp.Mul.make_args(deltas) if k in dl.free_symbols), None)
+        hit = next((dl for dl in sp.Mul.make_args(deltas) if k in dl.args and
+                    k not in (dl.args[1] if dl.args[0] == k else dl.args[0]).free_symbols), None)
         if hit is None:
-            keep.setdefault(deltas, []).append(rest)   # [t = j] does not involve k: factor it out
+            # [t = j] free of k is factored out of the sum; [pos(k) = j] stays inside it
+            inside = sp.Mul(*[dl for dl in sp.Mul.make_args(deltas) if k in dl.free_symbols])
+            keep.setdefault(deltas / inside, []).append(rest * inside)
             continue
         at = hit.args[1] if hit.args[0] == k else hit.args[0]
         others = substitute(deltas / hit, {k: at})

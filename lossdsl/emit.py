@@ -182,7 +182,10 @@ class Emitter:
         self.depth += 1
         named = [(self.fresh("b"), bodies[r]) for r in group]
         conds_named = [(self.fresh("c"), conds[r]) for r in group if conds[r] is not sp.true]
+        # reductions computed inside the loop depend on its index: forget them after it
+        saved = dict(self.known), dict(self.reduction_symbol)
         self.scope(named + conds_named, bound)
+        self.known, self.reduction_symbol = saved
         cvar = dict(zip([r for r in group if conds[r] is not sp.true], [n for n, _ in conds_named]))
         for r, (bvar, _) in zip(group, named):
             if r in cvar:

@@ -273,7 +273,9 @@ def _map_loop(em, d, g, idx, sig, lead, size_var, low):
         em.line(f"for {var} in range({size_var[low.sizes[axis]]}):")
         em.depth += 1
         loops.append(var)
+    saved = dict(em.known), dict(em.reduction_symbol)
     em.scope([("gv", g)], set(idx))
+    em.known, em.reduction_symbol = saved
     em.line(f"{sig.grad_of[d.name]}[{lead}{', '.join(loops)}] = c * gv")
     em.depth -= len(idx)
 

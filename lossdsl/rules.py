@@ -161,8 +161,11 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
     label_smoothing/K · Σ_k z_k with label_smoothing = 0 and a masked (-inf) logit is 0, as in
     the definition; y·softplus(-z) at y = 0, z = -inf likewise.
     """
-    if expr.is_Atom or isinstance(expr, Reduce):
+    if expr.is_Atom:
         return expr
+    if isinstance(expr, Reduce):
+        k, size, body, cond = expr.args
+        return expr.func(k, size, _zero_weights(body, is_input, excluded), cond)
     if isinstance(expr, sp.Piecewise):
         pieces, seen = [], set(excluded)
         for ex, c in expr.args:

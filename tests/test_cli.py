@@ -98,6 +98,18 @@ def test_show_cross_entropy_latex(capsys):
     assert "\\frac" in out or "\\operatorname" in out or "\\log" in out
 
 
+@pytest.mark.parametrize("latex", [False, True], ids=["text", "latex"])
+@pytest.mark.parametrize("name", lossdsl.names())
+def test_show_every_library_loss(capsys, name, latex):
+    f = lossdsl.load(name)
+    rc, out, err = run(capsys, "show", name, *(["--latex"] if latex else []))
+    assert rc == 0 and err == ""
+    render = printing.to_latex if latex else printing.to_text
+    assert render(f.expr) in out
+    for z in f.inputs:
+        assert render(f.gradient(z)) in out
+
+
 # --------------------------------------------------------------------------- grad
 
 def test_grad_bce_mentions_sigmoid(capsys):
