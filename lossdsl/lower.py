@@ -4,6 +4,7 @@ Checks made here are the ones that need no types: syntax, duplicated names, doma
 parameter defaults inside their domain, exactly one ``loss =`` line.
 """
 import math
+import re
 from functools import lru_cache
 
 from lark import Lark, Token, Transformer, v_args
@@ -99,6 +100,14 @@ class _ToIR(Transformer):
     def start(self, children):
         return [c for c in children if isinstance(c, ir.Definition)]
 
+    def loss_at(self, line):
+        """The name of the definition a line belongs to (the transformer works bottom-up)."""
+        for text in reversed(self.lines[:line]):
+            m = re.match(r"\s*loss\s+([A-Za-z_]\w*)", text)
+            if m:
+                return m.group(1)
+        return "?"
+
     @v_args(meta=True)
     def definition(self, meta, children):
         name_tok, rest = children[0], children[1:]
@@ -139,7 +148,7 @@ class _ToIR(Transformer):
         name = str(children[0])
         if name not in ir.DOMAINS:
             raise self.tok(children[0]).error(
-                LossTypeError, f"unknown domain '{name}': expected one of {', '.join(ir.DOMAINS)}")
+                LossNameError, f"unknown domain '{name}': expected one of {', '.join(ir.DOMAINS)}")
         if (name == "class") != (len(children) == 2):
             raise self.tok(children[0]).error(
                 LossTypeError, "'class' takes its axis, as in class(K); other domains take none")
@@ -147,7 +156,7 @@ class _ToIR(Transformer):
 
     def signed_number(self, children):
         sign = -1.0 if len(children) == 2 and children[0] == "-" else 1.0
-        return sign * float(children[-1])
+        return sign * float(children[-1]), self.tok(children[0])
 
     def _decls(self, kind, arrays, domain):
         dom, dspan = domain if domain else (ir.Domain(), None)
@@ -162,13 +171,13 @@ class _ToIR(Transformer):
         return self._decls("target", arrays, domain)
 
     def param_decl(self, children):
-        name, value = children[0], children[1]
+        name, (value, vspan) = children[0], children[1]
         dom, dspan = children[2] if len(children) > 2 else (ir.Domain(), None)
         if dom.name in ("class", "simplex"):
             raise dspan.error(LossTypeError, f"a param is a scalar number; domain '{dom}' is for targets")
         if not in_domain(value, dom.name):
-            raise self.tok(name).error(
-                LossTypeError, f"default {value:g} of param '{name}' is outside its domain '{dom}'")
+            raise vspan.error(LossTypeError, f"default {value:g} of param '{name}' is outside its domain '{dom}'"
+                                             f" in loss '{self.loss_at(vspan.line)}'")
         return [ir.Decl("param", self._name(name), (), dom, self.tok(name), default=value)]
 
     def batch_decl(self, children):

@@ -17,6 +17,10 @@ __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "Max2", "Min2", "
            "substitute", "naive", "expand", "Select"]
 
 
+def _power(text, exp):
+    return "%s^{%s}" % (text, exp) if exp else text
+
+
 def indicator(cond):
     """1 where ``cond`` holds, else 0 (a Piecewise so that sympy and printers understand it)."""
     return sp.Piecewise((sp.S.One, cond), (sp.S.Zero, True))
@@ -25,9 +29,9 @@ def indicator(cond):
 class _Elementwise(sp.Function):
     is_real = True
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
         args = ", ".join(printer._print(a) for a in self.args)
-        return r"\operatorname{%s}\left(%s\right)" % (self.latex_name, args)
+        return _power(r"\operatorname{%s}\left(%s\right)" % (self.latex_name, args), exp)
 
 
 class sigmoid(_Elementwise):
@@ -35,8 +39,8 @@ class sigmoid(_Elementwise):
     nargs = 1
     latex_name = r"\sigma"
 
-    def _latex(self, printer):
-        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        return _power(r"\sigma\left(%s\right)" % printer._print(self.args[0]), exp)
 
     def fdiff(self, argindex=1):
         # σ' = σ(x)·σ(-x), not σ(1-σ): 1-σ(40) is 0 in float64, σ(-40) is 4e-18.
@@ -189,13 +193,20 @@ class Reduce(sp.Function):
             sub += r" \,:\, " + printer._print(self.cond)
         return sub
 
-    def _latex(self, printer):
-        return r"%s_{%s} \left(%s\right)" % (self.latex_op, self._subscript(printer), printer._print(self.body))
+    def _latex(self, printer, exp=None):
+        text = r"%s_{%s} \left(%s\right)" % (self.latex_op, self._subscript(printer), printer._print(self.body))
+        return _power(r"\left(%s\right)" % text if exp else text, exp)
 
     def _sympystr(self, printer):
-        sub = printer._print(self.index)
-        if self.cond is not sp.true:
-            sub += " : " + printer._print(self.cond)
+        cond = self.cond
+        if cond is sp.true:
+            sub = printer._print(self.index)
+        elif isinstance(cond, sp.Ne) and cond.args[0] == self.index:   # as written: [j != y]
+            sub = f"{printer._print(self.index)} != {printer._print(cond.args[1])}"
+        elif isinstance(cond, sp.Ne) and cond.args[1] == self.index:
+            sub = f"{printer._print(self.index)} != {printer._print(cond.args[0])}"
+        else:
+            sub = f"{printer._print(self.index)} : {printer._print(cond)}"
         return "%s[%s](%s)" % (self.symbol, sub, printer._print(self.body))
 
 
@@ -236,8 +247,9 @@ class IsArg(sp.Function):
     nargs = 2
     is_real = True
 
-    def _latex(self, printer):
-        return r"[%s = \operatorname{arg}%s]" % (printer._print(self.args[1]), printer._print(self.args[0]))
+    def _latex(self, printer, exp=None):
+        return _power(r"[%s = \operatorname{arg}%s]" % (printer._print(self.args[1]), printer._print(self.args[0])),
+                      exp)
 
     def _sympystr(self, printer):
         return "[%s == argof %s]" % (printer._print(self.args[1]), printer._print(self.args[0]))

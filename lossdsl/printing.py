@@ -27,6 +27,12 @@ class TextPrinter(StrPrinter):
 
 
 class TexPrinter(LatexPrinter):
+    def _print_Symbol(self, e, style="plain"):
+        # label_smoothing is one name, not label with subscript smoothing
+        if "_" in e.name and len(e.name) > 2:
+            return r"\mathrm{%s}" % e.name.replace("_", r"\_")
+        return super()._print_Symbol(e, style)
+
     def _print_Function(self, e, exp=None):
         if isinstance(e, AppliedUndef):
             text = f"{self._print(sp.Symbol(e.func.__name__))}_{{{', '.join(self._print(a) for a in e.args)}}}"
@@ -39,7 +45,7 @@ class TexPrinter(LatexPrinter):
 
 
 def to_text(expr):
-    return TextPrinter().doprint(expr)
+    return TextPrinter().doprint(expr).replace("**", "^")
 
 
 def to_latex(expr):
