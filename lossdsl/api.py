@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jit, printing, render_cpu
+from . import jit, printing, render_cpu, render_cuda
 from .compiler import compile_definition
 from .derive import fresh_indices
 from .errors import ArgumentError, CompileError, DomainError, LossError, LossTypeError
@@ -118,7 +118,7 @@ class Loss:
         if target == "cpu":
             return render_cpu.render(self._c, dtype)
         if target == "cuda":
-            raise LossError("the CUDA back end is not available yet")
+            return render_cuda.render(self._c, dtype)
         raise LossError(f"unknown target '{target}': expected cpu or cuda")
 
     def __str__(self):
@@ -137,13 +137,17 @@ class Loss:
         return self._run(args, reduction, weight, ignore_index, params, grad=True)
 
     def _run(self, args, reduction, weight, ignore_index, params, grad):
+        if cuda_dispatch.on_device(args, weight):
+            return cuda_dispatch.run(self, args, reduction, weight, ignore_index, params, grad)
         call = _Call(self, args, reduction, weight, ignore_index, params)
         k = self.kernel(call.dtype.name)
-        grads = [np.empty_like(a) for a in call.inputs] if grad else [None] * len(call.inputs)
-        out = np.empty(call.n_samples, call.dtype) if reduction == "none" else None
+        empty = np.empty(0, call.dtype)
+        grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, call.dtype) for a in call.inputs]
+        out = np.empty(call.n_samples, call.dtype) if reduction == "none" else empty
+        weight = call.weight if call.weight is not None else empty
         scale = call.dtype.type(1.0 / call.denominator if reduction == "mean" and call.denominator else 1.0)
-        total, bad = k(*call.inputs, *call.targets, *call.param_values, *call.sizes, call.weight, out,
-                       *grads, scale, np.int64(call.ignore))
+        total, bad = k(*call.inputs, *call.targets, *call.param_values, *call.sizes, weight, out,
+                       *grads, scale, np.int64(call.ignore), call.weight is not None, reduction == "none", grad)
         if bad:
             call.raise_bad_targets()
         if reduction == "none":
@@ -305,3 +309,6 @@ class _Call:
                 raise DomainError(f"loss '{loss.name}': target '{d.name}' must hold {want}; "
                                   f"got {rows[n, k]!r} at {where}")
         raise DomainError(f"loss '{loss.name}': a target is outside its domain")
+
+
+from . import cuda_dispatch  # noqa: E402  (it builds on _Call above)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .derive import fresh_indices, gradient
-from .primitives import naive
+from .primitives import Sum, naive
 from .rules import stabilize
 from .to_sympy import Lowered, to_sympy
 
@@ -18,6 +18,8 @@ class Compiled:
     expr: object                # stabilized per-sample loss
     grads: dict                 # input name -> (stabilized gradient, index Symbols)
     fired: tuple                # names of the rules that fired
+    locals: tuple = ()          # batch losses: (name, fn, index Symbols, axes, body), forward order
+    adjoints: tuple = ()        # (name, adjoint fn, index Symbols, axes, expr), in the order computed
 
     @property
     def definition(self):
@@ -28,7 +30,7 @@ def input_test(low):
     """A predicate: does an expression depend on a differentiated input?"""
     defn = low.definition
     syms = {low.scalars[d.name] for d in defn.of_kind("input") if not d.axes}
-    fns = {low.arrays[d.name][0] for d in defn.of_kind("input") if d.axes}
+    fns = {low.arrays[d.name][0] for d in defn.of_kind("input") if d.axes} | {fn for _, fn, *_ in low.locals}
 
     def is_input(e):
         return bool(e.free_symbols & syms) or any(a.func in fns for a in e.atoms(sp.core.function.AppliedUndef))
@@ -37,27 +39,42 @@ def input_test(low):
 
 def compile_definition(defn, lookup, stable=True):
     """The definition's loss and gradients; ``stable=False`` gives the textbook lowering
-    (every primitive replaced by its naive formula, no rules), to show what the rules buy."""
+    (every primitive replaced by its naive formula, no rules), to show what the rules buy.
+
+    Batch losses keep their indexed locals as buffers and differentiate in reverse: the
+    adjoint of a local X is d(loss + Σ_Y Σ Ȳ·Y)/dX over the locals Y computed from X.
+    """
     low = to_sympy(defn, lookup)
-    if not stable:
-        expr = naive(low.expr)
-        grads = {}
-        for d in defn.of_kind("input"):
-            idx = fresh_indices(expr, d.axes) if d.axes else ()
-            wrt = low.arrays[d.name][0] if d.axes else low.scalars[d.name]
-            grads[d.name] = (naive(gradient(expr, wrt, idx)), idx)
-        return Compiled(low, expr, grads, ())
     facts = {low.scalars[d.name]: d.domain.name for d in defn.of_kind("target") if not d.axes}
     is_input = input_test(low)
     fired = set()
-    expr = stabilize(low.expr, facts, is_input, fired)
+    if stable:
+        def before(e):
+            return stabilize(e, facts, is_input, fired)
+
+        def after(e):
+            # zero_weights guards only the forward pass: its Piecewise carries into the gradient.
+            return stabilize(e, None, None, fired)
+    else:
+        before = after = naive
+    expr = before(low.expr)
+    local_list = [(n, fn, idx, axes, before(body)) for n, fn, idx, axes, body in low.locals]
+    terms, adjoints = [expr], []
+    for name, fn, idx, axes, body in reversed(local_list):
+        at = fresh_indices(sp.Add(*terms), axes, avoid=idx)
+        g = after(sp.Add(*[gradient(t, fn, at) for t in terms]))
+        adj = sp.Function("d_" + name, real=True)
+        adjoints.append((name, adj, at, axes, g))
+        terms.append(_sum_over(adj(*idx) * body, idx, [low.sizes[a] for a in axes]))
     grads = {}
     for d in defn.of_kind("input"):
-        if d.axes:
-            idx = fresh_indices(expr, d.axes)
-            g = gradient(expr, low.arrays[d.name][0], idx)
-        else:
-            idx, g = (), gradient(expr, low.scalars[d.name])
-        # zero_weights guards only the forward pass: the guards' Piecewise carries into the gradient.
-        grads[d.name] = (stabilize(g, None, None, fired), idx)
-    return Compiled(low, expr, grads, tuple(sorted(fired)))
+        idx = fresh_indices(sp.Add(*terms), d.axes) if d.axes else ()
+        wrt = low.arrays[d.name][0] if d.axes else low.scalars[d.name]
+        grads[d.name] = (after(sp.Add(*[gradient(t, wrt, idx) for t in terms])), idx)
+    return Compiled(low, expr, grads, tuple(sorted(fired)), tuple(local_list), tuple(adjoints))
+
+
+def _sum_over(expr, idx, sizes):
+    for k, size in reversed(list(zip(idx, sizes))):
+        expr = Sum(k, size, expr, sp.true)
+    return expr

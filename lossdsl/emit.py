@@ -219,7 +219,7 @@ class Emitter:
             e = self.fresh("e")
             self.line(f"{e} = _exp({b} - {peak[r]})")
             self.line(f"{acc[r]} += {e}")
-            self.line(f"if {buf} is not None:")
+            self.line("if want_grad:")
             self.line(f"    {self.element_code(buf, kvar)} = {e}")
         elif isinstance(r, LogSumExp):   # e^(b - m); a -inf peak makes this NaN, finish() ignores it
             self.line(f"{acc[r]} += _exp({b} - {peak[r]})")

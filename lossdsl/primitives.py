@@ -110,8 +110,10 @@ class xdivy(_Elementwise):
     latex_name = "xdivy"
 
     def fdiff(self, argindex=1):
+        # where the quotient is defined as 0 (y = 0, so x = 0: a zero vector over its norm),
+        # its gradient is defined as 0 too
         x, y = self.args
-        return xdivy(1, y) if argindex == 1 else -xdivy(x, y**2)
+        return sp.Piecewise((0, sp.Eq(y, 0)), (1 / y, True)) if argindex == 1 else -xdivy(x, y**2)
 
     def naive(self):
         return self.args[0] / self.args[1]
@@ -212,6 +214,15 @@ class Reduce(sp.Function):
 
 class Sum(Reduce):
     symbol, latex_op = "sum", r"\sum"
+
+    @classmethod
+    def eval(cls, k, size, body, cond):
+        # Σ_k c·b(k) = c·Σ_k b(k): constant factors leave the loop
+        if body.is_Mul:
+            outside = [f for f in body.args if k not in f.free_symbols]
+            if outside:
+                return sp.Mul(*outside) * cls(k, size, sp.Mul(*[f for f in body.args if k in f.free_symbols]), cond)
+        return None
 
 
 class LogSumExp(Reduce):

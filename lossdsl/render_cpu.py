@@ -5,8 +5,11 @@ loss and the gradient of every input, and accumulates the weighted total. Target
 inside the same loop *before* anything is read through them (a class target indexes the
 logits), and a count of bad samples is returned so the caller can raise a clear error.
 
-    kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore)
-        -> (total, bad)
+    kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
+           has_w, has_out, want_grad) -> (total, bad)
+
+Arrays not wanted are passed empty and the flags say so: one compiled signature per dtype
+(numba would compile one per combination of None arguments).
 """
 import sympy as sp
 from sympy.core.function import AppliedUndef
@@ -121,6 +124,7 @@ class Signature:
         names += [f"p{i}" for i in range(len(self.params))]
         names += [f"K{i}" for i in range(len(self.sizes))]
         names += ["w", "out"] + [self.grad_of[d.name] for d in self.inputs] + ["scale", "ignore"]
+        names += ["has_w", "has_out", "want_grad"]
         return names
 
 
@@ -141,47 +145,83 @@ def render(compiled, dtype):
             names[low.scalars[d.name]] = var
             scalar_vars[d.name] = var
     fn_array = {low.arrays[d.name][0]: sig.array_of[d.name] for d in sig.inputs + sig.targets if d.axes}
+    buffers = {fn: f"L{i}" for i, (_, fn, *_) in enumerate(compiled.locals)}
+    buffers.update({fn: f"D{i}" for i, (_, fn, *_) in enumerate(compiled.adjoints)})
 
     def element(fn, idx):
+        if fn in buffers:              # batch buffers carry no sample axis
+            return f"{buffers[fn]}[{', '.join(idx)}]"
         return f"{fn_array[fn]}[{lead}{', '.join(idx)}]"
 
     em = Emitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]")
-    em.depth = 2 if not sig.batch else 1
-    body_start = len(em.lines)
+    em.depth = 2
     size_var = {low.sizes[a]: f"K{i}" for i, a in enumerate(sig.sizes)}
     for d in sig.inputs + sig.targets:          # scalars of this sample
         if not d.axes:
-            em.line(f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[{lead.rstrip(', ')}]"
-                    if not sig.batch else f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[0]")
+            em.line(f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[{'0' if sig.batch else 'n'}]")
     _checks(em, sig, low, scalar_vars, size_var)
-    # loop-invariant parts of each gradient move out of its per-element loop
+    (_batch_body if sig.batch else _sample_body)(em, compiled, sig, low, fn_array, size_var, buffers)
+    return _module(sig, dtype, em.lines, compiled)
+
+
+def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
+    """One sample: reductions and value, then each gradient (vector ones as loops over their axes)."""
     hoisted, maps = [], []
     for d in sig.inputs:
         g, idx = compiled.grads[d.name]
         if len(d.axes) == 1:
             g = _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
         if d.axes:
-            g = _hoist(g, set(idx), hoisted, em)
-            maps.append((d, g, idx))
+            # loop-invariant parts of each gradient move out of its per-element loop
+            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
         else:
             hoisted.append((f"d_{sig.grad_of[d.name]}", g))
     em.scope([("val", compiled.expr)] + hoisted, set())
-    em.line("wn = F(1.0) if w is None else w[n]" if not sig.batch else "wn = F(1.0)")
+    em.line("wn = w[n] if has_w else F(1.0)")
     em.line("total += float(wn * val)")
-    em.line("if out is not None:")
-    em.line(f"    out[{lead.rstrip(', ') or '0'}] = wn * val")
+    em.line("if has_out:")
+    em.line("    out[n] = wn * val")
     if sig.inputs:
-        em.line(f"if {sig.grad_of[sig.inputs[0].name]} is not None:")
+        em.line("if want_grad:")
         em.depth += 1
         em.line("c = wn * scale")
         for d in sig.inputs:
             if not d.axes:
-                em.line(f"{sig.grad_of[d.name]}[{lead.rstrip(', ') or '0'}] = c * d_{sig.grad_of[d.name]}")
+                em.line(f"{sig.grad_of[d.name]}[n] = c * d_{sig.grad_of[d.name]}")
         for d, g, idx in maps:
-            _map_loop(em, d, g, idx, sig, lead, size_var, low)
+            _map_loop(em, f"{sig.grad_of[d.name]}[n, {{}}]", "c * ", g, idx, d.axes, size_var, low, False)
         em.depth -= 1
-    body = em.lines[body_start:]
-    return _module(sig, dtype, body, compiled)
+
+
+def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
+    """A batch loss: locals into buffers, the value, then adjoints in reverse, each a parallel map."""
+    def shape(axes):
+        return "(" + "".join(f"{size_var[low.sizes[a]]}, " for a in axes) + ")"
+
+    for name, fn, idx, axes, body in compiled.locals:
+        em.line(f"{buffers[fn]} = np.empty({shape(axes)}, F)    # {name}")
+        _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
+    scalar_grads = [(f"d_{sig.grad_of[d.name]}", compiled.grads[d.name][0]) for d in sig.inputs if not d.axes]
+    em.scope([("val", compiled.expr)], set())
+    em.line("total += float(val)")
+    em.line("if has_out:")
+    em.line("    out[0] = val")
+    if not sig.inputs:
+        return
+    em.line("if want_grad:")
+    em.depth += 1
+    for name, fn, idx, axes, expr in compiled.adjoints:
+        em.line(f"{buffers[fn]} = np.empty({shape(axes)}, F)    # d loss / d {name}")
+        _map_loop(em, f"{buffers[fn]}[{{}}]", "", expr, idx, axes, size_var, low, True)
+    if scalar_grads:
+        em.scope(scalar_grads, set())
+    for d in sig.inputs:
+        g, idx = compiled.grads[d.name]
+        if d.axes:
+            _map_loop(em, f"{sig.grad_of[d.name]}[{{}}]", "scale * ", g, idx, d.axes, size_var, low, True)
+        else:
+            em.line(f"{sig.grad_of[d.name]}[0] = scale * d_{sig.grad_of[d.name]}")
+    em.depth -= 1
 
 
 def _checks(em, sig, low, scalar_vars, size_var):
@@ -223,10 +263,10 @@ def _checks(em, sig, low, scalar_vars, size_var):
 
 def _zero_sample(em, sig):
     row = "0" if sig.batch else "n"
-    em.line("    if out is not None:")
+    em.line("    if has_out:")
     em.line(f"        out[{row}] = F(0.0)")
     if sig.inputs:
-        em.line(f"    if {sig.grad_of[sig.inputs[0].name]} is not None:")
+        em.line("    if want_grad:")
         for d in sig.inputs:
             em.line(f"        {sig.grad_of[d.name]}[{':' if sig.batch else 'n'}] = F(0.0)")
 
@@ -265,19 +305,26 @@ def _hoist(g, idx, hoisted, em):
     return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
 
 
-def _map_loop(em, d, g, idx, sig, lead, size_var, low):
-    loops = []
-    for i, (s, axis) in enumerate(zip(idx, d.axes)):
+def _map_loop(em, target, factor, g, idx, axes, size_var, low, parallel):
+    """for idx...: target[idx] = factor * g(idx); reductions computed at the outermost loop
+    level where their indices are bound (a row's norm once per row, not once per element)."""
+    saved = dict(em.known), dict(em.reduction_symbol)
+    loops, bound = [], set()
+    for level, (s, axis) in enumerate(zip(idx, axes)):
         var = em.fresh("j")
         em.loop_vars[s] = var
-        em.line(f"for {var} in range({size_var[low.sizes[axis]]}):")
+        loop = "numba.prange" if parallel and level == 0 else "range"
+        em.line(f"for {var} in {loop}({size_var[low.sizes[axis]]}):")
         em.depth += 1
         loops.append(var)
-    saved = dict(em.known), dict(em.reduction_symbol)
-    em.scope([("gv", g)], set(idx))
-    em.known, em.reduction_symbol = saved
-    em.line(f"{sig.grad_of[d.name]}[{lead}{', '.join(loops)}] = c * gv")
+        bound.add(s)
+        if level < len(idx) - 1:
+            em.reductions([g], bound)
+    gv = em.fresh("gv")
+    em.scope([(gv, g)], bound)
+    em.line(f"{target.format(', '.join(loops))} = {factor}{gv}")
     em.depth -= len(idx)
+    em.known, em.reduction_symbol = saved
 
 
 def _module(sig, dtype, body, compiled):
@@ -292,8 +339,8 @@ def _module(sig, dtype, body, compiled):
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
     if sig.batch:
-        lines = head + ["    total = 0.0", "    bad = 0", "    for _once in range(1):",
-                        "        n = 0"] + ["    " + ln for ln in body] + ["    return total, bad", ""]
+        lines = head + ["    total = 0.0", "    bad = 0", "    for _once in range(1):"] + body + \
+            ["    return total, bad", ""]
     else:
         lines = head + [f"    N = {first}", "    total = 0.0", "    bad = 0",
                         "    for n in numba.prange(N):"] + body + ["    return total, bad", ""]

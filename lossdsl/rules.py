@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, sigmoid, softplus, xlogy)
+from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, sigmoid, softplus, xdivy, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -98,6 +98,16 @@ def _norm(node):
     return None
 
 
+def _div_norm(node):
+    # a / norm_k b -> xdivy(a, norm): a zero vector divided by its norm is 0, not 0/0
+    if not node.is_Mul:
+        return None
+    for f in node.args:
+        if f.is_Pow and f.exp == -1 and isinstance(f.base, Norm):
+            return xdivy(node / f, f.base)
+    return None
+
+
 NODE_RULES = (
     Rule("log_sigmoid", "log σ(x) = -softplus(-x); σ(x) underflows to 0 for x < -745, log gives -inf",
          sp.log(sigmoid(x)), -softplus(-x), (-800.0,)),
@@ -130,6 +140,8 @@ NODE_RULES = (
     Rule("norm", "sqrt(Σ b²) = m·sqrt(Σ (b/m)²); b² overflows for |b| > 1e154, and the gradient "
                  "b/sqrt(Σ b²) is 0/0 at b = 0 where the convention is 0",
          None, None, (), _norm),
+    Rule("div_norm", "a / ‖b‖ = xdivy(a, ‖b‖): normalizing a zero vector gives 0 (and gradient 0), not 0/0",
+         None, None, (), _div_norm, post=True),
 )
 
 

@@ -42,10 +42,12 @@ class Array:
 
 @dataclass
 class Local:
-    """An indexed local ``u[i, d] = expr``: a template over its index symbols."""
+    """An indexed local ``u[i, d] = expr``: a template over its index symbols, inlined where it is
+    used, or (batch losses) an array ``fn`` computed once into a buffer."""
     indices: tuple
     axes: tuple
     expr: object
+    fn: object = None
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Lowered:
     scalars: dict          # name -> Symbol (inputs, targets, params with no axes)
     arrays: dict           # name -> (UndefinedFunction, axes)
     sizes: dict            # axis name -> Symbol
+    locals: list = ()      # batch losses: (name, UndefinedFunction, index Symbols, axes, body), in order
 
 
 def symbol_for(decl):
@@ -73,6 +76,7 @@ def symbol_for(decl):
 def to_sympy(defn, lookup):
     """Lower one definition. ``lookup(name)`` returns the ir.Definition of another loss or None."""
     conv = _Converter(lookup, [defn.name], {})
+    conv.materialize = bool(defn.batch)
     sizes = {}
     for d in defn.decls.values():
         for a in d.axes:
@@ -97,7 +101,7 @@ def to_sympy(defn, lookup):
     expr = conv.body(defn, env)
     if defn.batch and defn.batch in _free_axes(expr, conv):
         raise defn.loss.span.error(LossTypeError, f"the loss must reduce over the batch axis '{defn.batch}'")
-    return Lowered(defn, expr, scalars, arrays, sizes)
+    return Lowered(defn, expr, scalars, arrays, sizes, conv.locals)
 
 
 def _free_axes(expr, conv):
@@ -108,6 +112,7 @@ class _Converter:
     def __init__(self, lookup, stack, class_sizes):
         self.lookup, self.stack, self.index_vars = lookup, stack, []
         self.class_sizes = class_sizes     # class-target Symbol -> size Symbol of its axis
+        self.materialize, self.locals = False, []
 
     def body(self, defn, env):
         env = dict(env)
@@ -130,7 +135,11 @@ class _Converter:
                 for v in ivars:
                     if v.axis is None:
                         raise st.span.error(LossTypeError, f"index '{v.symbol}' is not used to index any array")
-                env[st.name] = Local(tuple(v.symbol for v in ivars), tuple(v.axis for v in ivars), expr)
+                local = Local(tuple(v.symbol for v in ivars), tuple(v.axis for v in ivars), expr)
+                if self.materialize:
+                    local.fn = sp.Function(st.name, real=True)
+                    self.locals.append((st.name, local.fn, local.indices, local.axes, expr))
+                env[st.name] = local
             else:
                 env[st.name] = self.number(st.expr, env)
         return self.number(defn.loss.expr, env)
@@ -176,7 +185,7 @@ class _Converter:
             raise e.span.error(LossTypeError, f"'{e.id}' has {len(b.axes)} ax{'i' if len(b.axes) == 1 else 'e'}s "
                                               f"{_axes(b.axes)}, indexed with {len(e.args)}")
         idx = [self._index_arg(a, axis, env, e.id) for a, axis in zip(e.args, b.axes)]
-        if isinstance(b, Array):
+        if isinstance(b, Array) or b.fn is not None:
             return b.fn(*idx)
         return substitute(b.expr, dict(zip(b.indices, idx)))
 

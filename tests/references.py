@@ -660,3 +660,25 @@ def make_case(name, dtype, seed=0, params=None, shape=None):
     per_sample = S if kind == "scalar" else (N,)
     weight = rng.uniform(0.2, 2.0, per_sample).astype(dtype)
     return inputs, targets, weight
+
+
+def central_fd_per_sample(fn_none, x, kind, h=1e-6):
+    """Central differences of a per-sample loss, all samples at once.
+
+    ``fn_none(x)`` returns the per-sample (weighted) losses, reduction "none". Samples are
+    independent, so perturbing every sample together gives, for sample n, the derivative
+    of its own loss: one pair of calls for a scalar loss, one pair per column for a
+    vector loss (rows of shape (..., K)). The result is d/dx of Σ_n fn_none(x)_n.
+    """
+    x = np.array(x, dtype=np.float64)
+    step = h * np.maximum(1.0, np.abs(x))
+    if kind == "scalar":
+        return (np.asarray(fn_none(x + step), np.float64)
+                - np.asarray(fn_none(x - step), np.float64)) / (2 * step)
+    g = np.zeros_like(x)
+    for k in range(x.shape[-1]):
+        e = np.zeros_like(x)
+        e[..., k] = step[..., k]
+        g[..., k] = (np.asarray(fn_none(x + e), np.float64)
+                     - np.asarray(fn_none(x - e), np.float64)) / (2 * step[..., k])
+    return g

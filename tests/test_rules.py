@@ -47,6 +47,8 @@ CASES = {
     "logsumexp": ("loss = log(sum[k] exp(z[k]))", [np.array([1000.0, 1000.0])],
                   lambda v: 1000 + M.log(2), lambda v: np.log(np.sum(np.exp(v)))),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
+    "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
+                 lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
     "norm": ("loss = sqrt(sum[k] z[k]^2)", [np.array([1e200, 1e200])],
              lambda v: M.sqrt(2) * M.mpf(1e200), lambda v: np.sqrt(np.sum(v * v))),
 }

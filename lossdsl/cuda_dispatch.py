@@ -1,0 +1,209 @@
+"""Running a Loss on device arrays (LANGUAGE.md §4).
+
+Arguments exposing ``__cuda_array_interface__`` (numba device arrays, CuPy arrays, torch CUDA
+tensors; the simulator's fake device arrays under ``NUMBA_ENABLE_CUDASIM=1``) run the CUDA
+kernels of render_cuda.py with no copy to the host. Results are device arrays: a torch tensor
+or a CuPy array when the first argument is one, else a numba device array; a reduced value is
+a 0-d device array.
+
+Checks are the CPU path's (``api._Call``: shapes, axis sizes, dtypes, params); mixing host and
+device arrays is an ``ArgumentError``. Targets are checked on the device by the kernel, which
+never reads through a bad class index; it counts bad rows, and only then (the error path)
+are the targets copied to the host to say which one is wrong.
+
+Per call the host sees one copy of 4 float64s from the device (the counters: bad rows and the
+total), needed to raise on bad targets. Kernels run on numba's default stream.
+"""
+import os
+
+import numpy as np
+
+from . import jit, render_cuda
+from .api import REDUCTIONS, _Call
+from .errors import ArgumentError, LossError
+
+THREADS = int(os.environ.get("LOSSDSL_CUDA_THREADS", "0"))   # 0: 32 under the simulator, else 256
+
+
+def is_device(a):
+    """Does ``a`` live on the GPU (or the simulator's fake GPU)?"""
+    if a is None:
+        return False
+    return hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("numba.cuda.simulator")
+
+
+def on_device(args, weight=None):
+    return any(is_device(a) for a in args) or is_device(weight)
+
+
+def _cuda():
+    try:
+        from numba import cuda
+    except ImportError as e:    # pragma: no cover - depends on the installation
+        raise LossError("device arrays need the CUDA back end: pip install 'lossdsl[cuda]' "
+                        f"(numba-cuda); importing numba.cuda failed: {e}") from None
+    return cuda
+
+
+def _simulator():
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _as_device(a):
+    """A numba device array viewing ``a``'s memory (no copy)."""
+    if type(a).__module__.startswith("numba.cuda"):
+        return a
+    return _cuda().as_cuda_array(a)
+
+
+def module(loss, dtype):
+    """The loss's CUDA module for ``dtype``, through the same on-disk cache as the CPU kernels."""
+    key = ("cuda", dtype)
+    if key not in loss._kernels:
+        loss._kernels[key] = jit.load_module(render_cuda.render(loss._c, dtype))
+    return loss._kernels[key]
+
+
+class _DeviceCall(_Call):
+    """``_Call`` for device arrays: the same checks, the arrays left where they are."""
+
+    def __init__(self, loss, args, reduction, weight, ignore_index, params):
+        self.loss = loss
+        name = loss.name
+        decls = loss._inputs + loss._targets
+        if reduction not in REDUCTIONS:
+            raise ArgumentError(f"loss '{name}': reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        if len(args) != len(decls):
+            raise ArgumentError(f"loss '{name}' takes {len(decls)} arrays ({', '.join(d.name for d in decls)}), "
+                                f"got {len(args)}")
+        where = [d.name for a, d in zip(args, decls) if is_device(a)] + (["weight"] if is_device(weight) else [])
+        host = [d.name for a, d in zip(args, decls) if not is_device(a)]
+        if weight is not None and not is_device(weight):
+            host.append("weight")
+        if host:
+            raise ArgumentError(f"loss '{name}': {', '.join(repr(h) for h in host)} "
+                                f"{'is a host array' if len(host) == 1 else 'are host arrays'} but "
+                                f"{', '.join(repr(h) for h in where)} {'is' if len(where) == 1 else 'are'} on the "
+                                f"device: pass all arrays on the device, or all on the host")
+        arrays = [_as_device(a) for a in args]
+        ins = arrays[:len(loss._inputs)]
+        for a, d in zip(ins, loss._inputs):
+            if a.dtype not in (np.float32, np.float64):
+                raise ArgumentError(f"loss '{name}': input '{d.name}' must be float32 or float64, got {a.dtype}")
+        dtypes = {a.dtype for a in ins}
+        if len(dtypes) > 1:
+            raise ArgumentError(f"loss '{name}': inputs must share one dtype, got "
+                                + ", ".join(f"{d.name}: {a.dtype}" for a, d in zip(ins, loss._inputs)))
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+        self._shapes(arrays, decls, loss)
+        for a, d in zip(arrays, decls):
+            _contiguous(a, name, d.name)
+        self.inputs = [a.reshape(self._layout(d)) for a, d in zip(ins, loss._inputs)]
+        self.input_shapes = [a.shape for a in ins]
+        self.targets = []
+        for a, d in zip(arrays[len(ins):], loss._targets):
+            if d.domain.name == "class":
+                if a.dtype.kind not in "iu":
+                    raise ArgumentError(f"loss '{name}': target '{d.name}' is a class index and must be an "
+                                        f"integer array, got {a.dtype}")
+            elif a.dtype.kind not in "fiub":
+                raise ArgumentError(f"loss '{name}': target '{d.name}' must be numeric, got {a.dtype}")
+            self.targets.append(a.reshape(self._layout(d)))     # converted to the dtype on load
+        self._params(params, loss)
+        self.weight = None
+        if weight is not None:
+            w = _as_device(weight)
+            if w.dtype.kind not in "fiub":
+                raise ArgumentError(f"loss '{name}': weight must be numeric, got {w.dtype}")
+            if tuple(w.shape) != tuple(self.sample_shape):
+                raise ArgumentError(f"loss '{name}': weight must have the per-sample shape "
+                                    f"{self.sample_shape}, got {w.shape}")
+            _contiguous(w, name, "weight")
+            self.weight = w.reshape(self.n_samples)
+        has_class = any(d.domain.name == "class" and not d.axes for d in loss._targets)
+        if ignore_index is not None and not has_class:
+            raise ArgumentError(f"loss '{name}': ignore_index applies only to losses with a class target")
+        self.ignore = int(ignore_index) if ignore_index is not None else np.iinfo(np.int64).min
+        self.ignore_given = ignore_index is not None
+
+    def raise_bad_targets(self):
+        """The error path only: copy the targets to the host and name the first bad one."""
+        self.targets = [t.copy_to_host() for t in self.targets]
+        super().raise_bad_targets()
+
+
+def _contiguous(a, loss, what):
+    if a.size and not a.is_c_contiguous():
+        raise ArgumentError(f"loss '{loss}': device array '{what}' must be C-contiguous, got strides {a.strides}")
+
+
+def _launch(cuda, kind, call, dtype):
+    """(blocks, threads): a power of two threads per block; grid-stride loops cover the rest."""
+    sim = _simulator()
+    threads = THREADS or (32 if sim else 256)
+    threads = min(render_cuda.MAXT, 1 << max(5, (threads - 1).bit_length()))
+    if sim:
+        cap = 3
+    else:
+        try:
+            cap = 32 * cuda.get_current_device().MULTIPROCESSOR_COUNT
+        except Exception:   # pragma: no cover
+            cap = 4096
+    if kind == "elementwise":
+        return max(1, min(cap, -(-call.n_samples // threads))), threads
+    widest = max([int(s) for s in call.sizes] or [1])
+    threads = min(threads, max(32, 1 << (widest - 1).bit_length()))
+    if kind == "batch":
+        return 1, threads
+    return max(1, min(cap * 8 if not sim else cap, call.n_samples)), threads
+
+
+def _like(x, template):
+    """Return ``x`` as the array type of ``template`` (torch / CuPy), else as is."""
+    mod = type(template).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+        return torch.as_tensor(x, device=template.device)
+    if mod == "cupy":
+        import cupy
+        return cupy.asarray(x)
+    return x
+
+
+def run(loss, args, reduction, weight, ignore_index, params, grad):
+    """``Loss._run`` for device arrays: (value, gradients or None), all on the device."""
+    cuda = _cuda()
+    call = _DeviceCall(loss, args, reduction, weight, ignore_index, params)
+    dtype = call.dtype
+    mod = module(loss, dtype.name)
+    kind = render_cuda.form(loss._c)
+    n_locals = len(getattr(loss._c, "locals", ()))
+    blocks, threads = _launch(cuda, kind, call, dtype)
+    res = cuda.to_device(np.array([0.0, 0.0, 0.0 if call.ignore_given else float(call.n_samples), 0.0]))
+    if call.ignore_given:
+        cls = next(t for t, d in zip(call.targets, loss._targets) if d.domain.name == "class" and not d.axes)
+        mod.count_kept[max(1, min(blocks, -(-call.n_samples // threads))), threads](cls, np.int64(call.ignore), res)
+    # arrays not wanted are passed empty (flags say so): one compiled signature per dtype
+    grads = [cuda.device_array(a.shape if grad else (0,) * a.ndim, dtype) for a in call.inputs]
+    out = cuda.device_array(call.n_samples if reduction == "none" else 0, dtype)
+    weight = call.weight if call.weight is not None else cuda.device_array(0, dtype)
+    scratch = [cuda.device_array(s if grad or i < n_locals else (0,) * len(s), dtype)
+               for i, s in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
+    mode = np.int64(1 if reduction == "mean" else 0)
+    mod.kernel[blocks, threads](*call.inputs, *call.targets, *call.param_values, *call.sizes, weight, out,
+                                *grads, *scratch, res, mode, np.int64(call.ignore),
+                                call.weight is not None, reduction == "none", bool(grad))
+    if reduction == "none":
+        value = out.reshape(call.sample_shape)
+    else:
+        v = cuda.device_array(1, dtype)
+        mod.finish[1, 1](res, mode, v)
+        value = v.reshape(())
+    if res.copy_to_host()[1]:
+        call.raise_bad_targets()
+    first = args[0]
+    value = _like(value, first)
+    if not grad:
+        return value, None
+    return value, tuple(_like(g.reshape(s), first) for g, s in zip(grads, call.input_shapes))

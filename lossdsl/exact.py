@@ -1,0 +1,1038 @@
+"""The exact evaluator: the correctly rounded value of a sympy expression at a point.
+
+The expression (a per-sample loss, or one entry of a gradient) is evaluated with interval
+arithmetic (mpmath's ``libmp`` interval and directed-rounding kernels, the machinery behind
+``mpmath.iv``), raising the working precision until both ends of the interval round to the same
+float of the target dtype (round to nearest, ties to even). Past a precision cap it answers
+``None``: no ground truth, rather than a guess. Doubling the precision until two *point*
+results agree is unsound (it "proves" log(1 + exp(-600)) = 0); an interval is not fooled.
+
+What it understands, walking the sympy tree (never ``eval``/``sympify`` of text):
+
+* ``+ - * /`` and powers, ``exp log sqrt abs sign tanh sinh cosh``, sympy ``Max``/``Min``,
+  ``KroneckerDelta``, ``Piecewise`` and comparisons, ``And``/``Or``/``Not``;
+* lossdsl's primitives (``sigmoid softplus logcosh xlogy xdivy Max2 Min2 log1p expm1 Select``)
+  with direct interval formulas, any other primitive through its ``naive()`` formula;
+* reductions (``Sum LogSumExp Max Min Norm``) over concrete sizes, expanded over the array
+  values, and ``IsArg`` (the first argmax: ambiguous intervals raise the precision; exact ties
+  go to the first index, as the generated code does).
+
+Exact arithmetic is kept exact: inputs are floats, hence dyadic rationals, and ``+ - * /`` and
+integer powers of rationals stay ``Fraction`` until a transcendental function needs an interval.
+So conditions such as ``y == 1`` or ``|r| <= delta`` are decided exactly. A condition on an
+interval that straddles its boundary raises the precision; at the cap there is no truth.
+
+Special inputs: a NaN input propagates (the truth of anything that reads it is NaN). Infinite
+inputs are limits, taken only where that is simple: each infinity is replaced by a huge finite
+number in three ways (all equal; growing with position; shrinking with position) and the truth
+exists only if the three agree. ``-inf`` masked logits and saturated sigmoids agree; ``inf - inf``
+does not, and has no truth.
+"""
+import math
+from fractions import Fraction
+
+import numpy as np
+import sympy as sp
+from mpmath.libmp import (fnan, fone, fzero, from_man_exp, from_rational, mpf_add, mpf_cmp, mpf_div, mpf_exp,
+                          mpf_log, mpf_mul, mpf_neg, mpf_sign, mpf_sqrt, mpf_sub, mpi_mul, mpi_pow_int, round_ceiling,
+                          round_floor)
+from sympy.codegen.cfunctions import expm1 as _sp_expm1
+from sympy.codegen.cfunctions import log1p as _sp_log1p
+from sympy.core.function import AppliedUndef
+
+from . import primitives as P
+
+__all__ = ["FORMATS", "Evaluator", "evaluate", "round_to", "NoTruth", "ExactError"]
+
+# target float formats: (precision in bits incl. the hidden one, emin, emax)
+FORMATS = {"float64": (53, -1022, 1023), "float32": (24, -126, 127)}
+DEFAULT_CAP = 4096         # bits of working precision before giving up
+_FL, _CE = round_floor, round_ceiling
+_FRACTION_BITS = 20000     # an exact rational larger than this becomes an interval
+_BIG = (1100, 1500, 2000)  # infinities become ±2^e·(1 + rank/16), one scheme per exponent
+
+
+class ExactError(Exception):
+    """The evaluator met a node it does not understand (a bug to fix here, not a verdict)."""
+
+
+class NoTruth(Exception):
+    """The math has no value here (log of a negative, 0/0, an undecidable tie...)."""
+
+
+class _Imprecise(Exception):
+    """The working precision cannot decide: raise it."""
+
+
+_VERY_NEGATIVE = from_man_exp(-1, 14)          # -16384
+_LOG2E_LO, _LOG2E_HI = from_rational(144, 100, 64, _FL), from_rational(145, 100, 64, _CE)
+
+
+def _floor_int(x):
+    sign, man, exp, _ = x
+    v = (-man if sign else man)
+    return v << exp if exp >= 0 else v >> -exp          # >> floors negative numbers too
+
+
+def _ceil_int(x):
+    sign, man, exp, bc = x
+    return -_floor_int((sign ^ 1, man, exp, bc))
+
+
+class _NaNType:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "NaN"
+
+
+NAN = _NaNType()
+
+
+class Iv:
+    """A closed interval [lo, hi] of mpf values (raw libmp tuples), both finite."""
+    __slots__ = ("lo", "hi")
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def __repr__(self):
+        from mpmath.libmp import to_str
+        return f"[{to_str(self.lo, 20)}, {to_str(self.hi, 20)}]"
+
+
+# --- rounding to a float format -------------------------------------------------------------
+def _round_ratio(neg, n, d, fmt):
+    """n/d (n, d > 0 integers) rounded to nearest-even in ``fmt``, as a Python float."""
+    p, emin, emax = fmt
+    e0 = n.bit_length() - d.bit_length()
+    # floor(log2(n/d)) is e0 or e0 - 1
+    e = e0 if (n << max(0, -e0)) >= (d << max(0, e0)) else e0 - 1
+    if e > emax:
+        return -math.inf if neg else math.inf
+    q = max(e - p + 1, emin - p + 1)              # the quantum (ulp) at that binade
+    if q <= 0:
+        num, den = n << -q, d
+    else:
+        num, den = n, d << q
+    k, r = divmod(num, den)
+    if 2 * r > den or (2 * r == den and k & 1):
+        k += 1
+    if k and k.bit_length() + q - 1 > emax:        # rounded up past the largest float
+        return -math.inf if neg else math.inf
+    v = math.ldexp(k, q)
+    return -v if neg else v
+
+
+def _round_mpf(x, fmt):
+    if x == fzero:
+        return 0.0
+    if x == fnan:
+        return math.nan
+    sign, man, exp, bc = x
+    if not man:                                     # ±inf
+        return -math.inf if sign else math.inf
+    p, emin, emax = fmt
+    top = exp + bc - 1                              # x in [2^top, 2^(top+1))
+    if top > emax:
+        return -math.inf if sign else math.inf
+    if top < emin - p - 1:                          # below half the smallest subnormal
+        return -0.0 if sign else 0.0
+    if exp >= 0:
+        return _round_ratio(bool(sign), man << exp, 1, fmt)
+    return _round_ratio(bool(sign), man, 1 << -exp, fmt)
+
+
+def round_to(value, dtype="float64"):
+    """A Fraction, an mpf tuple, an mpmath ``mpf`` or an int, rounded to nearest-even in ``dtype``."""
+    fmt = FORMATS[str(np.dtype(dtype))]
+    if isinstance(value, (int, Fraction)):
+        value = Fraction(value)
+        if value == 0:
+            return 0.0
+        return _round_ratio(value < 0, abs(value.numerator), value.denominator, fmt)
+    if hasattr(value, "_mpf_"):
+        value = value._mpf_
+    return _round_mpf(value, fmt)
+
+
+# --- values: Fraction (exact), Iv (interval) or NAN -------------------------------------------
+def _is_dyadic(q):
+    d = q.denominator
+    return d & (d - 1) == 0
+
+
+def _iv(v, prec):
+    if isinstance(v, Iv):
+        return v
+    if _is_dyadic(v):
+        m = from_man_exp(v.numerator, -(v.denominator.bit_length() - 1))
+        return Iv(m, m)
+    return Iv(from_rational(v.numerator, v.denominator, prec, _FL),
+              from_rational(v.numerator, v.denominator, prec, _CE))
+
+
+def _small(q):
+    return q.numerator.bit_length() + q.denominator.bit_length() < _FRACTION_BITS
+
+
+def _exact_zero(v):
+    return isinstance(v, Fraction) and v == 0
+
+
+def _sgn(v):
+    """-1, 0, 1 for a decidable sign; raises _Imprecise if the interval straddles 0."""
+    if isinstance(v, Fraction):
+        return (v > 0) - (v < 0)
+    if mpf_sign(v.lo) > 0:
+        return 1
+    if mpf_sign(v.hi) < 0:
+        return -1
+    raise _Imprecise
+
+
+class Evaluator:
+    """Compiled once for an expression, evaluated at many points.
+
+    ``at(values, dtype, index)`` returns the correctly rounded float (``nan`` for a NaN truth)
+    or ``None`` when there is no ground truth. ``values`` maps names to numbers (Python or
+    numpy floats/ints, ``Fraction``) or numpy arrays (array elements ``z(k)``); axis sizes are
+    names too (``{"K": 4}``). ``index`` binds free index symbols by name (``{"j": 2}``).
+    """
+
+    def __init__(self, expr, cap=DEFAULT_CAP):
+        self.expr = sp.sympify(expr) if isinstance(expr, (int, float)) else expr
+        self.cap = cap
+        self.prec = 64
+        self._memo = {}
+        self._free = {}
+
+    # --- public ------------------------------------------------------------------------------
+    def at(self, values, dtype="float64", index=None):
+        fmt = FORMATS[str(np.dtype(dtype))]
+        index = dict(index or {})
+        prepared, infinities = _prepare(values)
+        if not infinities:
+            return self._solve(prepared, index, fmt)
+        results = []
+        for scheme, e in zip(("equal", "up", "down"), _BIG):
+            subst = _substitute_infinities(prepared, infinities, scheme, e)
+            r = self._solve(subst, index, fmt)
+            if r is None:
+                return None
+            results.append(r)
+        first = results[0]
+        if all((math.isnan(first) and math.isnan(r)) or r == first for r in results):
+            return first
+        return None
+
+    def interval(self, values, prec, index=None):
+        """The raw value at one working precision: a Fraction, an Iv or NAN (for tests)."""
+        prepared, infinities = _prepare(values)
+        if infinities:
+            raise ExactError("interval() takes finite values only")
+        self.prec, self._memo = prec, {}
+        return self._ev(self.expr, dict(index or {}), prepared)
+
+    # --- the precision loop --------------------------------------------------------------------
+    def _solve(self, values, index, fmt):
+        prec = fmt[0] + 11
+        while prec <= self.cap:
+            self.prec, self._memo = prec, {}
+            try:
+                v = self._ev(self.expr, index, values)
+            except _Imprecise:
+                prec *= 2
+                continue
+            except NoTruth:
+                return None
+            except (ZeroDivisionError, OverflowError, ValueError):
+                return None
+            if v is NAN:
+                return math.nan
+            if isinstance(v, Fraction):
+                return _round_ratio(v < 0, abs(v.numerator), v.denominator, fmt) if v else 0.0
+            lo, hi = _round_mpf(v.lo, fmt), _round_mpf(v.hi, fmt)
+            if lo == hi:
+                return hi if hi != 0 or math.copysign(1, lo) == math.copysign(1, hi) else 0.0
+            prec *= 2
+        return None
+
+    # --- the walk ------------------------------------------------------------------------------
+    def _ev(self, e, idx, vals):
+        h = _HANDLERS.get(type(e))
+        if h is None:
+            h = _handler_for(type(e))
+        return h(self, e, idx, vals)
+
+    def _key(self, e, idx):
+        free = self._free.get(e)
+        if free is None:
+            free = self._free[e] = tuple(sorted(s.name for s in e.free_symbols))
+        return (e, tuple((n, idx[n]) for n in free if n in idx))
+
+    # arithmetic ------------------------------------------------------------------------------
+    def add(self, a, b):
+        if a is NAN or b is NAN:
+            return NAN
+        if isinstance(a, Fraction) and isinstance(b, Fraction):
+            r = a + b
+            return r if _small(r) else _iv(r, self.prec)
+        a, b = _iv(a, self.prec), _iv(b, self.prec)
+        return Iv(mpf_add(a.lo, b.lo, self.prec, _FL), mpf_add(a.hi, b.hi, self.prec, _CE))
+
+    def neg(self, a):
+        if a is NAN:
+            return NAN
+        if isinstance(a, Fraction):
+            return -a
+        return Iv(mpf_neg(a.hi), mpf_neg(a.lo))
+
+    def sub(self, a, b):
+        return self.add(a, self.neg(b))
+
+    def mul(self, a, b):
+        if a is NAN or b is NAN:
+            return NAN
+        if isinstance(a, Fraction) and isinstance(b, Fraction):
+            r = a * b
+            return r if _small(r) else _iv(r, self.prec)
+        if _exact_zero(a) or _exact_zero(b):
+            return Fraction(0)
+        a, b = _iv(a, self.prec), _iv(b, self.prec)
+        lo, hi = mpi_mul((a.lo, a.hi), (b.lo, b.hi), self.prec)
+        return Iv(lo, hi)
+
+    def inv(self, a):
+        if a is NAN:
+            return NAN
+        if isinstance(a, Fraction):
+            if a == 0:
+                raise NoTruth("division by zero")
+            return 1 / a
+        _sgn(a)                           # an interval containing 0 needs more precision
+        return Iv(mpf_div(fone, a.hi, self.prec, _FL), mpf_div(fone, a.lo, self.prec, _CE))
+
+    def div(self, a, b):
+        if b is NAN or a is NAN:
+            return NAN
+        if isinstance(a, Fraction) and isinstance(b, Fraction):
+            if b == 0:
+                raise NoTruth("division by zero")
+            r = a / b
+            return r if _small(r) else _iv(r, self.prec)
+        if _exact_zero(a):
+            if _exact_zero(b):
+                raise NoTruth("0/0")
+            _sgn(b)
+            return Fraction(0)
+        if _exact_zero(b):
+            raise NoTruth("division by zero")
+        b = _iv(b, self.prec)
+        if _sgn(b) > 0:
+            a = _iv(a, self.prec)
+            return self._div_pos(a, b)
+        a = _iv(a, self.prec)
+        r = self._div_pos(a, Iv(mpf_neg(b.hi), mpf_neg(b.lo)))
+        return Iv(mpf_neg(r.hi), mpf_neg(r.lo))
+
+    def _div_pos(self, a, b):
+        p = self.prec
+        lo = mpf_div(a.lo, b.hi if mpf_sign(a.lo) >= 0 else b.lo, p, _FL)
+        hi = mpf_div(a.hi, b.lo if mpf_sign(a.hi) >= 0 else b.hi, p, _CE)
+        return Iv(lo, hi)
+
+    def pow(self, base, ex):
+        if base is NAN or ex is NAN:
+            return NAN
+        if isinstance(ex, Fraction) and ex.denominator == 1:
+            n = int(ex)
+            if isinstance(base, Fraction):
+                if base == 0 and n < 0:
+                    raise NoTruth("0 to a negative power")
+                if abs(n) * max(1, base.numerator.bit_length() + base.denominator.bit_length()) < _FRACTION_BITS:
+                    return base ** n
+            if n < 0:
+                return self.inv(self.pow(base, Fraction(-n)))
+            b = _iv(base, self.prec)
+            lo, hi = mpi_pow_int((b.lo, b.hi), n, self.prec)
+            return Iv(lo, hi)
+        if isinstance(ex, Fraction) and ex == Fraction(1, 2):
+            return self.sqrt(base)
+        if _exact_zero(base):
+            s = _sgn(ex)
+            if s > 0:
+                return Fraction(0)
+            raise NoTruth("0 to a non-positive power")
+        if _sgn(base) < 0:
+            raise NoTruth("a negative number to a non-integer power")
+        if _exact_zero(ex):
+            return Fraction(1)
+        return self.exp(self.mul(ex, self.log(base)))
+
+    # elementary functions ----------------------------------------------------------------------
+    def exp(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(1)
+        a = _iv(a, self.prec)
+        if mpf_cmp(a.hi, _VERY_NEGATIVE) < 0:
+            # e^x < 2^-23000: bound it by powers of two (1.44 < log2 e < 1.45), cheap at any
+            # precision and tight enough for anything a float can show (the limit at -inf)
+            lo = mpf_mul(a.lo, _LOG2E_HI, 64, _FL)
+            hi = mpf_mul(a.hi, _LOG2E_LO, 64, _CE)
+            return Iv(from_man_exp(1, _floor_int(lo)), from_man_exp(1, _ceil_int(hi)))
+        return Iv(mpf_exp(a.lo, self.prec, _FL), mpf_exp(a.hi, self.prec, _CE))
+
+    def log(self, a):
+        if a is NAN:
+            return NAN
+        if isinstance(a, Fraction):
+            if a <= 0:
+                raise NoTruth("log of a non-positive number")
+            if a == 1:
+                return Fraction(0)
+        s = _sgn(a)
+        if s <= 0:
+            raise NoTruth("log of a non-positive number")
+        a = _iv(a, self.prec)
+        if mpf_sign(a.lo) <= 0:
+            raise _Imprecise
+        return Iv(mpf_log(a.lo, self.prec, _FL), mpf_log(a.hi, self.prec, _CE))
+
+    def log1p(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(0)
+        a = _iv(a, self.prec)
+
+        def one(x, rnd):
+            if x == fzero:
+                return fzero
+            if x[2] + x[3] < -(self.prec + 8):
+                # |x| tiny: x/(1+x) <= log1p(x) <= x, and the exact 1 + x would be huge
+                return x if rnd == _CE else mpf_div(x, mpf_add(fone, x, self.prec, _CE), self.prec, _FL)
+            s = mpf_add(fone, x, self.prec + max(0, -(x[2] + x[3])) + 20, rnd)
+            if mpf_sign(s) <= 0:
+                return None
+            return mpf_log(s, self.prec, rnd)
+        hi = one(a.hi, _CE)
+        if hi is None:
+            raise NoTruth("log1p of a number <= -1")
+        lo = one(a.lo, _FL)
+        if lo is None:
+            raise _Imprecise
+        return Iv(lo, hi)
+
+    def expm1(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(0)
+        a = _iv(a, self.prec)
+
+        def one(x, rnd):
+            if x == fzero:
+                return fzero
+            mag = x[2] + x[3]
+            if mag < -(self.prec + 8):
+                # |x| tiny: x <= expm1(x) <= x + 2x²
+                return x if rnd == _FL else mpf_add(x, mpf_mul(x, mpf_add(x, x, 0), self.prec, _CE), self.prec, _CE)
+            # e^x - 1 with the subtraction's cancellation paid for by extra working precision
+            wp = self.prec + max(0, -mag) + 10
+            return mpf_sub(mpf_exp(x, wp, rnd), fone, self.prec, rnd)
+        return Iv(one(a.lo, _FL), one(a.hi, _CE))
+
+    def sqrt(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(0)
+        s = _sgn(a)
+        if s < 0:
+            raise NoTruth("sqrt of a negative number")
+        a = _iv(a, self.prec)
+        return Iv(mpf_sqrt(a.lo, self.prec, _FL), mpf_sqrt(a.hi, self.prec, _CE))
+
+    def abs(self, a):
+        if a is NAN:
+            return NAN
+        if isinstance(a, Fraction):
+            return abs(a)
+        if mpf_sign(a.lo) >= 0:
+            return a
+        if mpf_sign(a.hi) <= 0:
+            return self.neg(a)
+        hi = a.hi if mpf_cmp(a.hi, mpf_neg(a.lo)) >= 0 else mpf_neg(a.lo)
+        return Iv(fzero, hi)
+
+    def sign(self, a):
+        if a is NAN:
+            return NAN
+        return Fraction(_sgn(a))
+
+    def sigmoid(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(1, 2)
+        return self.inv_pos(self.add(Fraction(1), self.exp(self.neg(a))))
+
+    def inv_pos(self, a):
+        a = _iv(a, self.prec)
+        return Iv(mpf_div(fone, a.hi, self.prec, _FL), mpf_div(fone, a.lo, self.prec, _CE))
+
+    def softplus(self, a):
+        if a is NAN:
+            return NAN
+        return self.log1p(self.exp(a))
+
+    def tanh(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(0)
+        s = _sgn(a)
+        # tanh(|x|) = E/(E + 2), E = expm1(2|x|) >= 0: monotone pieces, no cancellation
+        m = self.abs(a)
+        e = self.expm1(self.mul(Fraction(2), m))
+        t = self.div(e, self.add(e, Fraction(2)))
+        return t if s > 0 else self.neg(t)
+
+    def sinh(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(0)
+        s = _sgn(a)
+        m = self.abs(a)
+        e = self.expm1(m)                      # sinh(|x|) = (E + E/(E + 1))/2
+        t = self.mul(Fraction(1, 2), self.add(e, self.div(e, self.add(e, Fraction(1)))))
+        return t if s > 0 else self.neg(t)
+
+    def cosh(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(1)
+        m = self.abs(a)
+        return self.mul(Fraction(1, 2), self.add(self.exp(m), self.exp(self.neg(m))))
+
+    def logcosh(self, a):
+        if a is NAN:
+            return NAN
+        if _exact_zero(a):
+            return Fraction(0)
+        # log cosh x = log1p(2 sinh²(x/2)): relative accuracy near 0, no overflow far out
+        sh = self.sinh(self.mul(Fraction(1, 2), a))
+        return self.log1p(self.mul(Fraction(2), self.pow(sh, Fraction(2))))
+
+    def max2(self, a, b, smaller=False):
+        if a is NAN or b is NAN:
+            return NAN
+        if isinstance(a, Fraction) and isinstance(b, Fraction):
+            return min(a, b) if smaller else max(a, b)
+        a, b = _iv(a, self.prec), _iv(b, self.prec)
+        pick = (lambda x, y: x if mpf_cmp(x, y) <= 0 else y) if smaller else \
+               (lambda x, y: x if mpf_cmp(x, y) >= 0 else y)
+        return Iv(pick(a.lo, b.lo), pick(a.hi, b.hi))
+
+    # comparisons: True / False / NAN, or _Imprecise -----------------------------------------------
+    def compare(self, op, a, b):
+        if a is NAN or b is NAN:
+            return NAN
+        if isinstance(a, Fraction) and isinstance(b, Fraction):
+            return _OPS[op](a, b)
+        a, b = _iv(a, self.prec), _iv(b, self.prec)
+        if op in ("==", "!="):
+            if mpf_cmp(a.hi, b.lo) < 0 or mpf_cmp(b.hi, a.lo) < 0:
+                return op == "!="
+            if a.lo == a.hi == b.lo == b.hi:
+                return op == "=="
+            raise _Imprecise
+        if op in (">", ">="):
+            a, b, op = b, a, "<" if op == ">" else "<="
+        # a < b or a <= b
+        if mpf_cmp(a.hi, b.lo) < 0:
+            return True
+        if mpf_cmp(a.lo, b.hi) > 0:
+            return False
+        if a.lo == a.hi == b.lo == b.hi:
+            return op == "<="
+        raise _Imprecise
+
+
+_OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+# --- preparing values ---------------------------------------------------------------------------
+class _Inf:
+    """A placeholder for ±inf until a scheme substitutes a huge number."""
+    __slots__ = ("neg",)
+
+    def __init__(self, neg):
+        self.neg = neg
+
+
+def _convert(x):
+    if isinstance(x, Fraction):
+        return x
+    if isinstance(x, (bool, np.bool_)):
+        return Fraction(int(x))
+    if isinstance(x, (int, np.integer)):
+        return Fraction(int(x))
+    x = float(x)
+    if math.isnan(x):
+        return NAN
+    if math.isinf(x):
+        return _Inf(x < 0)
+    return Fraction(x)
+
+
+def _prepare(values):
+    out, infs = {}, []
+    for name, v in values.items():
+        if isinstance(v, np.ndarray) and v.ndim > 0:
+            flat = [_convert(x) for x in v.ravel().tolist()]
+            for i, x in enumerate(flat):
+                if isinstance(x, _Inf):
+                    infs.append((name, i))
+            out[name] = (flat, v.shape)
+        else:
+            c = _convert(v.item() if isinstance(v, np.ndarray) else v)
+            if isinstance(c, _Inf):
+                infs.append((name, None))
+            out[name] = c
+    return out, infs
+
+
+def _substitute_infinities(prepared, infs, scheme, e):
+    out = dict(prepared)
+    n = len(infs)
+    copies = {}
+    for rank, (name, i) in enumerate(infs):
+        r = {"equal": 0, "up": rank, "down": n - 1 - rank}[scheme]
+        if i is None:
+            neg = out[name].neg
+        else:
+            if name not in copies:
+                copies[name] = list(prepared[name][0])
+                out[name] = (copies[name], prepared[name][1])
+            neg = copies[name][i].neg
+        big = Fraction(2 ** e) * (1 + Fraction(r, 16))
+        big = -big if neg else big
+        if i is None:
+            out[name] = big
+        else:
+            copies[name][i] = big
+    return out
+
+
+# --- node handlers ------------------------------------------------------------------------------
+def _h_number(ev, e, idx, vals):
+    if e.is_Rational:
+        return Fraction(int(e.p), int(e.q))
+    if e.is_Float:
+        sign, man, exp, _ = e._mpf_
+        if not man:
+            if e._mpf_ == fzero:
+                return Fraction(0)
+            raise NoTruth("a non-finite float constant")
+        v = Fraction(man) * Fraction(2) ** exp
+        return -v if sign else v
+    if e is sp.S.NaN:
+        return NAN
+    if e is sp.S.Pi:
+        from mpmath.libmp import mpf_pi
+        return Iv(mpf_pi(ev.prec, _FL), mpf_pi(ev.prec, _CE))
+    if e is sp.S.Exp1:
+        return ev.exp(Iv(fone, fone))
+    if e in (sp.S.Infinity, sp.S.NegativeInfinity, sp.S.ComplexInfinity):
+        raise NoTruth("an infinite constant")
+    raise ExactError(f"cannot evaluate the number {e!r}")
+
+
+def _h_symbol(ev, e, idx, vals):
+    name = e.name
+    if name in idx:
+        return Fraction(idx[name])
+    try:
+        v = vals[name]
+    except KeyError:
+        raise ExactError(f"no value for symbol '{name}'") from None
+    if isinstance(v, tuple):
+        raise ExactError(f"'{name}' is an array; it must be indexed")
+    return v
+
+
+def _to_index(ev, a, idx, vals):
+    v = ev._ev(a, idx, vals)
+    if v is NAN:
+        return None
+    if not isinstance(v, Fraction) or v.denominator != 1:
+        raise ExactError(f"index {a} is not an integer")
+    return int(v)
+
+
+def _h_element(ev, e, idx, vals):
+    name = e.func.__name__
+    try:
+        flat, shape = vals[name]
+    except (KeyError, TypeError, ValueError):
+        raise ExactError(f"no array value for '{name}'") from None
+    ii = [_to_index(ev, a, idx, vals) for a in e.args]
+    if any(i is None for i in ii):
+        return NAN
+    if len(ii) != len(shape) or any(not 0 <= i < s for i, s in zip(ii, shape)):
+        raise NoTruth(f"index {tuple(ii)} outside '{name}' of shape {shape}")
+    pos = 0
+    for i, s in zip(ii, shape):
+        pos = pos * s + i
+    return flat[pos]
+
+
+def _h_add(ev, e, idx, vals):
+    # exact parts first, intervals after: lse - z[y] = (pivot - z[y]) + log1p(S) keeps its
+    # relative accuracy without paying for the cancellation in precision
+    q, rest = _split(ev, e, idx, vals)
+    return ev.add(q, rest)
+
+
+def _split(ev, e, idx, vals):
+    """e as (Fraction q, value r) with e = q + r: exact pivots separated from intervals."""
+    if isinstance(e, sp.Add):
+        q, r = Fraction(0), Fraction(0)
+        for a in e.args:
+            qa, ra = _split(ev, a, idx, vals)
+            q, r = q + qa, ev.add(r, ra)
+        return q, r
+    if isinstance(e, sp.Mul) and len(e.args) == 2 and e.args[0].is_Number:
+        c = _h_number(ev, e.args[0], idx, vals)
+        qa, ra = _split(ev, e.args[1], idx, vals)
+        if isinstance(c, Fraction):
+            return c * qa, ev.mul(c, ra)
+        return Fraction(0), ev.mul(c, ev.add(qa, ra))
+    if isinstance(e, P.LogSumExp):
+        key = ("split",) + ev._key(e, idx)
+        if key not in ev._memo:
+            ev._memo[key] = _lse_split(ev, e, idx, vals)
+        return ev._memo[key]
+    v = ev._ev(e, idx, vals)
+    if isinstance(v, Fraction):
+        return v, Fraction(0)
+    return Fraction(0), v
+
+
+def _lse_split(ev, e, idx, vals):
+    """logsumexp_k b_k = b_i + log1p(Σ_{k≠i} e^(b_k - b_i)), pivot b_i exact and (about) the max."""
+    terms = _terms(ev, e, idx, vals)
+    if terms is None or any(v is NAN for _, v in terms):
+        return Fraction(0), NAN
+    if not terms:
+        raise NoTruth("logsumexp over nothing")
+    exact = [v for _, v in terms if isinstance(v, Fraction)]
+    if not exact:
+        return Fraction(0), _h_reduce(ev, e, idx, vals)
+    pivot = max(exact)
+    s, skipped = Fraction(0), False
+    for _, v in terms:
+        if not skipped and isinstance(v, Fraction) and v == pivot:
+            skipped = True
+            continue
+        s = ev.add(s, ev.exp(ev.sub(v, pivot)))
+    return pivot, ev.log1p(s)
+
+
+def _h_mul(ev, e, idx, vals):
+    # an exact zero factor (a label, a weight) makes the product 0, even where the other factors
+    # have no value (0·log 0 = 0, 0·inf = 0: the conventions of LANGUAGE.md); NaN still wins.
+    done, pending = [], []
+    for a in e.args:
+        try:
+            done.append(ev._ev(a, idx, vals))
+        except (_Imprecise, NoTruth) as ex:
+            pending.append(ex)
+    if any(v is NAN for v in done):
+        return NAN
+    if any(_exact_zero(v) for v in done):
+        return Fraction(0)
+    if pending:
+        raise pending[0]
+    acc = Fraction(1)
+    for v in done:
+        acc = ev.mul(acc, v)
+    return acc
+
+
+def _h_pow(ev, e, idx, vals):
+    base, ex = e.args
+    if ex.is_Number:
+        exv = _h_number(ev, ex, idx, vals)
+        if isinstance(exv, Fraction) and exv == -1:
+            b = ev._ev(base, idx, vals)
+            return ev.div(Fraction(1), b)
+    else:
+        exv = ev._ev(ex, idx, vals)
+    return ev.pow(ev._ev(base, idx, vals), exv)
+
+
+def _unary(method):
+    def h(ev, e, idx, vals):
+        return getattr(ev, method)(ev._ev(e.args[0], idx, vals))
+    return h
+
+
+def _h_piecewise(ev, e, idx, vals):
+    for expr, cond in e.args:
+        c = _cond(ev, cond, idx, vals)
+        if c is NAN:
+            return NAN
+        if c:
+            return ev._ev(expr, idx, vals)
+    raise NoTruth("no branch of a Piecewise applies")
+
+
+def _h_select(ev, e, idx, vals):
+    a, b, cond = e.args
+    c = _cond(ev, cond, idx, vals)
+    if c is NAN:
+        return NAN
+    return ev._ev(a if c else b, idx, vals)
+
+
+_REL = {sp.Eq: "==", sp.Ne: "!=", sp.Lt: "<", sp.Le: "<=", sp.Gt: ">", sp.Ge: ">="}
+
+
+def _cond(ev, c, idx, vals):
+    if c is sp.true or c is True:
+        return True
+    if c is sp.false or c is False:
+        return False
+    t = type(c)
+    if t in _REL:
+        return ev.compare(_REL[t], ev._ev(c.lhs, idx, vals), ev._ev(c.rhs, idx, vals))
+    if isinstance(c, sp.And):
+        return _logic(ev, c.args, idx, vals, all_=True)
+    if isinstance(c, sp.Or):
+        return _logic(ev, c.args, idx, vals, all_=False)
+    if isinstance(c, sp.Not):
+        v = _cond(ev, c.args[0], idx, vals)
+        return v if v is NAN else not v
+    raise ExactError(f"cannot evaluate the condition {c!r}")
+
+
+def _logic(ev, args, idx, vals, all_):
+    imprecise = None
+    for a in args:
+        try:
+            v = _cond(ev, a, idx, vals)
+        except _Imprecise as ex:
+            imprecise = ex
+            continue
+        if v is NAN:
+            return NAN
+        if all_ and not v:
+            return False
+        if not all_ and v:
+            return True
+    if imprecise is not None:
+        raise imprecise
+    return all_
+
+
+def _h_kronecker(ev, e, idx, vals):
+    a, b = (ev._ev(x, idx, vals) for x in e.args)
+    c = ev.compare("==", a, b)
+    return c if c is NAN else Fraction(int(c))
+
+
+def _h_max(ev, e, idx, vals):
+    smaller = isinstance(e, (P.Min2, sp.Min))
+    acc = None
+    for a in e.args:
+        v = ev._ev(a, idx, vals)
+        acc = v if acc is None else ev.max2(acc, v, smaller)
+    return acc
+
+
+def _h_xlogy(ev, e, idx, vals):
+    x = ev._ev(e.args[0], idx, vals)
+    if _exact_zero(x):
+        y = _probe(ev, e.args[1], idx, vals)
+        return NAN if y is NAN else Fraction(0)
+    return ev.mul(x, ev.log(ev._ev(e.args[1], idx, vals)))
+
+
+def _h_xdivy(ev, e, idx, vals):
+    x = ev._ev(e.args[0], idx, vals)
+    if _exact_zero(x):
+        y = _probe(ev, e.args[1], idx, vals)
+        return NAN if y is NAN else Fraction(0)
+    return ev.div(x, ev._ev(e.args[1], idx, vals))
+
+
+def _probe(ev, e, idx, vals):
+    """The value of e if it has one, else None: used where only NaN-ness matters."""
+    try:
+        return ev._ev(e, idx, vals)
+    except (_Imprecise, NoTruth):
+        return None
+
+
+def _terms(ev, e, idx, vals):
+    """The body of a reduction at every index where its condition holds: [(k, value)]."""
+    k, size, body, cond = e.args
+    n = _to_index(ev, size, idx, vals)
+    if n is None:
+        return None
+    out = []
+    inner = dict(idx)
+    for i in range(n):
+        inner[k.name] = i
+        if cond is not sp.true:
+            c = _cond(ev, cond, inner, vals)
+            if c is NAN:
+                return None
+            if not c:
+                continue
+        out.append((i, ev._ev(body, inner, vals)))
+    return out
+
+
+def _h_reduce(ev, e, idx, vals):
+    key = ev._key(e, idx)
+    if key in ev._memo:
+        return ev._memo[key]
+    terms = _terms(ev, e, idx, vals)
+    if terms is None or any(v is NAN for _, v in terms):
+        r = NAN
+    elif isinstance(e, P.Sum):
+        r = Fraction(0)
+        for _, v in terms:
+            r = ev.add(r, v)
+    elif isinstance(e, P.LogSumExp):
+        if not terms:
+            raise NoTruth("logsumexp over nothing")
+        s = Fraction(0)
+        for _, v in terms:
+            s = ev.add(s, ev.exp(v))
+        r = ev.log(s)
+    elif isinstance(e, P.Norm):
+        s = Fraction(0)
+        for _, v in terms:
+            s = ev.add(s, ev.pow(v, Fraction(2)))
+        r = ev.sqrt(s)
+    elif isinstance(e, (P.Max, P.Min)):
+        if not terms:
+            raise NoTruth("max over nothing")
+        r = terms[0][1]
+        for _, v in terms[1:]:
+            r = ev.max2(r, v, isinstance(e, P.Min))
+    else:
+        raise ExactError(f"unknown reduction {type(e).__name__}")
+    ev._memo[key] = r
+    return r
+
+
+def _h_isarg(ev, e, idx, vals):
+    red, k = e.args
+    key = ("argof",) + ev._key(red, idx)
+    if key not in ev._memo:
+        ev._memo[key] = _argof(ev, red, idx, vals)
+    where = ev._memo[key]
+    if where is NAN:
+        return NAN
+    kv = _to_index(ev, k, idx, vals)
+    return NAN if kv is None else Fraction(int(kv == where))
+
+
+def _argof(ev, red, idx, vals):
+    """The first index where Max/Min ``red`` is attained; _Imprecise if intervals cannot tell."""
+    terms = _terms(ev, red, idx, vals)
+    if terms is None or any(v is NAN for _, v in terms):
+        return NAN
+    if not terms:
+        raise NoTruth("argmax over nothing")
+    smallest = isinstance(red, P.Min)
+    if all(isinstance(v, Fraction) for _, v in terms):
+        best = (min if smallest else max)(v for _, v in terms)
+        return next(i for i, v in terms if v == best)
+    ivs = [(i, _iv(v, ev.prec)) for i, v in terms]
+    if smallest:
+        ivs = [(i, Iv(mpf_neg(v.hi), mpf_neg(v.lo))) for i, v in ivs]
+    floor = ivs[0][1].lo
+    for _, v in ivs[1:]:
+        if mpf_cmp(v.lo, floor) > 0:
+            floor = v.lo
+    candidates = [(i, v) for i, v in ivs if mpf_cmp(v.hi, floor) >= 0]
+    if len(candidates) == 1:
+        return candidates[0][0]
+    # several intervals reach the best lower bound: a true tie only if all are the same point
+    first = candidates[0][1]
+    if all(v.lo == v.hi == first.lo == first.hi for _, v in candidates):
+        return candidates[0][0]
+    raise _Imprecise
+
+
+def _h_naive(ev, e, idx, vals):
+    return ev._ev(e.naive(), idx, vals)
+
+
+def _h_heaviside(ev, e, idx, vals):
+    x = ev._ev(e.args[0], idx, vals)
+    if x is NAN:
+        return NAN
+    s = _sgn(x)
+    if s == 0:
+        if len(e.args) > 1:
+            return ev._ev(e.args[1], idx, vals)
+        return Fraction(1, 2)
+    return Fraction(int(s > 0))
+
+
+def _h_func_by_naive_or_fail(ev, e, idx, vals):
+    if hasattr(e, "naive"):
+        return _h_naive(ev, e, idx, vals)
+    raise ExactError(f"cannot evaluate {type(e).__name__}: {e}")
+
+
+_HANDLERS = {
+    sp.Add: _h_add, sp.Mul: _h_mul, sp.Pow: _h_pow, sp.Symbol: _h_symbol, sp.Dummy: _h_symbol,
+    sp.exp: _unary("exp"), sp.log: _unary("log"), sp.Abs: _unary("abs"), sp.sign: _unary("sign"),
+    sp.tanh: _unary("tanh"), sp.sinh: _unary("sinh"), sp.cosh: _unary("cosh"),
+    P.sigmoid: _unary("sigmoid"), P.softplus: _unary("softplus"), P.logcosh: _unary("logcosh"),
+    _sp_log1p: _unary("log1p"), _sp_expm1: _unary("expm1"),
+    sp.Piecewise: _h_piecewise, P.Select: _h_select, sp.KroneckerDelta: _h_kronecker,
+    P.Max2: _h_max, P.Min2: _h_max, sp.Max: _h_max, sp.Min: _h_max,
+    P.xlogy: _h_xlogy, P.xdivy: _h_xdivy,
+    P.Sum: _h_reduce, P.LogSumExp: _h_reduce, P.Max: _h_reduce, P.Min: _h_reduce, P.Norm: _h_reduce,
+    P.IsArg: _h_isarg, sp.Heaviside: _h_heaviside,
+}
+
+
+def _handler_for(t):
+    for base in t.__mro__:
+        if base in _HANDLERS:
+            h = _HANDLERS[base]
+            break
+    else:
+        if issubclass(t, sp.Number) or issubclass(t, sp.NumberSymbol):
+            h = _h_number
+        elif issubclass(t, AppliedUndef):
+            h = _h_element
+        elif issubclass(t, sp.Function):
+            h = _h_func_by_naive_or_fail
+        else:
+            def h(ev, e, idx, vals):
+                raise ExactError(f"cannot evaluate {type(e).__name__}: {e}")
+    _HANDLERS[t] = h
+    return h
+
+
+def evaluate(expr, values, dtype="float64", index=None, cap=DEFAULT_CAP):
+    """The correctly rounded value of ``expr`` at ``values`` in ``dtype``; NaN for a NaN truth;
+    None where there is no ground truth (undefined, an undecidable tie, or the cap was reached)."""
+    return Evaluator(expr, cap).at(values, dtype, index)
