@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jit, printing, render_cpu, render_cuda
+from . import ir, jit, printing, render_cpu, render_cuda
 from .compiler import compile_definition
 from .derive import fresh_indices
 from .errors import ArgumentError, CompileError, DomainError, LossError, LossTypeError
 from .lower import in_domain, parse
+from .to_sympy import axis_order
 from .paths import LIBRARY
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,7 +45,7 @@ def load(name):
 
 @lru_cache(maxsize=None)
 def _load_cached(name):
-    return Loss(compile_definition(_library_definition(name), _library_definition), _library_definition)
+    return Loss(_library_definition(name), _library_definition)
 
 
 def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
@@ -57,7 +58,7 @@ def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
     out = {}
     for name, d in defs.items():
         try:
-            out[name] = Loss(compile_definition(d, lookup), lookup)
+            out[name] = Loss(d, lookup, compile_definition(d, lookup))
         except LossError:
             raise
         except (RecursionError, ValueError, TypeError, ZeroDivisionError, NotImplementedError) as e:
@@ -74,12 +75,36 @@ def compile_file(path):
     return compile(text, str(path))
 
 
+def _texts(defn, lookup, seen=None):
+    """The texts a compiled definition depends on: its own and those of the losses it calls."""
+    seen = set() if seen is None else seen
+    if defn is None or defn.name in seen:
+        return []
+    seen.add(defn.name)
+    out = [defn.text]
+    for name in sorted(_called(defn)):
+        out += _texts(lookup(name), lookup, seen)
+    return out
+
+
+def _called(node):
+    if isinstance(node, ir.Call):
+        yield node.fn
+    children = vars(node).values() if hasattr(node, "__dict__") else ()
+    for v in children:
+        for item in (v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else [v]):
+            if isinstance(item, tuple):
+                item = item[0]
+            if isinstance(item, (ir.Expr, ir.Stmt)):
+                yield from _called(item)
+
+
 class Loss:
     """A compiled loss: call it for the value, ``value_and_grad`` for value and gradients."""
 
-    def __init__(self, compiled, lookup):
-        self._c, self._lookup = compiled, lookup
-        d = compiled.definition
+    def __init__(self, defn, lookup, compiled=None, stable=True):
+        self._defn, self._lookup, self._compiled, self._stable = defn, lookup, compiled, stable
+        d = defn
         self.name, self.doc, self.definition = d.name, d.doc, d.text
         self._inputs = d.of_kind("input")
         self._targets = d.of_kind("target")
@@ -88,13 +113,22 @@ class Loss:
         self.targets = tuple(x.name for x in self._targets)
         self.params = {p.name: p.default for p in self._params}
         self.shapes = {x.name: x.axes for x in self._inputs + self._targets}
-        self.rules = compiled.fired
         self._kernels = {}
+
+    @property
+    def _c(self):
+        """The symbolic pipeline's result, computed on first use: a cached kernel needs none of it."""
+        if self._compiled is None:
+            self._compiled = compile_definition(self._defn, self._lookup, self._stable)
+        return self._compiled
+
+    @property
+    def rules(self):
+        return self._c.fired
 
     def naive(self):
         """The same definition lowered the textbook way: no rules, naive primitives."""
-        d = self._c.definition
-        return Loss(compile_definition(d, self._lookup, stable=False), self._lookup)
+        return Loss(self._defn, self._lookup, stable=False)
 
     def __repr__(self):
         return f"<Loss {self.name}({', '.join(self.inputs + self.targets)})>"
@@ -127,7 +161,11 @@ class Loss:
     # --- numeric side ----------------------------------------------------------------------
     def kernel(self, dtype):
         if dtype not in self._kernels:
-            self._kernels[dtype] = jit.load_module(render_cpu.render(self._c, dtype)).kernel
+            key = ("cpu", dtype, self._stable, *_texts(self._defn, self._lookup))
+            module = jit.load_indexed(key)
+            if module is None:
+                module = jit.load_module(render_cpu.render(self._c, dtype), key)
+            self._kernels[dtype] = module.kernel
         return self._kernels[dtype]
 
     def __call__(self, *args, reduction="mean", weight=None, ignore_index=None, **params):
@@ -216,7 +254,7 @@ class _Call:
     def _shapes(self, arrays, decls, loss):
         """Bind axis sizes and the sample shape; everything must agree."""
         name, sizes, lead = loss.name, {}, None
-        batch = loss._c.definition.batch
+        batch = loss._defn.batch
         for a, d in zip(arrays, decls):
             n_axes = len(d.axes)
             if batch:
@@ -242,16 +280,15 @@ class _Call:
                                     f"{lead[0]}: they must match")
         self.sample_shape = lead[0] if lead else ()
         self.n_samples = 1 if batch else int(np.prod(self.sample_shape, dtype=np.int64))
-        low = loss._c.lowered
         self.sizes = []
-        for axis in low.sizes:
+        for axis in axis_order(loss._defn):
             if axis not in sizes:
                 raise ArgumentError(f"loss '{name}': no argument gives the size of axis {axis}")
             self.sizes.append(np.int64(sizes[axis][0]))
         self.axis_size = {a: int(s[0]) for a, s in sizes.items()}
 
     def _layout(self, d):
-        if self.loss._c.definition.batch:
+        if self.loss._defn.batch:
             return tuple(self.axis_size[a] for a in d.axes) or (1,)
         return (self.n_samples,) + tuple(self.axis_size[a] for a in d.axes)
 
@@ -289,7 +326,7 @@ class _Call:
         """The kernel counted bad targets: find the first and say what was expected."""
         loss = self.loss
         for t, d in zip(self.targets, loss._targets):
-            rows = t.reshape(t.shape[0], -1) if not loss._c.definition.batch else t.reshape(1, -1)
+            rows = t.reshape(t.shape[0], -1) if not loss._defn.batch else t.reshape(1, -1)
             if d.domain.name == "class":
                 size = self.axis_size[d.domain.axis]
                 ok = ((rows >= 0) & (rows < size)) | (rows == self.ignore)

@@ -5,7 +5,7 @@
     lossdsl grad NAME [--wrt Z] [--latex]  the gradients alone
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
-    lossdsl check NAME|--all               (not implemented yet)
+    lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
     lossdsl bench NAME|--all               (not implemented yet)
 
 NAME is a library loss or ``FILE.loss:NAME`` (``FILE.loss`` alone when the file
@@ -196,6 +196,21 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Accuracy audit: bits of error against exact arithmetic, lossdsl vs the naive lowering."""
+    from lossdsl.audit import audit
+    if args.all == bool(args.name):
+        raise UsageError("check takes a NAME or --all")
+    losses = [lossdsl.load(n) for n in lossdsl.names()] if args.all else [_resolve(args.name)]
+    for i, loss in enumerate(losses):
+        if loss._c.definition.batch:
+            print(f"{loss.name}: skipped (batch loss; the audit handles per-sample losses)")
+            continue
+        rep = audit(loss, args.dtype, points=args.points, seed=args.seed)
+        print(("\n" if i else "") + rep.format())
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"lossdsl {args.command}: not implemented yet "
           "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
@@ -235,8 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="FILE.loss")
     s.set_defaults(func=cmd_compile)
 
-    for cmd, what in (("check", "accuracy audit against high-precision evaluation"),
-                      ("bench", "speed against numpy and torch")):
+    s = sub.add_parser("check", help="accuracy audit: bits of error against exact arithmetic, "
+                                     "lossdsl vs the naive lowering")
+    s.add_argument("name", metavar="NAME", nargs="?", help=name_help)
+    s.add_argument("--all", action="store_true", help="every library loss")
+    s.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    s.add_argument("--points", type=int, default=200, metavar="N", help="points per sampler (default 200)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_check)
+
+    for cmd, what in (("bench", "speed against numpy and torch"),):
         s = sub.add_parser(cmd, help=f"{what} (not implemented yet)")
         s.add_argument("name", metavar="NAME", nargs="?", help=name_help)
         s.add_argument("--all", action="store_true", help="every library loss")

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .paths import GRAMMAR
+
 _loaded = {}
 
 
@@ -25,12 +27,49 @@ def cache_dir():
     return base
 
 
-def load_module(source):
-    """Import the module whose text is ``source`` (written to the cache on first use)."""
+def _fingerprint():
+    """The compiler's own code: a kernel indexed under an older compiler is not reused."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        h = hashlib.sha256()
+        here = Path(__file__).resolve().parent
+        for path in sorted(here.glob("*.py")) + [GRAMMAR]:
+            h.update(path.read_bytes())
+        _FINGERPRINT = h.hexdigest()
+    return _FINGERPRINT
+
+
+_FINGERPRINT = None
+
+
+def _index_path(key):
+    text = "\x00".join(map(str, key)) + "\x00" + _fingerprint()
+    return cache_dir() / "index" / hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_indexed(key):
+    """The module recorded for ``key`` (a loss's texts, dtype, target), or None: this skips the
+    whole symbolic pipeline in a second process."""
+    try:
+        source = (cache_dir() / (_index_path(key).read_text().strip() + ".py")).read_text()
+    except OSError:
+        return None
+    return load_module(source)
+
+
+def load_module(source, key=None):
+    """Import the module whose text is ``source`` (written to the cache on first use);
+    with ``key``, record it so that ``load_indexed(key)`` finds it."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    name = f"k_{digest}"
+    if key is not None:
+        index = _index_path(key)
+        index.parent.mkdir(exist_ok=True)
+        tmp = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(name)
+        os.replace(tmp, index)
     if digest in _loaded:
         return _loaded[digest]
-    name = f"k_{digest}"
     path = cache_dir() / f"{name}.py"
     if not path.exists() or path.read_text() != source:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

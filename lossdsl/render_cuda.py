@@ -61,92 +61,74 @@ def _exp(x):
     return math.exp(x)
 '''
 
-# Block-wide combinations through shared memory. Every thread of the block must call them.
-BLOCK = '''
+# Block-wide combinations through shared memory, two barriers each: every thread posts its
+# value in sh[t]; the first warp folds every 32nd value into sh[MAXT + lane]; every thread then
+# folds those 32 in the same order, so the whole block gets the same result. No trailing
+# barrier is needed: the next combination rewrites sh[MAXT:] only after its own first barrier,
+# which every thread reaches after reading. Every thread of the block must call them, and all
+# calls use the same layout (scratch arrays of MAXT + 32). blockDim.x: a power of two >= 32.
+FOLD = '''
 
 @cuda.jit(device=True)
-def _bsum(x, sh):
+def _b{name}(x, sh):
     t = cuda.threadIdx.x
     sh[t] = x
     cuda.syncthreads()
-    s = cuda.blockDim.x // 2
-    while s > 0:
-        if t < s:
-            sh[t] += sh[t + s]
-        cuda.syncthreads()
-        s //= 2
-    r = sh[0]
+    if t < 32:
+        r = sh[t]
+        for u in range(t + 32, cuda.blockDim.x, 32):
+            b = sh[u]
+            {fold}
+        sh[MAXT + t] = r
     cuda.syncthreads()
-    return r
-
-
-@cuda.jit(device=True)
-def _bor(x, si):
-    t = cuda.threadIdx.x
-    si[t] = x
-    cuda.syncthreads()
-    s = cuda.blockDim.x // 2
-    while s > 0:
-        if t < s and si[t + s] > si[t]:
-            si[t] = si[t + s]
-        cuda.syncthreads()
-        s //= 2
-    r = si[0]
-    cuda.syncthreads()
-    return r
-
-
-@cuda.jit(device=True)
-def _bmax(x, sh):
-    # the block's max; NaN wins (as the serial peak loop keeps it)
-    t = cuda.threadIdx.x
-    sh[t] = x
-    cuda.syncthreads()
-    s = cuda.blockDim.x // 2
-    while s > 0:
-        if t < s:
-            b = sh[t + s]
-            if b > sh[t] or b != b:
-                sh[t] = b
-        cuda.syncthreads()
-        s //= 2
-    r = sh[0]
-    cuda.syncthreads()
+    r = sh[MAXT]
+    for u in range(1, 32):
+        b = sh[MAXT + u]
+        {fold}
     return r
 '''
+BLOCK = "".join(FOLD.format(name=name, fold=fold) for name, fold in [
+    ("sum", "r += b"),
+    ("or", "r = b if b > r else r"),
+    ("max", "r = b if b > r or b != b else r"),          # NaN wins, as in the serial peak loop
+])
 
 ARG = '''
 
+@cuda.jit(device=True, inline="always")
+def _take{kind}(a, ia, b, ib):
+    # does (b, ib) replace (a, ia)? -1: none yet; ties go to the first index; NaN wins (the last)
+    if ib < 0:
+        return False
+    if ia < 0:
+        return True
+    if a != a or b != b:
+        return b != b and (a == a or ib > ia)
+    return b {op} a or (b == a and ib < ia)
+
+
 @cuda.jit(device=True)
 def _barg{kind}(x, i, sh, si):
-    # the block's {kind} and its index (-1: none); ties go to the first index, NaN wins (the last)
     t = cuda.threadIdx.x
     sh[t] = x
     si[t] = i
     cuda.syncthreads()
-    s = cuda.blockDim.x // 2
-    while s > 0:
-        if t < s:
-            a = sh[t]
-            ia = si[t]
-            b = sh[t + s]
-            ib = si[t + s]
-            take = False
-            if ib >= 0:
-                if ia < 0:
-                    take = True
-                elif a != a or b != b:
-                    take = b != b and (a == a or ib > ia)
-                else:
-                    take = b {op} a or (b == a and ib < ia)
-            if take:
-                sh[t] = b
-                si[t] = ib
-        cuda.syncthreads()
-        s //= 2
-    r = sh[0]
-    ri = si[0]
+    if t < 32:
+        r = sh[t]
+        ri = si[t]
+        for u in range(t + 32, cuda.blockDim.x, 32):
+            if _take{kind}(r, ri, sh[u], si[u]):
+                r = sh[u]
+                ri = si[u]
+        sh[MAXT + t] = r
+        si[MAXT + t] = ri
     cuda.syncthreads()
+    r = sh[MAXT]
+    ri = si[MAXT]
+    for u in range(1, 32):
+        if _take{kind}(r, ri, sh[MAXT + u], si[MAXT + u]):
+            r = sh[MAXT + u]
+            ri = si[MAXT + u]
     return r, ri
 '''
 
@@ -165,7 +147,7 @@ COUNT = '''
 
 @cuda.jit
 def count_kept(cls, ignore, res):
-    sh = cuda.shared.array(MAXT, T)
+    sh = cuda.shared.array(MAXT + 32, T)
     c = T(0.0)
     for n in range(cuda.grid(1), cls.shape[0], cuda.gridsize(1)):
         if cls[n] != ignore:
@@ -480,12 +462,12 @@ def _module(compiled, sig, dtype, kind, body):
            "scale = F(1.0) if mode != 1 or res[2] <= 0 else F(1.0) / F(res[2])",
            "total = T(0.0)", "bad = 0"]
     if kind == "elementwise":
-        pre = ["sht = cuda.shared.array(MAXT, T)"] + pre + [f"N = {first}",
+        pre = ["sht = cuda.shared.array(MAXT + 32, T)"] + pre + [f"N = {first}",
                                                             "for n in range(cuda.grid(1), N, cuda.gridsize(1)):"]
         post = ["total = _bsum(total, sht)", "nbad = _bsum(T(bad), sht)",
                 "if tid == 0:", "    cuda.atomic.add(res, 0, total)", "    cuda.atomic.add(res, 1, nbad)"]
     else:
-        pre = ["shf = cuda.shared.array(MAXT, F)", "shi = cuda.shared.array(MAXT, np.int64)"] + pre
+        pre = ["shf = cuda.shared.array(MAXT + 32, F)", "shi = cuda.shared.array(MAXT + 32, np.int64)"] + pre
         pre += [f"N = {first}" if kind == "row" else "N = 1", "for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):"]
         post = ["if tid == 0:", "    cuda.atomic.add(res, 0, total)", "    cuda.atomic.add(res, 1, T(bad))"]
     # arrays not wanted arrive empty: every write must be guarded by a flag, never by `is None`

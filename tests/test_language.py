@@ -365,6 +365,91 @@ loss ppo_clip "PPO clipped surrogate"
   loss = -min(ratio * adv, clip(ratio, 1 - eps, 1 + eps) * adv)
 """, ref=_ppo, make=_ppo_data)
 
+
+
+# 15. Barron's general robust loss: a parameter inside abs, a parameter exponent.
+def _barron(yhat, y, alpha=1.0, c=1.0):
+    x = (y - yhat) / c
+    b = abs(alpha - 2)
+    return b / alpha * ((x ** 2 / b + 1) ** (alpha / 2) - 1)
+
+
+case("barron", """
+# A general and adaptive robust loss (Barron, 2019), alpha not in {0, 2}:
+#   rho(x, alpha, c) = |alpha - 2|/alpha ((((x/c)^2)/|alpha - 2| + 1)^(alpha/2) - 1)
+# alpha = 1: pseudo-Huber / Charbonnier; alpha = -2: Geman-McClure
+loss barron "Barron's general robust loss"
+  input  yhat
+  target y
+  param  alpha = 1 : real
+  param  c = 1 : positive
+  x = (y - yhat) / c
+  b = abs(alpha - 2)
+  loss = b / alpha * ((x^2 / b + 1)^(alpha / 2) - 1)
+""", ref=_barron, make=lambda rng: ((rng.normal(0, 2, (3, 4)),), (rng.normal(0, 2, (3, 4)),)),
+     params={"alpha": -2.0, "c": 0.7})
+
+
+# 16. Soft-margin triplet on (unsquared) Euclidean distances: two norms, log(1 + exp(.)).
+def _soft_triplet(a, p, n):
+    return np.logaddexp(0.0, np.linalg.norm(a - p, axis=-1) - np.linalg.norm(a - n, axis=-1))
+
+
+case("soft_triplet", """
+# Soft-margin triplet loss (Hermans, Beyer and Leibe, 2017): log(1 + exp(d(a, p) - d(a, n)))
+loss soft_triplet "Soft-margin triplet loss on Euclidean distances"
+  input  a[D], p[D], n[D]
+  dap = norm[d] (a[d] - p[d])
+  dan = norm[d] (a[d] - n[d])
+  loss = log(1 + exp(dap - dan))
+""", ref=_soft_triplet, make=lambda rng: (tuple(rng.normal(size=(3, N, D))), ()))
+
+# 17. BPR: -log(sigmoid(.)) of a difference of two inputs, at large scores (must not overflow).
+case("bpr", """
+# Bayesian personalized ranking (Rendle et al., 2009): -ln sigmoid(x_pos - x_neg)
+loss bpr "BPR pairwise ranking loss"
+  input  xpos, xneg
+  loss = -log(sigmoid(xpos - xneg))
+""", ref=lambda xpos, xneg: np.logaddexp(0.0, -(xpos - xneg)),
+     make=lambda rng: ((rng.normal(0, 20, (3, 4)), rng.normal(0, 20, (3, 4))), ()))
+
+
+# 18. Batch-balanced BCE: a batch statistic of the targets passed as a keyword param of a
+#     called library loss, inside a reduction over the batch.
+def _balanced_bce(z, y):
+    npos = y.sum()
+    pw = (len(y) - npos) / (npos + 1)
+    return np.mean(pw * y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))
+
+
+case("balanced_bce", """
+# Class-balanced BCE over a batch: pos_weight = #negatives / (#positives + 1), from the batch
+loss balanced_bce "BCE with a pos_weight balanced over the batch"
+  batch  N
+  input  z[N]
+  target y[N] : binary
+  npos = sum[j] y[j]
+  loss = mean[i] bce(z[i], y[i], pos_weight=(N - npos) / (npos + 1))
+""", ref=_balanced_bce,
+     make=lambda rng: ((rng.normal(0, 2, 7),), (np.array([1.0, 0, 0, 1, 0, 0, 0]),)), batch=True)
+
+
+# 19. Ordinal regression by binary decomposition: a comparison of a reduction index with a
+#     class target builds the binary targets.
+def _ordinal(z, y):
+    t = (np.arange(z.shape[-1])[None, :] < y[:, None]).astype(np.float64)
+    return (t * np.logaddexp(0, -z) + (1 - t) * np.logaddexp(0, z)).sum(-1)
+
+
+case("ordinal", """
+# Ordinal regression as K cumulative binary tasks (Frank and Hall, 2001; Li and Lin, 2007;
+# CORAL, Cao et al., 2020 without weight sharing): task k asks "is the rank > k?"
+loss ordinal "Cumulative binary decomposition for ordinal targets"
+  input  z[K]
+  target y : class(K)
+  loss = sum[k] bce(z[k], 1 if k < y else 0)
+""", ref=_ordinal, make=lambda rng: ((rng.normal(0, 2, (N, K)),), (np.array([0, 1, 3, 2, 0]),)))
+
 NAMES = list(CASES)
 
 

@@ -335,6 +335,24 @@ def test_cross_entropy_ignore_index_outside_classes():
             assert_close(g, tg, np.float64, "vs torch grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_subgradient_at_kinks_is_zero(dtype):
+    """LANGUAGE.md §1: the subgradient of abs and of max(0, x) at the kink is 0."""
+    x = np.array([0.5, -1.25, 3.0], dtype=dtype)
+    v, (g,) = load("mae").value_and_grad(x, x.copy(), reduction="none")
+    assert np.all(np.asarray(v) == 0) and np.all(np.asarray(g) == 0), (v, g)
+    f = np.array([1.0, -1.0, -0.5, 2.0], dtype=dtype)
+    y = np.array([1.0, -1.0, -1.0, 1.0], dtype=dtype)  # margins 0, 0, 0.5, -1
+    v, (g,) = load("hinge").value_and_grad(f, y, reduction="none")
+    np.testing.assert_array_equal(v, np.array([0.0, 0.0, 0.5, 0.0], dtype=dtype))
+    np.testing.assert_array_equal(g, np.array([0.0, 0.0, 1.0, 0.0], dtype=dtype))
+    z = np.array([[2.0, 1.0, 0.0, -1.0, -2.0],     # 1 - 2 + 1 = 0: at the kink
+                  [0.0, 3.0, 0.5, -1.0, 1.0]], dtype=dtype)  # 1 - 0 + 3 = 4
+    v, (g,) = load("multiclass_hinge").value_and_grad(z, np.array([0, 0]), reduction="none")
+    np.testing.assert_array_equal(v, np.array([0.0, 4.0], dtype=dtype))
+    np.testing.assert_array_equal(g, np.array([[0, 0, 0, 0, 0], [-1, 1, 0, 0, 0]], dtype=dtype))
+
+
 # --------------------------------------------------------------------------------------
 # Extreme inputs: the right finite numbers
 # --------------------------------------------------------------------------------------
