@@ -181,11 +181,12 @@ class Loss:
         k = self.kernel(call.dtype.name)
         empty = np.empty(0, call.dtype)
         grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, call.dtype) for a in call.inputs]
-        out = np.empty(call.n_samples, call.dtype) if reduction == "none" else empty
+        out = np.empty(call.n_samples, call.dtype)
         weight = call.weight if call.weight is not None else empty
         scale = call.dtype.type(1.0 / call.denominator if reduction == "mean" and call.denominator else 1.0)
-        total, bad = k(*call.inputs, *call.targets, *call.param_values, *call.sizes, weight, out,
-                       *grads, scale, np.int64(call.ignore), call.weight is not None, reduction == "none", grad)
+        bad = k(*call.inputs, *call.targets, *call.param_values, *call.sizes, weight, out,
+                *grads, scale, np.int64(call.ignore), call.weight is not None, grad)
+        total = out.sum(dtype=np.float64) if reduction != "none" else 0.0
         if bad:
             call.raise_bad_targets()
         if reduction == "none":

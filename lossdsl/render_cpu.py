@@ -1,12 +1,15 @@
 """CPU back end: one self-contained numba module per (loss, dtype).
 
 The kernel is fused: one parallel loop over samples computes each sample's reductions, its
-loss and the gradient of every input, and accumulates the weighted total. Targets are checked
+loss and the gradient of every input, and writes the weighted loss of each sample (the caller
+sums them: a float reduction inside the loop would stop LLVM vectorizing it, since the kernels
+run without fast-math reassociation, which would undo the compensated steps of _exp and
+_log1p). Targets are checked
 inside the same loop *before* anything is read through them (a class target indexes the
 logits), and a count of bad samples is returned so the caller can raise a clear error.
 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
-           has_w, has_out, want_grad) -> (total, bad)
+           has_w, want_grad) -> bad
 
 Arrays not wanted are passed empty and the flags say so: one compiled signature per dtype
 (numba would compile one per combination of None arguments).
@@ -42,12 +45,51 @@ def _exp(x):
     s2 = _f32_from_bits((ni - h + np.int32(127)) << np.int32(23))
     out = p * s1 * s2
     return out if x == x else x
+
+
+@intrinsic
+def _bits_of_f32(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _log1p(x):
+    # Cephes logf of u = 1 + x (exponent and mantissa from the bits, vectorizable), plus the
+    # rounding error of 1 + x, (x - (u - 1)) / u, so small x keep full relative accuracy.
+    u = F(1.0) + x
+    tiny = u < F(1.1754944e-38)
+    us = u * F(16777216.0) if tiny else u
+    bits = _bits_of_f32(us)
+    e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(126) - (np.int32(24) if tiny else np.int32(0))
+    m = _f32_from_bits((bits & np.int32(-2139095041)) | np.int32(1056964608))   # mantissa in [0.5, 1)
+    small = m < F(0.70710678118654752)
+    e = e - (np.int32(1) if small else np.int32(0))
+    m = (m + m - F(1.0)) if small else (m - F(1.0))
+    fe = F(e)
+    z = m * m
+    y = ((((((((F(7.0376836292E-2) * m - F(1.1514610310E-1)) * m + F(1.1676998740E-1)) * m
+              - F(1.2420140846E-1)) * m + F(1.4249322787E-1)) * m - F(1.6668057665E-1)) * m
+           + F(2.0000714765E-1)) * m - F(2.4999993993E-1)) * m + F(3.3333331174E-1)) * m * z
+    y = y + fe * F(-2.12194440e-4) - F(0.5) * z
+    r = m + y + fe * F(0.693359375) + (x - (u - F(1.0))) / u
+    if x == F(-1.0):
+        return F(-math.inf)
+    if not (x > F(-1.0)):      # below -1, and NaN
+        return F(math.nan)
+    return x if x == F(math.inf) else r
 '''
 
 EXP64 = '''
 @numba.njit(inline="always")
 def _exp(x):
     return math.exp(x)
+
+
+@numba.njit(inline="always")
+def _log1p(x):
+    return math.log1p(x)
 '''
 
 HELPERS = '''
@@ -57,8 +99,8 @@ def _logcosh(x):
     a = abs(x)
     if a < F(0.5):
         s = math.sinh(a * F(0.5))
-        return math.log1p(F(2.0) * s * s)
-    return a + math.log1p(_exp(F(-2.0) * a)) - F(0.6931471805599453)
+        return _log1p(F(2.0) * s * s)
+    return a + _log1p(_exp(F(-2.0) * a)) - F(0.6931471805599453)
 
 
 @numba.njit(inline="always")
@@ -124,7 +166,7 @@ class Signature:
         names += [f"p{i}" for i in range(len(self.params))]
         names += [f"K{i}" for i in range(len(self.sizes))]
         names += ["w", "out"] + [self.grad_of[d.name] for d in self.inputs] + ["scale", "ignore"]
-        names += ["has_w", "has_out", "want_grad"]
+        names += ["has_w", "want_grad"]
         return names
 
 
@@ -178,9 +220,7 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
             hoisted.append((f"d_{sig.grad_of[d.name]}", g))
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = w[n] if has_w else F(1.0)")
-    em.line("total += float(wn * val)")
-    em.line("if has_out:")
-    em.line("    out[n] = wn * val")
+    em.line("out[n] = wn * val")
     if sig.inputs:
         em.line("if want_grad:")
         em.depth += 1
@@ -203,9 +243,7 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
     scalar_grads = [(f"d_{sig.grad_of[d.name]}", compiled.grads[d.name][0]) for d in sig.inputs if not d.axes]
     em.scope([("val", compiled.expr)], set())
-    em.line("total += float(val)")
-    em.line("if has_out:")
-    em.line("    out[0] = val")
+    em.line("out[0] = val")
     if not sig.inputs:
         return
     em.line("if want_grad:")
@@ -263,8 +301,7 @@ def _checks(em, sig, low, scalar_vars, size_var):
 
 def _zero_sample(em, sig):
     row = "0" if sig.batch else "n"
-    em.line("    if has_out:")
-    em.line(f"        out[{row}] = F(0.0)")
+    em.line(f"    out[{row}] = F(0.0)")
     if sig.inputs:
         em.line("    if want_grad:")
         for d in sig.inputs:
@@ -333,15 +370,15 @@ def _module(sig, dtype, body, compiled):
             "import math", "import numba", "import numpy as np", "from llvmlite import ir as llvm_ir",
             "from numba import types", "from numba.extending import intrinsic", "", f"F = np.{dtype}",
             EXP32 if dtype == "float32" else EXP64, HELPERS, "",
-            # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES)
+            # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES); no reassoc:
+            # it would fold the compensation terms of _exp and _log1p away
             "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True,",
-            "            fastmath={'reassoc', 'nsz', 'contract'})",
+            "            fastmath={'nsz', 'contract'})",
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
     if sig.batch:
-        lines = head + ["    total = 0.0", "    bad = 0", "    for _once in range(1):"] + body + \
-            ["    return total, bad", ""]
+        lines = head + ["    bad = 0", "    for _once in range(1):"] + body + ["    return bad", ""]
     else:
-        lines = head + [f"    N = {first}", "    total = 0.0", "    bad = 0",
-                        "    for n in numba.prange(N):"] + body + ["    return total, bad", ""]
+        lines = head + [f"    N = {first}", "    bad = 0",
+                        "    for n in numba.prange(N):"] + body + ["    return bad", ""]
     return "\n".join(lines)

@@ -54,6 +54,7 @@ if _config.ENABLE_CUDASIM:      # the simulator runs this as Python: IEEE result
 F = np.{dtype}
 T = np.float64          # the batch total and the counters
 MAXT = {maxt}            # most threads per block (shared scratch size); blockDim.x must be a power of two
+SCRATCH = {scratch}        # MAXT + 32: shared scratch of the block combinations
 
 
 @cuda.jit(device=True, inline="always")
@@ -147,7 +148,7 @@ COUNT = '''
 
 @cuda.jit
 def count_kept(cls, ignore, res):
-    sh = cuda.shared.array(MAXT + 32, T)
+    sh = cuda.shared.array(SCRATCH, T)
     c = T(0.0)
     for n in range(cuda.grid(1), cls.shape[0], cuda.gridsize(1)):
         if cls[n] != ignore:
@@ -452,7 +453,7 @@ def _module(compiled, sig, dtype, kind, body):
     args = ", ".join(kernel_args(compiled))
     helpers = HELPERS.replace('@numba.njit(inline="always")', '@cuda.jit(device=True, inline="always")')
     assert "numba.njit" not in helpers, "render_cpu.HELPERS changed its decorator"
-    lines = [HEAD.format(name=compiled.definition.name, dtype=dtype, form=kind, maxt=MAXT), helpers, BLOCK,
+    lines = [HEAD.format(name=compiled.definition.name, dtype=dtype, form=kind, maxt=MAXT, scratch=MAXT + 32), helpers, BLOCK,
              ARG.format(kind="max", op=">"), ARG.format(kind="min", op="<"), TAIL]
     if any(d.domain.name == "class" and not d.axes for d in sig.targets):
         lines.append(COUNT)
@@ -462,12 +463,12 @@ def _module(compiled, sig, dtype, kind, body):
            "scale = F(1.0) if mode != 1 or res[2] <= 0 else F(1.0) / F(res[2])",
            "total = T(0.0)", "bad = 0"]
     if kind == "elementwise":
-        pre = ["sht = cuda.shared.array(MAXT + 32, T)"] + pre + [f"N = {first}",
+        pre = ["sht = cuda.shared.array(SCRATCH, T)"] + pre + [f"N = {first}",
                                                             "for n in range(cuda.grid(1), N, cuda.gridsize(1)):"]
         post = ["total = _bsum(total, sht)", "nbad = _bsum(T(bad), sht)",
                 "if tid == 0:", "    cuda.atomic.add(res, 0, total)", "    cuda.atomic.add(res, 1, nbad)"]
     else:
-        pre = ["shf = cuda.shared.array(MAXT + 32, F)", "shi = cuda.shared.array(MAXT + 32, np.int64)"] + pre
+        pre = ["shf = cuda.shared.array(SCRATCH, F)", "shi = cuda.shared.array(SCRATCH, np.int64)"] + pre
         pre += [f"N = {first}" if kind == "row" else "N = 1", "for n in range(cuda.blockIdx.x, N, cuda.gridDim.x):"]
         post = ["if tid == 0:", "    cuda.atomic.add(res, 0, total)", "    cuda.atomic.add(res, 1, T(bad))"]
     # arrays not wanted arrive empty: every write must be guarded by a flag, never by `is None`
