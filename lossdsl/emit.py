@@ -164,6 +164,12 @@ class Emitter:
                     self.argvar[r] = self.fresh("arg")
                     self.line(f"{self.argvar[r]} = -1")
             self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
+        stored = [r for r in summed if r in self.exp_store]
+        if stored:                                      # e^(b - m) into the gradient buffer: a loop
+            self.line("if want_grad:")                  # with no reduction, so LLVM vectorizes it
+            self.depth += 1
+            self.loop(kvar, size, stored, bodies, conds, bound | {k}, self.store_exp, peak)
+            self.depth -= 1
         if summed:                                      # pass 2: sums (shifted by the peak)
             for r in summed:
                 self.line(f"{acc[r]} = F(0.0)")
@@ -215,17 +221,16 @@ class Emitter:
             self.line(f"{acc[r]} += {b}")
         elif isinstance(r, LogSumExp) and r in self.exp_store:
             # the gradient pass reuses e^(b - m) from the buffer: one exp per element in all
-            buf, _ = self.exp_store[r]
-            e = self.fresh("e")
-            self.line(f"{e} = _exp({b} - {peak[r]})")
-            self.line(f"{acc[r]} += {e}")
-            self.line("if want_grad:")
-            self.line(f"    {self.element_code(buf, kvar)} = {e}")
+            self.line(f"{acc[r]} += {self.element_code(self.exp_store[r][0], kvar)} if want_grad "
+                      f"else _exp({b} - {peak[r]})")
         elif isinstance(r, LogSumExp):   # e^(b - m); a -inf peak makes this NaN, finish() ignores it
             self.line(f"{acc[r]} += _exp({b} - {peak[r]})")
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
             self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
+
+    def store_exp(self, r, b, kvar, peak):
+        self.line(f"{self.element_code(self.exp_store[r][0], kvar)} = _exp({b} - {peak[r]})")
 
     def finish(self, r, acc, peak):
         if isinstance(r, LogSumExp):

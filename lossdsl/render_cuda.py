@@ -32,12 +32,13 @@ Under ``NUMBA_ENABLE_CUDASIM=1`` the module runs as Python: ``math`` is then swa
 instead of Python's exceptions, and float32 stays float32.
 """
 import math as _math
+import re
 
 import numpy as np
 
 from .emit import Emitter
 from .primitives import LogSumExp, Max, Min, Norm
-from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature, _hoist, _reuse_softmax
+from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature, _hoist
 
 MAXT = 256          # the most threads per block a generated kernel supports (a power of two)
 
@@ -236,10 +237,11 @@ class BlockEmitter(Emitter):
                     self.line(f"{peak[r]}, {a} = _barg{kind}({peak[r]}, {a}, shf, shi)")
                 else:                     # the shift of a logsumexp / norm: NaN-propagating max
                     self.line(f"{peak[r]} = _bmax({peak[r]}, shf)")
-        else:
+        elif getattr(step, "__func__", None) is Emitter.accumulate:
             acc, _ = state
             for r in group:
                 self.line(f"{acc[r]} = _bsum({acc[r]}, shf)")
+        # any other pass (e.g. storing e^(b - m) for the gradient) is per element: nothing to combine
 
 
 def render(compiled, dtype):
@@ -304,11 +306,12 @@ def _once(em, coop, lines):
 
 
 def _sample_body(em, compiled, sig, low, fn_array, size_var, coop):
+    # No _reuse_softmax here (the CPU stores e^(b - m) in the gradient buffer to save an exp):
+    # on the GPU an exp is cheap and memory traffic is not, so the gradient pass recomputes it
+    # and each row is read three times and written once.
     hoisted, maps = [], []
     for d in sig.inputs:
         g, idx = compiled.grads[d.name]
-        if len(d.axes) == 1:
-            g = _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
         if d.axes:
             maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
         else:
@@ -474,7 +477,20 @@ def _module(compiled, sig, dtype, kind, body):
     # arrays not wanted arrive empty: every write must be guarded by a flag, never by `is None`
     assert not any("is None" in ln or "is not None" in ln for ln in body), "a None check in a CUDA kernel"
     lines += ["    " + ln for ln in pre] + body + ["    " + ln for ln in post] + [""]
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    # helpers the printer calls that are plain math functions on the CPU side (_log1p, ...)
+    defined = set(re.findall(r"^def (\w+)\(", text, re.M))
+    extra = []
+    for used in sorted(set(re.findall(r"\b(_[a-z][a-z0-9_]*)\(", text)) - defined):
+        if hasattr(_math, used[1:]):
+            extra.append(f'\n@cuda.jit(device=True, inline="always")\ndef {used}(x):\n    return math.{used[1:]}(x)\n')
+        else:
+            raise NotImplementedError(f"the CUDA back end has no device function {used}")
+    if extra:
+        cut = text.index("\n@cuda.jit(device=True, inline=\"always\")\ndef _logcosh") if "def _logcosh" in text else \
+            text.index("\n\n@cuda.jit(device=True)")
+        text = text[:cut] + "\n" + "\n".join(extra) + text[cut:]
+    return text
 
 
 def sizes_of(compiled, axis_size):

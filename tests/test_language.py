@@ -450,6 +450,24 @@ loss ordinal "Cumulative binary decomposition for ordinal targets"
   loss = sum[k] bce(z[k], 1 if k < y else 0)
 """, ref=_ordinal, make=lambda rng: ((rng.normal(0, 2, (N, K)),), (np.array([0, 1, 3, 2, 0]),)))
 
+
+# 20. Confidence penalty: cross-entropy minus beta times the entropy of softmax(z), the entropy
+#     written with xlogy over a softmax local.
+def _confidence_penalty(z, y, beta=0.1):
+    p = softmax(z)
+    return _ce(z, y) + beta * xlogy(p, p).sum(-1)
+
+
+case("confidence_penalty", """
+# Confidence penalty (Pereyra et al., 2017): L = CE(z, y) - beta H(softmax(z))
+loss confidence_penalty "Cross-entropy with an entropy (confidence) penalty"
+  input  z[K]
+  target y : class(K)
+  param  beta = 0.1 : nonnegative
+  p[k] = exp(z[k] - logsumexp[j] z[j])
+  loss = cross_entropy(z, y) + beta * sum[k] xlogy(p[k], p[k])
+""", ref=_confidence_penalty, make=_class_data, params={"beta": 0.7})
+
 NAMES = list(CASES)
 
 
@@ -719,3 +737,91 @@ def test_barlow_twins_is_invariant_to_feature_affine_maps():
     np.testing.assert_allclose(gb2, gb, rtol=1e-9, atol=1e-12)
     # the gradient of a standardized feature is orthogonal to a shift of that feature
     np.testing.assert_allclose(ga.sum(0), 0.0, atol=1e-12)
+
+
+def test_shadowed_reduction_index_is_a_located_name_error():
+    """Not a bug, a trap: a reduction body is the whole product/quotient term (Σ convention), so
+    in `sum[d] x1[d] * x2[d] / (norm[d] x1[d] ...)` the norm's `d` is inside the sum over `d`;
+    the compiler rejects the reuse with a located error instead of guessing."""
+    text = """
+loss cos_bad
+  input  x1[D], x2[D]
+  loss = sum[d] x1[d] * x2[d] / (norm[d] x1[d] * norm[e] x2[e])
+"""
+    with pytest.raises(lossdsl.LossNameError) as info:
+        lossdsl.compile(text)
+    assert "<string>:4:34:" in str(info.value) and "shadows" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# Compiler failures found with these losses (strict xfails: they start passing when fixed)
+# --------------------------------------------------------------------------------------
+
+POWER = """
+loss param_power
+  input  x
+  param  gamma = 2 : nonnegative
+  loss = x^gamma
+"""
+
+RELU_POWER = """
+loss relu_power
+  input  x
+  param  gamma = 2 : nonnegative
+  loss = relu(x)^gamma
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "d/dx of x^gamma with a param exponent is emitted as gamma*x^gamma/x (lossdsl grad prints "
+    "it so), which is 0/0 = NaN where the base is 0 although the derivative gamma*x^(gamma-1) "
+    "is 0 for gamma > 1: `loss = x^gamma` at x = 0 gives gradient nan; `loss = relu(x)^gamma` "
+    "gives nan for every x <= 0 (gamma*[x > 0]*Max2(0, x)^gamma/Max2(0, x))"))
+@pytest.mark.parametrize("gamma", [2.0, 3.0, 1.5])
+def test_param_power_gradient_where_the_base_is_zero(gamma):
+    f = lossdsl.compile(POWER)["param_power"]
+    v, (g,) = f.value_and_grad(np.array([0.0, 0.5, 2.0]), reduction="none", gamma=gamma)
+    np.testing.assert_allclose(v, [0.0, 0.5 ** gamma, 2.0 ** gamma], rtol=1e-14)
+    np.testing.assert_allclose(g, [0.0, gamma * 0.5 ** (gamma - 1), gamma * 2.0 ** (gamma - 1)], rtol=1e-13)
+    f = lossdsl.compile(RELU_POWER)["relu_power"]
+    v, (g,) = f.value_and_grad(np.array([-1.0, 0.0, 0.5]), reduction="none", gamma=gamma)
+    np.testing.assert_allclose(g, [0.0, 0.0, gamma * 0.5 ** (gamma - 1)], rtol=1e-13)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "softmax focal loss (1 - p_y)^gamma * cross_entropy(z, y) on a confident row "
+    "(z = [40, 0, 0, 0], y = 0, so 1 - p_y rounds to 0): value 0, every gradient element nan for "
+    "any gamma (0, 0.5, 2; float32 and float64): the same gamma*b^gamma/b form as "
+    "test_param_power_gradient_where_the_base_is_zero; the true gradient is ~0"))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_focal_gradient_on_a_confident_row(dtype):
+    f = compiled("softmax_focal")
+    z = np.array([[40.0, 0.0, 0.0, 0.0], [3.0, 1.0, 0.0, -1.0]], dtype)
+    y = np.array([0, 0])
+    for gamma in (0.0, 0.5, 2.0):
+        v, (g,) = f.value_and_grad(z, y, reduction="none", gamma=gamma)
+        assert np.all(np.isfinite(g)), (gamma, g)
+        want = CASES["softmax_focal"]["ref"](z.astype(np.float64), y, gamma=gamma)
+        np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-30)
+        np.testing.assert_allclose(g[0], 0.0, atol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "entropy of a softmax with a -inf (masked) logit: `p[k] = exp(z[k] - logsumexp[j] z[j])`, "
+    "`loss = sum[k] xlogy(p[k], p[k])` at z = [-inf, 0, 1, 2] gives a finite value but every "
+    "gradient element nan (the xlogy derivative log(p) + 1 = -inf times p = 0); LANGUAGE.md §1: a "
+    "-inf logit of a non-target class is a mask with zero gradient, and at z0 = -800 the kernel "
+    "gives the right limit. Hits confidence_penalty and js_divergence too"))
+@pytest.mark.parametrize("name,target", [
+    ("confidence_penalty", np.array([2])),
+    ("js_divergence", np.array([[0.0, 0.2, 0.3, 0.5]])),
+])
+def test_masked_logit_in_an_entropy_term(name, target):
+    f = compiled(name)
+    z = np.array([[-np.inf, 0.0, 1.0, 2.0]])
+    v, (g,) = f.value_and_grad(z, target, reduction="none")
+    v_lim, (g_lim,) = f.value_and_grad(np.array([[-800.0, 0.0, 1.0, 2.0]]), target, reduction="none")
+    np.testing.assert_allclose(v, v_lim, rtol=1e-12)
+    assert np.all(np.isfinite(g)), g
+    np.testing.assert_allclose(g, g_lim, rtol=1e-12, atol=1e-300)
+    assert g[0, 0] == 0.0
