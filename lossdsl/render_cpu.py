@@ -248,8 +248,13 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         return
     em.line("if want_grad:")
     em.depth += 1
-    for name, fn, idx, axes, expr in compiled.adjoints:
-        em.line(f"{buffers[fn]} = np.empty({shape(axes)}, F)    # d loss / d {name}")
+    forward = {name: fn for name, fn, *_ in compiled.locals}
+    later = [e for *_, e in compiled.adjoints] + [g for g, _ in compiled.grads.values()]
+    for i, (name, fn, idx, axes, expr) in enumerate(compiled.adjoints):
+        if _overwritable(forward[name], expr, idx, later[i + 1:]):
+            em.line(f"{buffers[fn]} = {buffers[forward[name]]}    # d loss / d {name}, in place of {name}")
+        else:
+            em.line(f"{buffers[fn]} = np.empty({shape(axes)}, F)    # d loss / d {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", expr, idx, axes, size_var, low, True)
     if scalar_grads:
         em.scope(scalar_grads, set())
@@ -340,6 +345,29 @@ def _hoist(g, idx, hoisted, em):
         return g
     args = [_hoist(a, idx, hoisted, em) for a in g.args]
     return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
+
+
+def _overwritable(fn, expr, idx, later):
+    """Can the adjoint of local ``fn`` be written over ``fn``'s own buffer?
+
+    Yes if no later stage reads ``fn`` and the adjoint at idx = (a, ...) reads ``fn`` only at
+    idx itself or through reductions over row a alone (computed, at the row level of the parallel
+    loop, before the row is overwritten). Then ntxent keeps one N x N buffer, not two.
+    """
+    if any(e.has(fn) for e in later):
+        return False
+    row = idx[0]
+
+    def reads_ok(e, inside_row_reduction):
+        if getattr(e, "func", None) == fn:
+            return tuple(e.args) == tuple(idx) or (inside_row_reduction and e.args[0] == row)
+        if isinstance(e, Reduce):
+            free = {s for s in e.free_symbols if s in idx}
+            inside_row_reduction = free <= {row}
+            if not inside_row_reduction and e.has(fn):
+                return False
+        return all(reads_ok(a, inside_row_reduction) for a in e.args)
+    return reads_ok(expr, False)
 
 
 def _map_loop(em, target, factor, g, idx, axes, size_var, low, parallel):

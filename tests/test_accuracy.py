@@ -153,6 +153,11 @@ KNOWN = {
                            "to 1 (0 vs 1.6e-19); +inf logits give NaN",
     ("kl_div", "float32"): "measured: z p99 20.6 (bits), 8 NaN where finite (adversarial), value mean 4.65 "
                            "(adversarial): same causes as float64",
+    ("mse", "float64"): "measured: yhat gradient 1 inf where the truth is finite (adversarial, yhat = y = "
+                        "-1.8e308): the gradient is printed as -2·y + 2·yhat and 2·y overflows (stable: "
+                        "2·(yhat - y)); since cd03345 (kernels without reassoc)",
+    ("mse", "float32"): "measured: yhat gradient 3 inf where finite, p99 32 bits (adversarial, yhat = y = -3.4e38: "
+                        "inf vs 0): -2·y + 2·yhat overflows",
     ("multiclass_hinge", "float64"): "measured: value mean 6.07 p99 62 (adversarial): margin - z_y + max z is "
                                      "summed left to right, so equal logits 1e30 give 0 vs 1 (stable: margin + "
                                      "(max - z_y)); z: a NaN logit is dropped from the gradient (0 vs NaN)",
