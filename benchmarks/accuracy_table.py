@@ -218,7 +218,9 @@ def main(argv=None):
              "subnormals, exp's overflow edges, near ties, masked classes, zero probabilities), the default "
              "params and one alternate set; vector losses with K = %d. 'non-finite' counts NaN/inf where the "
              "truth is finite. Gradients are with respect to the first input, through each library's autodiff "
-             "(optax and Keras formulas transcribed op for op into torch, so torch autograd plays JAX/TF)."
+             "(optax and Keras formulas transcribed op for op into torch, so torch autograd plays JAX/TF). "
+             "Nothing is excluded here: the cancellation of σ(z) - y next to a soft label counts against "
+             "every library alike (tests/test_accuracy.py excludes it for lossdsl, and says why)."
              % (a.points, SIZE), ""]
     if torch is None:
         lines.append("torch is not installed here: only lossdsl is measured.\n")

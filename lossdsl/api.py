@@ -315,6 +315,9 @@ class _Call:
         if weight is None:
             self.weight = None
             return
+        if loss._defn.batch:
+            raise ArgumentError(f"loss '{loss.name}' couples its batch (axis {loss._defn.batch}) into one value: "
+                                f"per-sample weight does not apply")
         w = np.asarray(weight)
         if w.dtype.kind not in "fiub":
             raise ArgumentError(f"loss '{loss.name}': weight must be numeric, got {w.dtype}")

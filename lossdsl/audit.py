@@ -262,7 +262,8 @@ class _Sampler:
             r = rng.integers(0, 9)
             y = int(classes[i]) if classes is not None else int(rng.integers(0, k))
             if r == 0:      # huge equal logits
-                z[i] = dt.type(rng.choice([1e30, -1e30, 1e300, fmax, 88.7, 1000.0]))
+                with np.errstate(over="ignore"):
+                    z[i] = dt.type(rng.choice([1e30, -1e30, 1e300, fmax, 88.7, 1000.0]))
             elif r == 1:    # -inf masked classes (not the target)
                 base = self.cast(rng.uniform(-self.scale, self.scale, k))
                 m = rng.random(k) < 0.5
@@ -307,7 +308,8 @@ class _Sampler:
         rng, dt = self.rng, self.dtype
         r = rng.integers(0, 6, n)
         fin = np.isfinite(a)
-        step = np.nextafter(a, dt.type(np.inf))
+        with np.errstate(over="ignore"):
+            step = np.nextafter(a, dt.type(np.inf))
         tiny = self.cast(a.astype(np.float64) + rng.choice([1e-4, -1e-4, 1e-8, 1.0, -1.0, 1e-3], n))
         b[:] = np.where(fin & (r == 0), a, np.where(fin & (r == 1), step, np.where(fin & (r == 2), tiny, b)))
 
@@ -375,7 +377,7 @@ def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLE
             for j, i in enumerate(sel):
                 point = {n: arrays[n][i] for n in loss.inputs + loss.targets}
                 values = dict(point, **pvals, **sizes)
-                any_nan = any(np.isnan(np.asarray(point[n], dtype=np.float64)).any() for n in loss.inputs)
+                any_nan = any(np.isnan(np.asarray(point[n]).astype(np.float64)).any() for n in loss.inputs)
                 for o in outputs:
                     ev = evals[o]
                     if o == "value":

@@ -54,7 +54,7 @@ def compile_definition(defn, lookup, stable=True):
 
         def after(e):
             # zero_weights guards only the forward pass: its Piecewise carries into the gradient.
-            return stabilize(e, None, None, fired)
+            return stabilize(e, None, None, fired, gradient=True)
     else:
         before = after = naive
     expr = before(low.expr)

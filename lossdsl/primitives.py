@@ -14,7 +14,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "Max2", "Min2", "log1p", "expm1",
            "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select"]
+           "substitute", "naive", "expand", "Select", "mul0"]
 
 
 def _power(text, exp):
@@ -117,6 +117,20 @@ class xdivy(_Elementwise):
 
     def naive(self):
         return self.args[0] / self.args[1]
+
+
+class mul0(_Elementwise):
+    """a·b, except 0 where a = 0: a vanishing factor (an underflowed e^u) decides the product
+    even when b is infinite (0·inf is NaN)."""
+    nargs = 2
+    latex_name = "mul0"
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return b if argindex == 1 else a
+
+    def naive(self):
+        return self.args[0] * self.args[1]
 
 
 class xlogy(_Elementwise):

@@ -111,6 +111,11 @@ def _xlogy(x, y):
 
 
 @numba.njit(inline="always")
+def _mul0(a, b):
+    return F(0.0) if a == 0 else a * b
+
+
+@numba.njit(inline="always")
 def _xdivy(x, y):
     if x == 0 and y == y:
         return F(0.0)

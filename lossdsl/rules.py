@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, sigmoid, softplus, xdivy, xlogy)
+from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, mul0, sigmoid, softplus, substitute,
+                         xdivy, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -47,6 +48,59 @@ def _one_minus_sigmoid(node):
         if isinstance(t, sp.Mul) and t.args[0] == -1 and len(t.args) == 2 and isinstance(t.args[1], sigmoid):
             rest = [a for a in node.args if a not in (sp.S.One, t)]
             return sp.Add(sigmoid(-t.args[1].args[0]), *rest)
+    return None
+
+
+def _one_minus_exp(node):
+    # 1 - e^a (possibly inside a longer sum) -> -expm1(a): 1 - softmax_y of a confident row
+    if not node.is_Add or sp.S.One not in node.args:
+        return None
+    for t in node.args:
+        if isinstance(t, sp.Mul) and t.args[0] == -1 and len(t.args) == 2 and isinstance(t.args[1], sp.exp):
+            rest = [a for a in node.args if a not in (sp.S.One, t)]
+            return sp.Add(-expm1(t.args[1].args[0]), *rest)
+    return None
+
+
+def _one_minus_softmax(node):
+    # 1 - e^(b_t - logsumexp_k b_k) -> Σ_{k != t} e^(b_k - logsumexp): 1 - p_y of a confident row
+    # is 1e-17, not 0 (the logsumexp itself rounds to b_t)
+    if not node.is_Add or sp.S.One not in node.args:
+        return None
+    for t in node.args:
+        if not (t.is_Mul and t.args[0] == -1 and len(t.args) == 2 and isinstance(t.args[1], sp.exp)):
+            continue
+        for r in t.args[1].args[0].atoms(LogSumExp):
+            if r.cond is not sp.true:
+                continue
+            for at in _element_indices(r.body, r.index, t.args[1].args[0] + r):
+                if at is not None:
+                    rest = [a for a in node.args if a not in (sp.S.One, t)]
+                    return sp.Add(Sum(r.index, r.size, sp.exp(r.body - r), sp.Ne(r.index, at)), *rest)
+    return None
+
+
+def _element_indices(body, k, target):
+    """The t with body(k := t) == target, tried over the index arguments of body's elements."""
+    for el in body.atoms(sp.core.function.AppliedUndef):
+        for i, a in enumerate(el.args):
+            if a == k:
+                yield next((other.args[i] for other in target.atoms(sp.core.function.AppliedUndef)
+                            if other.func == el.func and substitute(body, {k: other.args[i]}) == target),
+                           None)
+
+
+def _pow_combine(node):
+    # γ·b^γ/b -> γ·b^(γ-1): sympy's derivative of b^γ is 0/0 at b = 0 where the truth is 0 (γ > 1)
+    if not node.is_Mul:
+        return None
+    bases = {}
+    for f in node.args:
+        b, e = f.as_base_exp()
+        bases.setdefault(b, []).append(e)
+    if any(len(es) > 1 and any(not e.is_number for e in es) for es in bases.values()):
+        new = sp.powsimp(node, combine="exp", deep=False)
+        return new if new != node else None
     return None
 
 
@@ -123,6 +177,13 @@ NODE_RULES = (
          sp.exp(x) / (1 + sp.exp(x)), sigmoid(x), (800.0,)),
     Rule("sigmoid_reciprocal", "1 / (1 + e^-x) = σ(x); e^-x overflows for x < -709, giving 0 for e^x",
          1 / (1 + sp.exp(-x)), sigmoid(x), (-740.0,)),
+    Rule("one_minus_softmax", "1 - softmax_t = Σ_{k≠t} softmax_k; the subtraction cancels to 0 for a "
+                              "confident row (the logsumexp rounds to the top logit)", None, None, (),
+         _one_minus_softmax),
+    Rule("one_minus_exp", "1 - e^x = -expm1(x); cancels to 0 for |x| < 1e-16 (1 - p of a confident softmax)",
+         1 - sp.exp(x), -expm1(x), (1e-17,), _one_minus_exp),
+    Rule("pow_combine", "γ·b^γ/b = γ·b^(γ-1), the derivative of b^γ, is 0/0 at b = 0",
+         x ** y / x, x ** (y - 1), (0.0, 2.0), _pow_combine, post=True),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",
@@ -206,9 +267,47 @@ def _may_be_infinite(e, is_input):
     return True
 
 
+def _annihilate(expr, excluded=frozenset()):
+    """In a gradient, a factor that is 0 decides the product, even against inf or NaN partners.
+
+    [cond]·A is A where cond holds and 0 elsewhere (relu(x)^γ at x < 0 has A = 0^(γ-1) = inf);
+    e^u·A is 0 where e^u underflows to 0 (the entropy term p·log p of a masked logit has
+    A = log p = -inf).
+    """
+    if expr.is_Atom or isinstance(expr, (Reduce, mul0)):
+        if isinstance(expr, Reduce):
+            k, size, body, cond = expr.args
+            return expr.func(k, size, _annihilate(body, excluded), cond)
+        return expr
+    if isinstance(expr, sp.Piecewise):
+        pieces, seen = [], set(excluded)
+        for ex, c in expr.args:
+            pieces.append((_annihilate(ex, frozenset(seen)), c))
+            seen.add(c)
+        return sp.Piecewise(*pieces)
+    args = [_annihilate(a, excluded) for a in expr.args]
+    new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    if not new.is_Mul:
+        return new
+    for f in new.args:
+        if isinstance(f, sp.Piecewise) and len(f.args) == 2 and f.args[0].expr == 1 and f.args[1].expr == 0:
+            rest = list(new.args)
+            rest.remove(f)
+            return sp.Piecewise((sp.Mul(*rest), f.args[0].cond), (sp.S.Zero, True))
+    unbounded = [f for f in new.args if _may_be_infinite(f, lambda e: True)]
+    for f in new.args:
+        # e^u is never 0 in exact arithmetic (so sympy drops Eq(e^u, 0)), but it is in floats
+        if isinstance(f, sp.exp) and len(unbounded) > 1:
+            rest = list(new.args)
+            rest.remove(f)
+            return mul0(f, sp.Mul(*rest))
+    return new
+
+
 ROOT_RULES = (
     Rule("hard_labels", _hard_labels.__doc__.splitlines()[0], None, None, (), None),
     Rule("zero_weights", _zero_weights.__doc__.splitlines()[0], None, None, (), None),
+    Rule("annihilate", _annihilate.__doc__.splitlines()[0], None, None, (), None),
 )
 
 
@@ -241,11 +340,12 @@ def _bottom_up(expr, fired):
     return _bottom_up(out, fired) if out is not None else new
 
 
-def stabilize(expr, facts=None, is_input=None, fired=None):
+def stabilize(expr, facts=None, is_input=None, fired=None, gradient=False):
     """Rewrite ``expr`` to its stable form.
 
     ``facts``: {Symbol: domain name} of scalar targets; ``is_input(e)``: does e depend on an
-    input (enables the zero_weights guard); ``fired`` collects the names of the rules that fired.
+    input (enables the zero_weights guard); ``fired`` collects the names of the rules that fired;
+    ``gradient``: the expression is a gradient (enables the annihilate pass).
     """
     fired = set() if fired is None else fired
     if facts:
@@ -262,5 +362,10 @@ def stabilize(expr, facts=None, is_input=None, fired=None):
         new = _zero_weights(expr, is_input)
         if new != expr:
             fired.add("zero_weights")
+            expr = new
+    if gradient:
+        new = _annihilate(expr)
+        if new != expr:
+            fired.add("annihilate")
             expr = new
     return expr

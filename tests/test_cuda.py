@@ -128,6 +128,7 @@ def test_kernels_compile_to_ptx(name, dtype, monkeypatch):
 def test_cuda_source_is_written_through_the_cache(tmp_path, monkeypatch):
     from lossdsl import jit
     monkeypatch.setenv("LOSSDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_loaded", {})          # other tests may have imported it already
     src = load("cross_entropy").source("cuda", "float32")
     assert "@cuda.jit" in src and "range(tid, " in src and "_bsum(" in src
     assert "F = np.float32" in src and "cuda.atomic.add(res, 0, total)" in src

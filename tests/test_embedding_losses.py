@@ -384,10 +384,6 @@ def test_ntxent_rejects_a_positive_outside_the_batch(losses):
         f(z, pos)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "weight= on the batch loss ntxent is accepted with the per-sample shape () and silently "
-    "ignored: f(z, pos, weight=np.array(2.0)) == f(z, pos). It must scale the value or raise "
-    "a LossError (weight does not apply to a batch loss)."))
 def test_ntxent_weight_is_not_silently_ignored(losses):
     f = losses["ntxent"]
     z, pos = ntxent_case(np.float64, seed=14)

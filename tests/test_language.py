@@ -536,17 +536,8 @@ def per_sample_shape(name, inputs):
     return x.shape[:x.ndim - len(axes)]
 
 
-# Failures found while writing these tests: {name: reason}; applied as strict xfails.
-KNOWN = {}
-
-
-def xfail_known(name):
-    if name in KNOWN:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN[name]))
-    return name
-
-
-PARAMS_NAMES = [xfail_known(n) for n in NAMES]
+# Every case passes; the compiler failures found with them are the strict xfails at the end.
+PARAMS_NAMES = NAMES
 
 
 # --------------------------------------------------------------------------------------
@@ -754,7 +745,7 @@ loss cos_bad
 
 
 # --------------------------------------------------------------------------------------
-# Compiler failures found with these losses (strict xfails: they start passing when fixed)
+# Compiler failures found with these losses, since fixed: kept as regression tests
 # --------------------------------------------------------------------------------------
 
 POWER = """
@@ -772,11 +763,6 @@ loss relu_power
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "d/dx of x^gamma with a param exponent is emitted as gamma*x^gamma/x (lossdsl grad prints "
-    "it so), which is 0/0 = NaN where the base is 0 although the derivative gamma*x^(gamma-1) "
-    "is 0 for gamma > 1: `loss = x^gamma` at x = 0 gives gradient nan; `loss = relu(x)^gamma` "
-    "gives nan for every x <= 0 (gamma*[x > 0]*Max2(0, x)^gamma/Max2(0, x))"))
 @pytest.mark.parametrize("gamma", [2.0, 3.0, 1.5])
 def test_param_power_gradient_where_the_base_is_zero(gamma):
     f = lossdsl.compile(POWER)["param_power"]
@@ -788,11 +774,6 @@ def test_param_power_gradient_where_the_base_is_zero(gamma):
     np.testing.assert_allclose(g, [0.0, 0.0, gamma * 0.5 ** (gamma - 1)], rtol=1e-13)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "softmax focal loss (1 - p_y)^gamma * cross_entropy(z, y) on a confident row "
-    "(z = [40, 0, 0, 0], y = 0, so 1 - p_y rounds to 0): value 0, every gradient element nan for "
-    "any gamma (0, 0.5, 2; float32 and float64): the same gamma*b^gamma/b form as "
-    "test_param_power_gradient_where_the_base_is_zero; the true gradient is ~0"))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_softmax_focal_gradient_on_a_confident_row(dtype):
     f = compiled("softmax_focal")
@@ -806,12 +787,6 @@ def test_softmax_focal_gradient_on_a_confident_row(dtype):
         np.testing.assert_allclose(g[0], 0.0, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "entropy of a softmax with a -inf (masked) logit: `p[k] = exp(z[k] - logsumexp[j] z[j])`, "
-    "`loss = sum[k] xlogy(p[k], p[k])` at z = [-inf, 0, 1, 2] gives a finite value but every "
-    "gradient element nan (the xlogy derivative log(p) + 1 = -inf times p = 0); LANGUAGE.md §1: a "
-    "-inf logit of a non-target class is a mask with zero gradient, and at z0 = -800 the kernel "
-    "gives the right limit. Hits confidence_penalty and js_divergence too"))
 @pytest.mark.parametrize("name,target", [
     ("confidence_penalty", np.array([2])),
     ("js_divergence", np.array([[0.0, 0.2, 0.3, 0.5]])),

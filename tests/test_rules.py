@@ -40,6 +40,7 @@ CASES = {
                       lambda v: np.exp(v) / (1 + np.exp(v))),
     "sigmoid_reciprocal": ("loss = 1 / (1 + exp(-x))", [-740.0], lambda v: 1 / (1 + M.exp(-v)),
                            lambda v: 1 / (1 + np.exp(-v))),
+    "one_minus_exp": ("loss = 1 - exp(x)", [1e-17], lambda v: -M.expm1(v), lambda v: 1 - np.exp(v)),
     "log1p": ("loss = log(1 + x)", [1e-17], lambda v: M.log1p(v), lambda v: np.log(1 + v)),
     "expm1": ("loss = exp(x) - 1", [1e-17], lambda v: M.expm1(v), lambda v: np.exp(v) - 1),
     "logcosh": ("loss = log(cosh(x))", [1000.0], lambda v: M.log(M.cosh(v)), lambda v: np.log(np.cosh(v))),
@@ -110,7 +111,7 @@ def test_rule_fires_on_its_template(rule):
 
 
 def test_every_rule_has_a_test():
-    tested = set(CASES) | {"tanh_grad"}
+    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -164,3 +165,39 @@ def test_rules_are_sympy_identities_on_loss_expressions():
         subs_t = {z: zv, y_: yv, g_: gv, a_: av}
         subs_o = {syms["z"]: zv, syms["y"]: yv, syms["gamma"]: gv, syms["alpha"]: av}
         assert abs(textbook.evalf(40, subs=subs_t) - ours.evalf(40, subs=subs_o)) < 1e-30
+
+
+def test_pow_combine_keeps_the_gradient_of_a_power_at_zero():
+    # d/dx x^γ is sympy's γ·x^γ/x: 0/0 = NaN at x = 0 where the truth is 0 (γ = 2)
+    f = lossdsl.compile("loss w\n  input x\n  param g = 2 : nonnegative\n  loss = x^g\n")["w"]
+    assert "pow_combine" in f.rules
+    _, (g,) = f.value_and_grad(np.array([0.0, 3.0]), reduction="sum", g=2.0)
+    assert g[0] == 0.0 and g[1] == 6.0
+    with np.errstate(all="ignore"):
+        assert np.isnan(2.0 * np.float64(0.0) ** 2.0 / np.float64(0.0))
+
+
+def test_one_minus_softmax_of_a_confident_row():
+    # 1 - softmax_y at z = [40, 0, 0, 0] is 3e^-40 = 1.27e-17; 1 - exp(z_y - logsumexp) is 0
+    f = lossdsl.compile("loss w\n  input z[K]\n  target y : class(K)\n"
+                        "  loss = 1 - exp(z[y] - logsumexp[k] z[k])\n")["w"]
+    assert "one_minus_softmax" in f.rules
+    z = np.array([[40.0, 0.0, 0.0, 0.0]])
+    v, (g,) = f.value_and_grad(z, np.array([0]), reduction="sum")
+    want = truth(lambda a: 3 * M.exp(-a) / (1 + 3 * M.exp(-a)), 40.0)
+    assert close(float(v), want, ulps=8)
+    assert 1 - np.exp(z[0, 0] - np.log(np.exp(z).sum())) == 0.0
+    assert np.all(np.isfinite(g)) and g[0, 1] > 0
+
+
+def test_annihilate_masked_logit_in_an_entropy_term():
+    # p·log p of a masked (-inf) logit: the gradient has (z - lse)·e^(z - lse) = -inf·0 = NaN;
+    # mul0 makes the underflowed exponential decide: the masked class gets gradient 0
+    f = lossdsl.compile("loss w\n  input z[K]\n  p[k] = exp(z[k] - logsumexp[j] z[j])\n"
+                        "  loss = sum[k] xlogy(p[k], p[k])\n")["w"]
+    masked = f.value_and_grad(np.array([[-np.inf, 0.0, 1.0, 2.0]]), reduction="sum")
+    far = f.value_and_grad(np.array([[-800.0, 0.0, 1.0, 2.0]]), reduction="sum")
+    assert "annihilate" in f.rules
+    assert masked[1][0][0, 0] == 0.0
+    np.testing.assert_allclose(masked[1][0], far[1][0], rtol=1e-14)
+    np.testing.assert_allclose(masked[0], far[0], rtol=1e-14)
