@@ -62,6 +62,10 @@ class Emitter:
         if isinstance(e, sp.core.function.AppliedUndef):
             return self.element(e.func, [self.index_code(a) for a in e.args])
         if e.is_Add:
+            # c·a + c·b is printed c·(a + b): -2y + 2ŷ as 2(ŷ - y), which does not overflow first
+            coeffs = {abs(a.as_coeff_Mul()[0]) for a in e.args}
+            if len(coeffs) == 1 and (c := coeffs.pop()) != 1 and c.is_Rational and c != 0:
+                return f"({self.code(c)}*{self.code(sp.Add(*[a / c for a in e.args]))})"
             parts = [self.code(a) for a in e.args]
             return "(" + " + ".join(parts) + ")"
         if e.is_Mul:

@@ -290,10 +290,11 @@ def _annihilate(expr, excluded=frozenset()):
     if not new.is_Mul:
         return new
     for f in new.args:
-        if isinstance(f, sp.Piecewise) and len(f.args) == 2 and f.args[0].expr == 1 and f.args[1].expr == 0:
+        if isinstance(f, sp.Piecewise) and any(ex == 0 for ex, _ in f.args):
+            # [cond]·A -> A where cond, else 0; (0 if c else w)·A -> 0 if c else w·A
             rest = list(new.args)
             rest.remove(f)
-            return sp.Piecewise((sp.Mul(*rest), f.args[0].cond), (sp.S.Zero, True))
+            return sp.Piecewise(*[(ex * sp.Mul(*rest) if ex != 0 else ex, c) for ex, c in f.args])
     unbounded = [f for f in new.args if _may_be_infinite(f, lambda e: True)]
     for f in new.args:
         # e^u is never 0 in exact arithmetic (so sympy drops Eq(e^u, 0)), but it is in floats

@@ -153,11 +153,6 @@ KNOWN = {
                            "to 1 (0 vs 1.6e-19); +inf logits give NaN",
     ("kl_div", "float32"): "measured: z p99 20.6 (bits), 8 NaN where finite (adversarial), value mean 4.65 "
                            "(adversarial): same causes as float64",
-    ("mse", "float64"): "measured: yhat gradient 1 inf where the truth is finite (adversarial, yhat = y = "
-                        "-1.8e308): the gradient is printed as -2·y + 2·yhat and 2·y overflows (stable: "
-                        "2·(yhat - y)); since cd03345 (kernels without reassoc)",
-    ("mse", "float32"): "measured: yhat gradient 3 inf where finite, p99 32 bits (adversarial, yhat = y = -3.4e38: "
-                        "inf vs 0): -2·y + 2·yhat overflows",
     ("multiclass_hinge", "float64"): "measured: value mean 6.07 p99 62 (adversarial): margin - z_y + max z is "
                                      "summed left to right, so equal logits 1e30 give 0 vs 1 (stable: margin + "
                                      "(max - z_y)); z: a NaN logit is dropped from the gradient (0 vs NaN)",
@@ -181,12 +176,12 @@ KNOWN = {
                             "±inf coordinates give NaN (adversarial, mean 24-30 bits)",
     ("triplet", "float32"): "measured: value mean 26.7, 28 NaN where finite (bits); gradients mean 12.8 (NaN "
                             "dropped); adversarial mean 14-18 bits: same causes as float64",
-    ("vae_elbo", "float64"): "measured: logvar gradient mean 26.4 bits, 16 non-finite where finite (bits): at "
-                             "beta = 0 and logvar = 9.8e201, beta/2·(exp(logvar) - 1) is 0·inf = NaN vs 0 (the "
-                             "zero_weights guard does not cover beta); the gradient at logvar=709.79 is inf vs "
-                             "9.05e307 (beta/2·e^s overflows before the halving); ±inf mu/logvar give NaN",
-    ("vae_elbo", "float32"): "measured: logvar gradient mean 11.5 bits, 8 non-finite where finite (bits); "
-                             "adversarial: 17 non-finite: same causes as float64",
+    ("vae_elbo", "float64"): "measured: logvar gradient 3 non-finite where finite, value 2 (adversarial): "
+                             "beta/2·expm1(logvar) overflows at logvar = 709.79 before the halving (inf vs "
+                             "9.05e307), and the value's sum of exp(logvar) terms overflows at logvar = -1.8e308 "
+                             "mixes (inf vs 8.99e307); the beta = 0 case (0·inf) is fixed by the annihilate pass",
+    ("vae_elbo", "float32"): "measured: logvar gradient non-finite where finite (adversarial): the same overflow "
+                             "of beta/2·expm1(logvar) before the halving as float64",
 }
 
 
