@@ -205,52 +205,80 @@ class _Call:
 
     def __init__(self, loss, args, reduction, weight, ignore_index, params):
         self.loss = loss
-        name = loss.name
-        decls = loss._inputs + loss._targets
-        if reduction not in REDUCTIONS:
-            raise ArgumentError(f"loss '{name}': reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if len(args) != len(decls):
-            raise ArgumentError(f"loss '{name}' takes {len(decls)} arrays ({', '.join(d.name for d in decls)}), "
-                                f"got {len(args)}")
-        for a, d in zip(args, decls):
-            if hasattr(a, "__cuda_array_interface__"):
-                raise ArgumentError(f"loss '{name}': argument '{d.name}' is a device array; "
-                                    f"the CUDA back end is not available yet")
+        self._check_call(args, reduction)
         arrays = [np.asarray(a) for a in args]
         ins = arrays[:len(loss._inputs)]
-        dtypes = {a.dtype for a in ins}
-        for a, d in zip(ins, loss._inputs):
-            if a.dtype not in (np.float32, np.float64):
-                raise ArgumentError(f"loss '{name}': input '{d.name}' must be float32 or float64, got {a.dtype}")
-        if len(dtypes) > 1:
-            raise ArgumentError(f"loss '{name}': inputs must share one dtype, got "
-                                + ", ".join(f"{d.name}: {a.dtype}" for a, d in zip(ins, loss._inputs)))
-        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
-        self._shapes(arrays, decls, loss)
+        self._check_inputs(ins)
+        self._shapes(arrays, loss._inputs + loss._targets, loss)
         self.inputs = [np.ascontiguousarray(a.reshape(self._layout(d))) for a, d in zip(ins, loss._inputs)]
         self.input_shapes = [a.shape for a in ins]
         self.targets = []
         for a, d in zip(arrays[len(ins):], loss._targets):
-            if d.domain.name == "class":
-                if a.dtype.kind not in "iu":
-                    raise ArgumentError(f"loss '{name}': target '{d.name}' is a class index and must be an "
-                                        f"integer array, got {a.dtype}")
-                a = a.astype(np.int64, copy=False)
-            elif a.dtype.kind not in "fiub":
-                raise ArgumentError(f"loss '{name}': target '{d.name}' must be numeric, got {a.dtype}")
-            else:
-                a = a.astype(self.dtype, copy=False)
+            self._check_target(a, d)
+            a = a.astype(np.int64 if d.domain.name == "class" else self.dtype, copy=False)
             self.targets.append(np.ascontiguousarray(a.reshape(self._layout(d))))
         self._params(params, loss)
-        self._weight(weight, loss)
-        has_class = any(d.domain.name == "class" and not d.axes for d in loss._targets)
-        if ignore_index is not None and not has_class:
-            raise ArgumentError(f"loss '{name}': ignore_index applies only to losses with a class target")
-        self.ignore = int(ignore_index) if ignore_index is not None else np.iinfo(np.int64).min
+        w = self._check_weight(None if weight is None else np.asarray(weight))
+        self.weight = None if w is None else \
+            np.ascontiguousarray(w.astype(self.dtype, copy=False).reshape(self.n_samples))
+        self._check_ignore(ignore_index)
         self.denominator = self.n_samples
         if ignore_index is not None:
             cls = next(t for t, d in zip(self.targets, loss._targets) if d.domain.name == "class" and not d.axes)
             self.denominator = int(np.count_nonzero(cls != self.ignore))
+
+    # The checks, shared with the device path (cuda_dispatch._DeviceCall) -----------------------
+    def _check_call(self, args, reduction):
+        loss = self.loss
+        decls = loss._inputs + loss._targets
+        if reduction not in REDUCTIONS:
+            raise ArgumentError(f"loss '{loss.name}': reduction must be one of {', '.join(REDUCTIONS)}, "
+                                f"got {reduction!r}")
+        if len(args) != len(decls):
+            raise ArgumentError(f"loss '{loss.name}' takes {len(decls)} arrays "
+                                f"({', '.join(d.name for d in decls)}), got {len(args)}")
+
+    def _check_inputs(self, ins):
+        """Inputs are float32 or float64, all of one dtype, which the kernel computes in."""
+        loss = self.loss
+        for a, d in zip(ins, loss._inputs):
+            if a.dtype not in (np.float32, np.float64):
+                raise ArgumentError(f"loss '{loss.name}': input '{d.name}' must be float32 or float64, "
+                                    f"got {a.dtype}")
+        dtypes = {a.dtype for a in ins}
+        if len(dtypes) > 1:
+            raise ArgumentError(f"loss '{loss.name}': inputs must share one dtype, got "
+                                + ", ".join(f"{d.name}: {a.dtype}" for a, d in zip(ins, loss._inputs)))
+        self.dtype = np.dtype(dtypes.pop()) if dtypes else np.dtype(np.float64)
+
+    def _check_target(self, a, d):
+        if d.domain.name == "class" and a.dtype.kind not in "iu":
+            raise ArgumentError(f"loss '{self.loss.name}': target '{d.name}' is a class index and must be an "
+                                f"integer array, got {a.dtype}")
+        if a.dtype.kind not in "fiub":
+            raise ArgumentError(f"loss '{self.loss.name}': target '{d.name}' must be numeric, got {a.dtype}")
+
+    def _check_weight(self, w):
+        """The weight array (host or device) after its checks, or None."""
+        loss = self.loss
+        if w is None:
+            return None
+        if loss._defn.batch:
+            raise ArgumentError(f"loss '{loss.name}' couples its batch (axis {loss._defn.batch}) into one value: "
+                                f"per-sample weight does not apply")
+        if w.dtype.kind not in "fiub":
+            raise ArgumentError(f"loss '{loss.name}': weight must be numeric, got {w.dtype}")
+        if tuple(w.shape) != tuple(self.sample_shape):
+            raise ArgumentError(f"loss '{loss.name}': weight must have the per-sample shape "
+                                f"{self.sample_shape}, got {w.shape}")
+        return w
+
+    def _check_ignore(self, ignore_index):
+        loss = self.loss
+        has_class = any(d.domain.name == "class" and not d.axes for d in loss._targets)
+        if ignore_index is not None and not has_class:
+            raise ArgumentError(f"loss '{loss.name}': ignore_index applies only to losses with a class target")
+        self.ignore = int(ignore_index) if ignore_index is not None else np.iinfo(np.int64).min
 
     def _shapes(self, arrays, decls, loss):
         """Bind axis sizes and the sample shape; everything must agree."""
@@ -310,21 +338,6 @@ class _Call:
                 raise DomainError(f"loss '{loss.name}': param '{p.name}' = {v:g} is outside its domain "
                                   f"'{p.domain}'")
             self.param_values.append(self.dtype.type(v))
-
-    def _weight(self, weight, loss):
-        if weight is None:
-            self.weight = None
-            return
-        if loss._defn.batch:
-            raise ArgumentError(f"loss '{loss.name}' couples its batch (axis {loss._defn.batch}) into one value: "
-                                f"per-sample weight does not apply")
-        w = np.asarray(weight)
-        if w.dtype.kind not in "fiub":
-            raise ArgumentError(f"loss '{loss.name}': weight must be numeric, got {w.dtype}")
-        if w.shape != self.sample_shape:
-            raise ArgumentError(f"loss '{loss.name}': weight must have the per-sample shape "
-                                f"{self.sample_shape}, got {w.shape}")
-        self.weight = np.ascontiguousarray(w.astype(self.dtype, copy=False).reshape(self.n_samples))
 
     def raise_bad_targets(self):
         """The kernel counted bad targets: find the first and say what was expected."""

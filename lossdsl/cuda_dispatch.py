@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from . import jit, render_cuda
-from .api import REDUCTIONS, _Call
+from .api import _Call
 from .errors import ArgumentError, LossError
 
 THREADS = int(os.environ.get("LOSSDSL_CUDA_THREADS", "0"))   # 0: 32 under the simulator, else 256
@@ -72,11 +72,7 @@ class _DeviceCall(_Call):
         self.loss = loss
         name = loss.name
         decls = loss._inputs + loss._targets
-        if reduction not in REDUCTIONS:
-            raise ArgumentError(f"loss '{name}': reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if len(args) != len(decls):
-            raise ArgumentError(f"loss '{name}' takes {len(decls)} arrays ({', '.join(d.name for d in decls)}), "
-                                f"got {len(args)}")
+        self._check_call(args, reduction)
         where = [d.name for a, d in zip(args, decls) if is_device(a)] + (["weight"] if is_device(weight) else [])
         host = [d.name for a, d in zip(args, decls) if not is_device(a)]
         if weight is not None and not is_device(weight):
@@ -88,14 +84,7 @@ class _DeviceCall(_Call):
                                 f"device: pass all arrays on the device, or all on the host")
         arrays = [_as_device(a) for a in args]
         ins = arrays[:len(loss._inputs)]
-        for a, d in zip(ins, loss._inputs):
-            if a.dtype not in (np.float32, np.float64):
-                raise ArgumentError(f"loss '{name}': input '{d.name}' must be float32 or float64, got {a.dtype}")
-        dtypes = {a.dtype for a in ins}
-        if len(dtypes) > 1:
-            raise ArgumentError(f"loss '{name}': inputs must share one dtype, got "
-                                + ", ".join(f"{d.name}: {a.dtype}" for a, d in zip(ins, loss._inputs)))
-        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+        self._check_inputs(ins)
         self._shapes(arrays, decls, loss)
         for a, d in zip(arrays, decls):
             _contiguous(a, name, d.name)
@@ -103,28 +92,14 @@ class _DeviceCall(_Call):
         self.input_shapes = [a.shape for a in ins]
         self.targets = []
         for a, d in zip(arrays[len(ins):], loss._targets):
-            if d.domain.name == "class":
-                if a.dtype.kind not in "iu":
-                    raise ArgumentError(f"loss '{name}': target '{d.name}' is a class index and must be an "
-                                        f"integer array, got {a.dtype}")
-            elif a.dtype.kind not in "fiub":
-                raise ArgumentError(f"loss '{name}': target '{d.name}' must be numeric, got {a.dtype}")
+            self._check_target(a, d)
             self.targets.append(a.reshape(self._layout(d)))     # converted to the dtype on load
         self._params(params, loss)
-        self.weight = None
-        if weight is not None:
-            w = _as_device(weight)
-            if w.dtype.kind not in "fiub":
-                raise ArgumentError(f"loss '{name}': weight must be numeric, got {w.dtype}")
-            if tuple(w.shape) != tuple(self.sample_shape):
-                raise ArgumentError(f"loss '{name}': weight must have the per-sample shape "
-                                    f"{self.sample_shape}, got {w.shape}")
+        w = self._check_weight(None if weight is None else _as_device(weight))
+        if w is not None:
             _contiguous(w, name, "weight")
-            self.weight = w.reshape(self.n_samples)
-        has_class = any(d.domain.name == "class" and not d.axes for d in loss._targets)
-        if ignore_index is not None and not has_class:
-            raise ArgumentError(f"loss '{name}': ignore_index applies only to losses with a class target")
-        self.ignore = int(ignore_index) if ignore_index is not None else np.iinfo(np.int64).min
+        self.weight = None if w is None else w.reshape(self.n_samples)
+        self._check_ignore(ignore_index)
         self.ignore_given = ignore_index is not None
 
     def raise_bad_targets(self):

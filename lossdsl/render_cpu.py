@@ -155,6 +155,7 @@ class Signature:
     """The kernel's arguments, and how sympy atoms map onto them."""
 
     def __init__(self, compiled):
+        self.compiled = compiled
         defn = compiled.definition
         low = compiled.lowered
         self.inputs = [d for d in defn.of_kind("input")]
@@ -165,6 +166,18 @@ class Signature:
         self.array_of = {d.name: f"a{i}" for i, d in enumerate(self.inputs + self.targets)}
         self.grad_of = {d.name: f"g{i}" for i, d in enumerate(self.inputs)}
         self.has_class = any(d.domain.name == "class" for d in self.targets)
+
+    def bindings(self):
+        """How the sympy atoms print: params p0.., sizes F(K0).., this sample's scalars v_a0..;
+        the arrays of the vector inputs and targets; and the size variable of each axis."""
+        low = self.compiled.lowered
+        names = {low.scalars[d.name]: f"p{i}" for i, d in enumerate(self.params)}
+        names.update({low.sizes[a]: f"F(K{i})" for i, a in enumerate(self.sizes)})
+        scalar_vars = {d.name: "v_" + self.array_of[d.name] for d in self.inputs + self.targets if not d.axes}
+        names.update({low.scalars[n]: v for n, v in scalar_vars.items()})
+        fn_array = {low.arrays[d.name][0]: self.array_of[d.name] for d in self.inputs + self.targets if d.axes}
+        size_var = {low.sizes[a]: f"K{i}" for i, a in enumerate(self.sizes)}
+        return names, scalar_vars, fn_array, size_var
 
     def args(self):
         names = [self.array_of[d.name] for d in self.inputs + self.targets]
@@ -180,18 +193,7 @@ def render(compiled, dtype):
     sig = Signature(compiled)
     low = compiled.lowered
     lead = "" if sig.batch else "n, "
-    names = {}
-    for i, d in enumerate(sig.params):
-        names[low.scalars[d.name]] = f"p{i}"
-    for i, a in enumerate(sig.sizes):
-        names[low.sizes[a]] = f"F(K{i})"
-    scalar_vars = {}
-    for d in sig.inputs + sig.targets:
-        if not d.axes:
-            var = "v_" + sig.array_of[d.name]
-            names[low.scalars[d.name]] = var
-            scalar_vars[d.name] = var
-    fn_array = {low.arrays[d.name][0]: sig.array_of[d.name] for d in sig.inputs + sig.targets if d.axes}
+    names, scalar_vars, fn_array, size_var = sig.bindings()
     buffers = {fn: f"L{i}" for i, (_, fn, *_) in enumerate(compiled.locals)}
     buffers.update({fn: f"D{i}" for i, (_, fn, *_) in enumerate(compiled.adjoints)})
 
@@ -202,7 +204,6 @@ def render(compiled, dtype):
 
     em = Emitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]")
     em.depth = 2
-    size_var = {low.sizes[a]: f"K{i}" for i, a in enumerate(sig.sizes)}
     for d in sig.inputs + sig.targets:          # scalars of this sample
         if not d.axes:
             em.line(f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[{'0' if sig.batch else 'n'}]")

@@ -252,16 +252,7 @@ def render(compiled, dtype):
     coop = kind != "elementwise"
     row = "0" if sig.batch else "n"
     lead = "" if sig.batch else "n, "
-    names = {}
-    for i, d in enumerate(sig.params):
-        names[low.scalars[d.name]] = f"p{i}"
-    for i, a in enumerate(sig.sizes):
-        names[low.sizes[a]] = f"F(K{i})"
-    scalar_vars = {}
-    for d in sig.inputs + sig.targets:
-        if not d.axes:
-            scalar_vars[d.name] = names[low.scalars[d.name]] = "v_" + sig.array_of[d.name]
-    fn_array = {low.arrays[d.name][0]: sig.array_of[d.name] for d in sig.inputs + sig.targets if d.axes}
+    names, scalar_vars, fn_array, size_var = sig.bindings()
     # targets arrive in their own dtype (no host-side copy): real-valued ones are converted on load
     cast = {sig.array_of[d.name] for d in sig.targets if d.domain.name != "class"}
     bufs = {}
@@ -278,7 +269,6 @@ def render(compiled, dtype):
 
     em = BlockEmitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]", coop)
     em.depth = 2
-    size_var = {low.sizes[a]: f"K{i}" for i, a in enumerate(sig.sizes)}
     for d in sig.inputs + sig.targets:
         if not d.axes:
             arr = sig.array_of[d.name]
