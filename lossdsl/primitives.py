@@ -161,7 +161,9 @@ class Max2(_Elementwise):
         return indicator(a >= b) if argindex == 1 else indicator(a < b)
 
     def naive(self):
-        return sp.Max(*self.args)
+        # as a Piecewise, not sympy's Max, whose derivative is a Heaviside
+        a, b = self.args
+        return sp.Piecewise((a, a >= b), (b, True))
 
 
 class Min2(_Elementwise):
@@ -174,7 +176,8 @@ class Min2(_Elementwise):
         return indicator(a <= b) if argindex == 1 else indicator(a > b)
 
     def naive(self):
-        return sp.Min(*self.args)
+        a, b = self.args
+        return sp.Piecewise((a, a <= b), (b, True))
 
 
 class Reduce(sp.Function):
