@@ -19,7 +19,7 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .emit import Emitter
-from .primitives import IsArg, LogSumExp, Reduce, substitute
+from .primitives import IsArg, LogSumExp, Reduce, Sum, substitute
 
 EXP32 = '''
 @intrinsic
@@ -380,22 +380,55 @@ def _map_loop(em, target, factor, g, idx, axes, size_var, low, parallel):
     """for idx...: target[idx] = factor * g(idx); reductions computed at the outermost loop
     level where their indices are bound (a row's norm once per row, not once per element)."""
     saved = dict(em.known), dict(em.reduction_symbol)
-    loops, bound = [], set()
+    loops = [em.fresh("j") for _ in idx]
+    bound = set()
     for level, (s, axis) in enumerate(zip(idx, axes)):
-        var = em.fresh("j")
-        em.loop_vars[s] = var
+        em.loop_vars[s] = loops[level]
         loop = "numba.prange" if parallel and level == 0 else "range"
-        em.line(f"for {var} in {loop}({size_var[low.sizes[axis]]}):")
+        em.line(f"for {loops[level]} in {loop}({size_var[low.sizes[axis]]}):")
         em.depth += 1
-        loops.append(var)
         bound.add(s)
         if level < len(idx) - 1:
             em.reductions([g], bound)
+        if level == len(idx) - 2:
+            _row_sums(em, g, idx[-1], loops[-1], size_var[low.sizes[axes[-1]]], bound)
     gv = em.fresh("gv")
     em.scope([(gv, g)], bound)
     em.line(f"{target.format(', '.join(loops))} = {factor}{gv}")
     em.depth -= len(idx)
     em.known, em.reduction_symbol = saved
+
+
+def _row_sums(em, g, last, last_var, last_size, bound):
+    """Sums over k that depend on the innermost map index l, reading l only as the last index of
+    its arrays, become one vector of accumulators per row: for k: for l: acc[l] += b(k, l).
+    The inner loop has no reduction, so it vectorizes without reassociation, and it walks memory
+    in order (d loss/d u[m, l] = Σ_i d_s[i, m]·u[i, l] reads u by rows, not by columns)."""
+    for r in list(g.atoms(Sum)):
+        if r in em.known or last not in r.free_symbols or r.body.atoms(Reduce):
+            continue
+        if not all(s in em.names or s in bound or s == last for s in r.free_symbols):
+            continue
+        uses = [a for a in r.body.atoms(AppliedUndef) if last in a.free_symbols]
+        if not all(a.args[-1] == last and all(last not in x.free_symbols for x in a.args[:-1]) for a in uses):
+            continue
+        acc, kvar, lvar = em.fresh("acc"), em.fresh("k"), em.fresh("l")
+        k, l_sym = sp.Symbol("_" + kvar, integer=True), sp.Symbol("_" + lvar, integer=True)
+        em.loop_vars[k], em.loop_vars[l_sym] = kvar, lvar
+        body = substitute(r.body, {r.index: k, last: l_sym})
+        cond = substitute(r.cond, {r.index: k, last: l_sym})
+        em.line(f"{acc} = np.zeros({last_size}, F)")
+        em.line(f"for {kvar} in range({em.index_code(r.size)}):")
+        em.line(f"    for {lvar} in range({last_size}):")
+        em.depth += 2
+        b = em.fresh("b")
+        em.scope([(b, body if cond is sp.true else sp.Piecewise((body, cond), (0, True)))], bound | {k, l_sym})
+        em.line(f"{acc}[{lvar}] += {b}")
+        em.depth -= 2
+        sym = sp.Symbol("_" + acc, real=True)
+        em.names[sym] = f"{acc}[{last_var}]"
+        em.known[r] = f"{acc}[{last_var}]"
+        em.reduction_symbol[r] = sym
 
 
 def _module(sig, dtype, body, compiled):
