@@ -1,11 +1,11 @@
 """The exact evaluator: the correctly rounded value of a sympy expression at a point.
 
 The expression (a per-sample loss, or one entry of a gradient) is evaluated with interval
-arithmetic (mpmath's ``libmp`` interval and directed-rounding kernels, the machinery behind
-``mpmath.iv``), raising the working precision until both ends of the interval round to the same
-float of the target dtype (round to nearest, ties to even). Past a precision cap it answers
-``None``: no ground truth, rather than a guess. Doubling the precision until two *point*
-results agree is unsound (it "proves" log(1 + exp(-600)) = 0); an interval is not fooled.
+arithmetic (``lossdsl.interval``: mpmath's ``libmp`` interval and directed-rounding kernels, the
+machinery behind ``mpmath.iv``), raising the working precision until both ends of the interval
+round to the same float of the target dtype (round to nearest, ties to even). Past a precision
+cap it answers ``None``: no ground truth, rather than a guess. Doubling the precision until two
+*point* results agree is unsound (it "proves" log(1 + exp(-600)) = 0); an interval is not fooled.
 
 What it understands, walking the sympy tree (never ``eval``/``sympify`` of text):
 
@@ -28,27 +28,24 @@ number in three ways (all equal; growing with position; shrinking with position)
 exists only if the three agree. ``-inf`` masked logits and saturated sigmoids agree; ``inf - inf``
 does not, and has no truth.
 """
+import functools
 import math
 from fractions import Fraction
 
 import numpy as np
 import sympy as sp
-from mpmath.libmp import (fnan, fone, fzero, from_man_exp, from_rational, mpf_add, mpf_cmp, mpf_div, mpf_exp,
-                          mpf_log, mpf_mul, mpf_neg, mpf_sign, mpf_sqrt, mpf_sub, mpi_mul, mpi_pow_int, round_ceiling,
-                          round_floor)
+from mpmath.libmp import fone, fzero, mpf_cmp
 from sympy.codegen.cfunctions import expm1 as _sp_expm1
 from sympy.codegen.cfunctions import log1p as _sp_log1p
 from sympy.core.function import AppliedUndef
 
 from . import primitives as P
+from .interval import (_CE, _FL, FORMATS, NAN, Arithmetic, Iv, NoTruth, _exact_zero, _Imprecise, _iv, _rounded, _sgn,
+                       round_to)
 
 __all__ = ["FORMATS", "Evaluator", "evaluate", "round_to", "NoTruth", "ExactError"]
 
-# target float formats: (precision in bits incl. the hidden one, emin, emax)
-FORMATS = {"float64": (53, -1022, 1023), "float32": (24, -126, 127)}
 DEFAULT_CAP = 4096         # bits of working precision before giving up
-_FL, _CE = round_floor, round_ceiling
-_FRACTION_BITS = 20000     # an exact rational larger than this becomes an interval
 _BIG = (1100, 1500, 2000)  # infinities become ±2^e·(1 + rank/16), one scheme per exponent
 
 
@@ -56,142 +53,7 @@ class ExactError(Exception):
     """The evaluator met a node it does not understand (a bug to fix here, not a verdict)."""
 
 
-class NoTruth(Exception):
-    """The math has no value here (log of a negative, 0/0, an undecidable tie...)."""
-
-
-class _Imprecise(Exception):
-    """The working precision cannot decide: raise it."""
-
-
-_VERY_NEGATIVE = from_man_exp(-1, 14)          # -16384
-_LOG2E_LO, _LOG2E_HI = from_rational(144, 100, 64, _FL), from_rational(145, 100, 64, _CE)
-
-
-def _floor_int(x):
-    sign, man, exp, _ = x
-    v = (-man if sign else man)
-    return v << exp if exp >= 0 else v >> -exp          # >> floors negative numbers too
-
-
-def _ceil_int(x):
-    sign, man, exp, bc = x
-    return -_floor_int((sign ^ 1, man, exp, bc))
-
-
-class _NaNType:
-    __slots__ = ()
-
-    def __repr__(self):
-        return "NaN"
-
-
-NAN = _NaNType()
-
-
-class Iv:
-    """A closed interval [lo, hi] of mpf values (raw libmp tuples), both finite."""
-    __slots__ = ("lo", "hi")
-
-    def __init__(self, lo, hi):
-        self.lo, self.hi = lo, hi
-
-    def __repr__(self):
-        from mpmath.libmp import to_str
-        return f"[{to_str(self.lo, 20)}, {to_str(self.hi, 20)}]"
-
-
-# --- rounding to a float format -------------------------------------------------------------
-def _round_ratio(neg, n, d, fmt):
-    """n/d (n, d > 0 integers) rounded to nearest-even in ``fmt``, as a Python float."""
-    p, emin, emax = fmt
-    e0 = n.bit_length() - d.bit_length()
-    # floor(log2(n/d)) is e0 or e0 - 1
-    e = e0 if (n << max(0, -e0)) >= (d << max(0, e0)) else e0 - 1
-    if e > emax:
-        return -math.inf if neg else math.inf
-    q = max(e - p + 1, emin - p + 1)              # the quantum (ulp) at that binade
-    if q <= 0:
-        num, den = n << -q, d
-    else:
-        num, den = n, d << q
-    k, r = divmod(num, den)
-    if 2 * r > den or (2 * r == den and k & 1):
-        k += 1
-    if k and k.bit_length() + q - 1 > emax:        # rounded up past the largest float
-        return -math.inf if neg else math.inf
-    v = math.ldexp(k, q)
-    return -v if neg else v
-
-
-def _round_mpf(x, fmt):
-    if x == fzero:
-        return 0.0
-    if x == fnan:
-        return math.nan
-    sign, man, exp, bc = x
-    if not man:                                     # ±inf
-        return -math.inf if sign else math.inf
-    p, emin, emax = fmt
-    top = exp + bc - 1                              # x in [2^top, 2^(top+1))
-    if top > emax:
-        return -math.inf if sign else math.inf
-    if top < emin - p - 1:                          # below half the smallest subnormal
-        return -0.0 if sign else 0.0
-    if exp >= 0:
-        return _round_ratio(bool(sign), man << exp, 1, fmt)
-    return _round_ratio(bool(sign), man, 1 << -exp, fmt)
-
-
-def round_to(value, dtype="float64"):
-    """A Fraction, an mpf tuple, an mpmath ``mpf`` or an int, rounded to nearest-even in ``dtype``."""
-    fmt = FORMATS[str(np.dtype(dtype))]
-    if isinstance(value, (int, Fraction)):
-        value = Fraction(value)
-        if value == 0:
-            return 0.0
-        return _round_ratio(value < 0, abs(value.numerator), value.denominator, fmt)
-    if hasattr(value, "_mpf_"):
-        value = value._mpf_
-    return _round_mpf(value, fmt)
-
-
-# --- values: Fraction (exact), Iv (interval) or NAN -------------------------------------------
-def _is_dyadic(q):
-    d = q.denominator
-    return d & (d - 1) == 0
-
-
-def _iv(v, prec):
-    if isinstance(v, Iv):
-        return v
-    if _is_dyadic(v):
-        m = from_man_exp(v.numerator, -(v.denominator.bit_length() - 1))
-        return Iv(m, m)
-    return Iv(from_rational(v.numerator, v.denominator, prec, _FL),
-              from_rational(v.numerator, v.denominator, prec, _CE))
-
-
-def _small(q):
-    return q.numerator.bit_length() + q.denominator.bit_length() < _FRACTION_BITS
-
-
-def _exact_zero(v):
-    return isinstance(v, Fraction) and v == 0
-
-
-def _sgn(v):
-    """-1, 0, 1 for a decidable sign; raises _Imprecise if the interval straddles 0."""
-    if isinstance(v, Fraction):
-        return (v > 0) - (v < 0)
-    if mpf_sign(v.lo) > 0:
-        return 1
-    if mpf_sign(v.hi) < 0:
-        return -1
-    raise _Imprecise
-
-
-class Evaluator:
+class Evaluator(Arithmetic):
     """Compiled once for an expression, evaluated at many points.
 
     ``at(values, dtype, index)`` returns the correctly rounded float (``nan`` for a NaN truth)
@@ -248,13 +110,9 @@ class Evaluator:
                 return None
             except (ZeroDivisionError, OverflowError, ValueError):
                 return None
-            if v is NAN:
-                return math.nan
-            if isinstance(v, Fraction):
-                return _round_ratio(v < 0, abs(v.numerator), v.denominator, fmt) if v else 0.0
-            lo, hi = _round_mpf(v.lo, fmt), _round_mpf(v.hi, fmt)
-            if lo == hi:
-                return hi if hi != 0 or math.copysign(1, lo) == math.copysign(1, hi) else 0.0
+            r = _rounded(v, fmt)
+            if r is not None:
+                return r
             prec *= 2
         return None
 
@@ -271,301 +129,12 @@ class Evaluator:
             free = self._free[e] = tuple(sorted(s.name for s in e.free_symbols))
         return (e, tuple((n, idx[n]) for n in free if n in idx))
 
-    # arithmetic ------------------------------------------------------------------------------
-    def add(self, a, b):
-        if a is NAN or b is NAN:
-            return NAN
-        if isinstance(a, Fraction) and isinstance(b, Fraction):
-            r = a + b
-            return r if _small(r) else _iv(r, self.prec)
-        a, b = _iv(a, self.prec), _iv(b, self.prec)
-        return Iv(mpf_add(a.lo, b.lo, self.prec, _FL), mpf_add(a.hi, b.hi, self.prec, _CE))
-
-    def neg(self, a):
-        if a is NAN:
-            return NAN
-        if isinstance(a, Fraction):
-            return -a
-        return Iv(mpf_neg(a.hi), mpf_neg(a.lo))
-
-    def sub(self, a, b):
-        return self.add(a, self.neg(b))
-
-    def mul(self, a, b):
-        if a is NAN or b is NAN:
-            return NAN
-        if isinstance(a, Fraction) and isinstance(b, Fraction):
-            r = a * b
-            return r if _small(r) else _iv(r, self.prec)
-        if _exact_zero(a) or _exact_zero(b):
-            return Fraction(0)
-        a, b = _iv(a, self.prec), _iv(b, self.prec)
-        lo, hi = mpi_mul((a.lo, a.hi), (b.lo, b.hi), self.prec)
-        return Iv(lo, hi)
-
-    def inv(self, a):
-        if a is NAN:
-            return NAN
-        if isinstance(a, Fraction):
-            if a == 0:
-                raise NoTruth("division by zero")
-            return 1 / a
-        _sgn(a)                           # an interval containing 0 needs more precision
-        return Iv(mpf_div(fone, a.hi, self.prec, _FL), mpf_div(fone, a.lo, self.prec, _CE))
-
-    def div(self, a, b):
-        if b is NAN or a is NAN:
-            return NAN
-        if isinstance(a, Fraction) and isinstance(b, Fraction):
-            if b == 0:
-                raise NoTruth("division by zero")
-            r = a / b
-            return r if _small(r) else _iv(r, self.prec)
-        if _exact_zero(a):
-            if _exact_zero(b):
-                raise NoTruth("0/0")
-            _sgn(b)
-            return Fraction(0)
-        if _exact_zero(b):
-            raise NoTruth("division by zero")
-        b = _iv(b, self.prec)
-        if _sgn(b) > 0:
-            a = _iv(a, self.prec)
-            return self._div_pos(a, b)
-        a = _iv(a, self.prec)
-        r = self._div_pos(a, Iv(mpf_neg(b.hi), mpf_neg(b.lo)))
-        return Iv(mpf_neg(r.hi), mpf_neg(r.lo))
-
-    def _div_pos(self, a, b):
-        p = self.prec
-        lo = mpf_div(a.lo, b.hi if mpf_sign(a.lo) >= 0 else b.lo, p, _FL)
-        hi = mpf_div(a.hi, b.lo if mpf_sign(a.hi) >= 0 else b.hi, p, _CE)
-        return Iv(lo, hi)
-
-    def pow(self, base, ex):
-        if base is NAN or ex is NAN:
-            return NAN
-        if isinstance(ex, Fraction) and ex.denominator == 1:
-            n = int(ex)
-            if isinstance(base, Fraction):
-                if base == 0 and n < 0:
-                    raise NoTruth("0 to a negative power")
-                if abs(n) * max(1, base.numerator.bit_length() + base.denominator.bit_length()) < _FRACTION_BITS:
-                    return base ** n
-            if n < 0:
-                return self.inv(self.pow(base, Fraction(-n)))
-            b = _iv(base, self.prec)
-            lo, hi = mpi_pow_int((b.lo, b.hi), n, self.prec)
-            return Iv(lo, hi)
-        if isinstance(ex, Fraction) and ex == Fraction(1, 2):
-            return self.sqrt(base)
-        if _exact_zero(base):
-            s = _sgn(ex)
-            if s > 0:
-                return Fraction(0)
-            raise NoTruth("0 to a non-positive power")
-        if _sgn(base) < 0:
-            raise NoTruth("a negative number to a non-integer power")
-        if _exact_zero(ex):
-            return Fraction(1)
-        return self.exp(self.mul(ex, self.log(base)))
-
-    # elementary functions ----------------------------------------------------------------------
-    def exp(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(1)
-        a = _iv(a, self.prec)
-        if mpf_cmp(a.hi, _VERY_NEGATIVE) < 0:
-            # e^x < 2^-23000: bound it by powers of two (1.44 < log2 e < 1.45), cheap at any
-            # precision and tight enough for anything a float can show (the limit at -inf)
-            lo = mpf_mul(a.lo, _LOG2E_HI, 64, _FL)
-            hi = mpf_mul(a.hi, _LOG2E_LO, 64, _CE)
-            return Iv(from_man_exp(1, _floor_int(lo)), from_man_exp(1, _ceil_int(hi)))
-        return Iv(mpf_exp(a.lo, self.prec, _FL), mpf_exp(a.hi, self.prec, _CE))
-
-    def log(self, a):
-        if a is NAN:
-            return NAN
-        if isinstance(a, Fraction):
-            if a <= 0:
-                raise NoTruth("log of a non-positive number")
-            if a == 1:
-                return Fraction(0)
-        s = _sgn(a)
-        if s <= 0:
-            raise NoTruth("log of a non-positive number")
-        a = _iv(a, self.prec)
-        if mpf_sign(a.lo) <= 0:
-            raise _Imprecise
-        return Iv(mpf_log(a.lo, self.prec, _FL), mpf_log(a.hi, self.prec, _CE))
-
-    def log1p(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(0)
-        a = _iv(a, self.prec)
-
-        def one(x, rnd):
-            if x == fzero:
-                return fzero
-            if x[2] + x[3] < -(self.prec + 8):
-                # |x| tiny: x/(1+x) <= log1p(x) <= x, and the exact 1 + x would be huge
-                return x if rnd == _CE else mpf_div(x, mpf_add(fone, x, self.prec, _CE), self.prec, _FL)
-            s = mpf_add(fone, x, self.prec + max(0, -(x[2] + x[3])) + 20, rnd)
-            if mpf_sign(s) <= 0:
-                return None
-            return mpf_log(s, self.prec, rnd)
-        hi = one(a.hi, _CE)
-        if hi is None:
-            raise NoTruth("log1p of a number <= -1")
-        lo = one(a.lo, _FL)
-        if lo is None:
-            raise _Imprecise
-        return Iv(lo, hi)
-
-    def expm1(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(0)
-        a = _iv(a, self.prec)
-
-        def one(x, rnd):
-            if x == fzero:
-                return fzero
-            mag = x[2] + x[3]
-            if mag < -(self.prec + 8):
-                # |x| tiny: x <= expm1(x) <= x + 2x²
-                return x if rnd == _FL else mpf_add(x, mpf_mul(x, mpf_add(x, x, 0), self.prec, _CE), self.prec, _CE)
-            # e^x - 1 with the subtraction's cancellation paid for by extra working precision
-            wp = self.prec + max(0, -mag) + 10
-            return mpf_sub(mpf_exp(x, wp, rnd), fone, self.prec, rnd)
-        return Iv(one(a.lo, _FL), one(a.hi, _CE))
-
-    def sqrt(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(0)
-        s = _sgn(a)
-        if s < 0:
-            raise NoTruth("sqrt of a negative number")
-        a = _iv(a, self.prec)
-        return Iv(mpf_sqrt(a.lo, self.prec, _FL), mpf_sqrt(a.hi, self.prec, _CE))
-
-    def abs(self, a):
-        if a is NAN:
-            return NAN
-        if isinstance(a, Fraction):
-            return abs(a)
-        if mpf_sign(a.lo) >= 0:
-            return a
-        if mpf_sign(a.hi) <= 0:
-            return self.neg(a)
-        hi = a.hi if mpf_cmp(a.hi, mpf_neg(a.lo)) >= 0 else mpf_neg(a.lo)
-        return Iv(fzero, hi)
-
-    def sign(self, a):
-        if a is NAN:
-            return NAN
-        return Fraction(_sgn(a))
-
-    def sigmoid(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(1, 2)
-        return self.inv_pos(self.add(Fraction(1), self.exp(self.neg(a))))
-
-    def inv_pos(self, a):
-        a = _iv(a, self.prec)
-        return Iv(mpf_div(fone, a.hi, self.prec, _FL), mpf_div(fone, a.lo, self.prec, _CE))
-
-    def softplus(self, a):
-        if a is NAN:
-            return NAN
-        return self.log1p(self.exp(a))
-
-    def tanh(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(0)
-        s = _sgn(a)
-        # tanh(|x|) = E/(E + 2), E = expm1(2|x|) >= 0: monotone pieces, no cancellation
-        m = self.abs(a)
-        e = self.expm1(self.mul(Fraction(2), m))
-        t = self.div(e, self.add(e, Fraction(2)))
-        return t if s > 0 else self.neg(t)
-
-    def sinh(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(0)
-        s = _sgn(a)
-        m = self.abs(a)
-        e = self.expm1(m)                      # sinh(|x|) = (E + E/(E + 1))/2
-        t = self.mul(Fraction(1, 2), self.add(e, self.div(e, self.add(e, Fraction(1)))))
-        return t if s > 0 else self.neg(t)
-
-    def cosh(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(1)
-        m = self.abs(a)
-        return self.mul(Fraction(1, 2), self.add(self.exp(m), self.exp(self.neg(m))))
-
-    def logcosh(self, a):
-        if a is NAN:
-            return NAN
-        if _exact_zero(a):
-            return Fraction(0)
-        # log cosh x = log1p(2 sinh²(x/2)): relative accuracy near 0, no overflow far out
-        sh = self.sinh(self.mul(Fraction(1, 2), a))
-        return self.log1p(self.mul(Fraction(2), self.pow(sh, Fraction(2))))
-
-    def max2(self, a, b, smaller=False):
-        if a is NAN or b is NAN:
-            return NAN
-        if isinstance(a, Fraction) and isinstance(b, Fraction):
-            return min(a, b) if smaller else max(a, b)
-        a, b = _iv(a, self.prec), _iv(b, self.prec)
-        pick = (lambda x, y: x if mpf_cmp(x, y) <= 0 else y) if smaller else \
-               (lambda x, y: x if mpf_cmp(x, y) >= 0 else y)
-        return Iv(pick(a.lo, b.lo), pick(a.hi, b.hi))
-
-    # comparisons: True / False / NAN, or _Imprecise -----------------------------------------------
-    def compare(self, op, a, b):
-        if a is NAN or b is NAN:
-            return NAN
-        if isinstance(a, Fraction) and isinstance(b, Fraction):
-            return _OPS[op](a, b)
-        a, b = _iv(a, self.prec), _iv(b, self.prec)
-        if op in ("==", "!="):
-            if mpf_cmp(a.hi, b.lo) < 0 or mpf_cmp(b.hi, a.lo) < 0:
-                return op == "!="
-            if a.lo == a.hi == b.lo == b.hi:
-                return op == "=="
-            raise _Imprecise
-        if op in (">", ">="):
-            a, b, op = b, a, "<" if op == ">" else "<="
-        # a < b or a <= b
-        if mpf_cmp(a.hi, b.lo) < 0:
-            return True
-        if mpf_cmp(a.lo, b.hi) > 0:
-            return False
-        if a.lo == a.hi == b.lo == b.hi:
-            return op == "<="
-        raise _Imprecise
-
-
-_OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-        "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+    def _once(self, tag, e, idx, compute, *args):
+        """``compute(self, *args)``, computed once per precision for node ``e`` under ``idx``."""
+        key = tag + self._key(e, idx)
+        if key not in self._memo:
+            self._memo[key] = compute(self, *args)
+        return self._memo[key]
 
 
 # --- preparing values ---------------------------------------------------------------------------
@@ -716,10 +285,7 @@ def _split(ev, e, idx, vals):
             return c * qa, ev.mul(c, ra)
         return Fraction(0), ev.mul(c, ev.add(qa, ra))
     if isinstance(e, P.LogSumExp):
-        key = ("split",) + ev._key(e, idx)
-        if key not in ev._memo:
-            ev._memo[key] = _lse_split(ev, e, idx, vals)
-        return ev._memo[key]
+        return ev._once(("split",), e, idx, _lse_split, e, idx, vals)
     v = ev._ev(e, idx, vals)
     if isinstance(v, Fraction):
         return v, Fraction(0)
@@ -728,11 +294,9 @@ def _split(ev, e, idx, vals):
 
 def _lse_split(ev, e, idx, vals):
     """logsumexp_k b_k = b_i + log1p(Σ_{k≠i} e^(b_k - b_i)), pivot b_i exact and (about) the max."""
-    terms = _terms(ev, e, idx, vals)
-    if terms is None or any(v is NAN for _, v in terms):
+    terms = _live_terms(ev, e, idx, vals, "logsumexp")
+    if terms is NAN:
         return Fraction(0), NAN
-    if not terms:
-        raise NoTruth("logsumexp over nothing")
     exact = [v for _, v in terms if isinstance(v, Fraction)]
     if not exact:
         return Fraction(0), _h_reduce(ev, e, idx, vals)
@@ -761,10 +325,7 @@ def _h_mul(ev, e, idx, vals):
         return Fraction(0)
     if pending:
         raise pending[0]
-    acc = Fraction(1)
-    for v in done:
-        acc = ev.mul(acc, v)
-    return acc
+    return functools.reduce(ev.mul, done, Fraction(1))
 
 
 def _h_pow(ev, e, idx, vals):
@@ -858,20 +419,19 @@ def _h_max(ev, e, idx, vals):
     return acc
 
 
-def _h_xlogy(ev, e, idx, vals):
-    x = ev._ev(e.args[0], idx, vals)
-    if _exact_zero(x):
-        y = _probe(ev, e.args[1], idx, vals)
-        return NAN if y is NAN else Fraction(0)
-    return ev.mul(x, ev.log(ev._ev(e.args[1], idx, vals)))
+def _x_times(op):
+    """A handler for x·op(y) that is 0 at an exact x = 0 whatever y is (but NaN for a NaN y)."""
+    def h(ev, e, idx, vals):
+        x = ev._ev(e.args[0], idx, vals)
+        if _exact_zero(x):
+            y = _probe(ev, e.args[1], idx, vals)
+            return NAN if y is NAN else Fraction(0)
+        return op(ev, x, ev._ev(e.args[1], idx, vals))
+    return h
 
 
-def _h_xdivy(ev, e, idx, vals):
-    x = ev._ev(e.args[0], idx, vals)
-    if _exact_zero(x):
-        y = _probe(ev, e.args[1], idx, vals)
-        return NAN if y is NAN else Fraction(0)
-    return ev.div(x, ev._ev(e.args[1], idx, vals))
+_h_xlogy = _x_times(lambda ev, x, y: ev.mul(x, ev.log(y)))
+_h_xdivy = _x_times(lambda ev, x, y: ev.div(x, y))
 
 
 def _probe(ev, e, idx, vals):
@@ -902,47 +462,47 @@ def _terms(ev, e, idx, vals):
     return out
 
 
-def _h_reduce(ev, e, idx, vals):
-    key = ev._key(e, idx)
-    if key in ev._memo:
-        return ev._memo[key]
+def _live_terms(ev, e, idx, vals, what=None):
+    """``_terms``, or NAN where the size, a condition or a term is NaN; with ``what`` (the
+    reduction's name), an empty reduction has no truth."""
     terms = _terms(ev, e, idx, vals)
     if terms is None or any(v is NAN for _, v in terms):
-        r = NAN
-    elif isinstance(e, P.Sum):
-        r = Fraction(0)
-        for _, v in terms:
-            r = ev.add(r, v)
-    elif isinstance(e, P.LogSumExp):
-        if not terms:
-            raise NoTruth("logsumexp over nothing")
-        s = Fraction(0)
-        for _, v in terms:
-            s = ev.add(s, ev.exp(v))
-        r = ev.log(s)
-    elif isinstance(e, P.Norm):
-        s = Fraction(0)
-        for _, v in terms:
-            s = ev.add(s, ev.pow(v, Fraction(2)))
-        r = ev.sqrt(s)
-    elif isinstance(e, (P.Max, P.Min)):
-        if not terms:
-            raise NoTruth("max over nothing")
+        return NAN
+    if what and not terms:
+        raise NoTruth(f"{what} over nothing")
+    return terms
+
+
+def _total(ev, values):
+    return functools.reduce(ev.add, values, Fraction(0))
+
+
+def _h_reduce(ev, e, idx, vals):
+    return ev._once((), e, idx, _reduce, e, idx, vals)
+
+
+def _reduce(ev, e, idx, vals):
+    what = "logsumexp" if isinstance(e, P.LogSumExp) else "max" if isinstance(e, (P.Max, P.Min)) else None
+    terms = _live_terms(ev, e, idx, vals, what)
+    if terms is NAN:
+        return NAN
+    if isinstance(e, P.Sum):
+        return _total(ev, (v for _, v in terms))
+    if isinstance(e, P.LogSumExp):
+        return ev.log(_total(ev, (ev.exp(v) for _, v in terms)))
+    if isinstance(e, P.Norm):
+        return ev.sqrt(_total(ev, (ev.pow(v, Fraction(2)) for _, v in terms)))
+    if isinstance(e, (P.Max, P.Min)):
         r = terms[0][1]
         for _, v in terms[1:]:
             r = ev.max2(r, v, isinstance(e, P.Min))
-    else:
-        raise ExactError(f"unknown reduction {type(e).__name__}")
-    ev._memo[key] = r
-    return r
+        return r
+    raise ExactError(f"unknown reduction {type(e).__name__}")
 
 
 def _h_isarg(ev, e, idx, vals):
     red, k = e.args
-    key = ("argof",) + ev._key(red, idx)
-    if key not in ev._memo:
-        ev._memo[key] = _argof(ev, red, idx, vals)
-    where = ev._memo[key]
+    where = ev._once(("argof",), red, idx, _argof, red, idx, vals)
     if where is NAN:
         return NAN
     kv = _to_index(ev, k, idx, vals)
@@ -951,18 +511,16 @@ def _h_isarg(ev, e, idx, vals):
 
 def _argof(ev, red, idx, vals):
     """The first index where Max/Min ``red`` is attained; _Imprecise if intervals cannot tell."""
-    terms = _terms(ev, red, idx, vals)
-    if terms is None or any(v is NAN for _, v in terms):
+    terms = _live_terms(ev, red, idx, vals, "argmax")
+    if terms is NAN:
         return NAN
-    if not terms:
-        raise NoTruth("argmax over nothing")
     smallest = isinstance(red, P.Min)
     if all(isinstance(v, Fraction) for _, v in terms):
         best = (min if smallest else max)(v for _, v in terms)
         return next(i for i, v in terms if v == best)
     ivs = [(i, _iv(v, ev.prec)) for i, v in terms]
     if smallest:
-        ivs = [(i, Iv(mpf_neg(v.hi), mpf_neg(v.lo))) for i, v in ivs]
+        ivs = [(i, ev.neg(v)) for i, v in ivs]
     floor = ivs[0][1].lo
     for _, v in ivs[1:]:
         if mpf_cmp(v.lo, floor) > 0:
