@@ -444,7 +444,7 @@ def _zero_sample(em, sig, low, size_var, coop):
 
 def _module(compiled, sig, dtype, kind, body):
     args = ", ".join(kernel_args(compiled))
-    helpers = HELPERS.replace('@numba.njit(inline="always")', '@cuda.jit(device=True, inline="always")')
+    helpers = HELPERS.replace("@HELPER", '@cuda.jit(device=True, inline="always")')
     assert "numba.njit" not in helpers, "render_cpu.HELPERS changed its decorator"
     lines = [HEAD.format(name=compiled.definition.name, dtype=dtype, form=kind, maxt=MAXT, scratch=MAXT + 32), helpers, BLOCK,
              ARG.format(kind="max", op=">"), ARG.format(kind="min", op="<"), TAIL]
