@@ -35,6 +35,7 @@ class Emitter:
         self.known = {}                     # Reduce -> variable name
         self.reduction_symbol = {}          # Reduce -> Symbol standing for it after it is computed
         self.exp_store = {}                 # LogSumExp -> (buffer, sum variable): keep e^(b-m) per k
+        self.last_terms = set()             # symbols added last in a sum (the log1p part of a logsumexp)
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
         self.loop_vars = {}                 # index Symbol -> loop variable name
         self.counter = itertools.count()
@@ -66,7 +67,8 @@ class Emitter:
             coeffs = {abs(a.as_coeff_Mul()[0]) for a in e.args}
             if len(coeffs) == 1 and (c := coeffs.pop()) != 1 and c.is_Rational and c != 0:
                 return f"({self.code(c)}*{self.code(sp.Add(*[a / c for a in e.args]))})"
-            parts = [self.code(a) for a in e.args]
+            last = [a for a in e.args if a.free_symbols & self.last_terms]
+            parts = [self.code(a) for a in e.args if a not in last] + [self.code(a) for a in last]
             return "(" + " + ".join(parts) + ")"
         if e.is_Mul:
             num = [a for a in e.args if not (a.is_Pow and a.exp.is_negative and a.exp.is_number)]
@@ -164,7 +166,7 @@ class Emitter:
                 peak[r] = acc[r] if isinstance(r, (Max, Min)) else self.fresh("m")
                 init = "math.inf" if isinstance(r, Min) else "-math.inf"
                 self.line(f"{peak[r]} = F({init})")
-                if isinstance(r, (Max, Min)):
+                if isinstance(r, (Max, Min, LogSumExp)):
                     self.argvar[r] = self.fresh("arg")
                     self.line(f"{self.argvar[r]} = -1")
             self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
@@ -180,10 +182,18 @@ class Emitter:
             self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
         for r in group:
             self.finish(r, acc[r], peak.get(r))
-            self.known[r] = acc[r]
             sym = sp.Symbol("_" + acc[r], real=True)     # CSE must see a reduction as one atom
             self.names[sym] = acc[r]
+            self.known[r] = acc[r]
             self.reduction_symbol[r] = sym
+            if isinstance(r, LogSumExp):
+                # m + l, printed so that l is added last: logsumexp(z) - z_y is (m - z_y) + l, which
+                # keeps l = 1e-17 where m + l would round it away
+                top = sp.Symbol("_" + peak[r], real=True)
+                self.names[top] = peak[r]
+                self.last_terms.add(sym)
+                self.known[r] = f"({peak[r]} + {acc[r]})"
+                self.reduction_symbol[r] = top + sym
             if r in self.argvar:
                 self.argvar[sym] = self.argvar[r]
 
@@ -208,8 +218,8 @@ class Emitter:
 
     def track_peak(self, r, b, kvar, peak):
         m = peak[r]
-        if isinstance(r, (Max, Min)):
-            better = f"{b} > {m}" if isinstance(r, Max) else f"{b} < {m}"
+        if isinstance(r, (Max, Min, LogSumExp)):
+            better = f"{b} < {m}" if isinstance(r, Min) else f"{b} > {m}"
             # NaN propagates; the first index wins a tie (so its gradient goes there).
             self.line(f"if {better} or {b} != {b} or {self.argvar[r]} < 0:")
             self.line(f"    {m} = {b}")
@@ -223,12 +233,13 @@ class Emitter:
         acc, peak = state
         if isinstance(r, Sum):
             self.line(f"{acc[r]} += {b}")
-        elif isinstance(r, LogSumExp) and r in self.exp_store:
-            # the gradient pass reuses e^(b - m) from the buffer: one exp per element in all
-            self.line(f"{acc[r]} += {self.element_code(self.exp_store[r][0], kvar)} if want_grad "
-                      f"else _exp({b} - {peak[r]})")
-        elif isinstance(r, LogSumExp):   # e^(b - m); a -inf peak makes this NaN, finish() ignores it
-            self.line(f"{acc[r]} += _exp({b} - {peak[r]})")
+        elif isinstance(r, LogSumExp):
+            # Σ_{k != argmax} e^(b - m): the argmax's own 1 is added back exactly in finish(), so
+            # log1p keeps the small terms. A -inf peak makes the terms NaN; finish() ignores them.
+            e = f"_exp({b} - {peak[r]})"
+            if r in self.exp_store:      # the gradient pass reuses e^(b - m) from the buffer
+                e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})"
+            self.line(f"{acc[r]} += {e} if {kvar} != {self.argvar[r]} else F(0.0)")
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
             self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
@@ -239,9 +250,10 @@ class Emitter:
     def finish(self, r, acc, peak):
         if isinstance(r, LogSumExp):
             if r in self.exp_store:
-                self.line(f"{self.exp_store[r][1]} = {acc}")
-            # an all -inf row is -inf (not NaN); a +inf peak is +inf
-            self.line(f"{acc} = {peak} + math.log({acc}) if {peak} > -math.inf and {peak} < math.inf else {peak}")
+                self.line(f"{self.exp_store[r][1]} = F(1.0) + {acc}")
+            # logsumexp = m + log1p(Σ_{k != argmax} e^(b - m)), kept as the two parts (see
+            # lse_parts); an all -inf row is -inf (not NaN), a +inf peak is +inf
+            self.line(f"{acc} = _log1p({acc}) if {peak} > -math.inf and {peak} < math.inf else F(0.0)")
         elif isinstance(r, Norm):
             self.line(f"{acc} = {peak} * math.sqrt({acc}) if {peak} > 0 and {peak} < math.inf else {peak}")
 
@@ -263,7 +275,7 @@ class Emitter:
                 self.depth -= 1
         if not plain:
             return
-        temps, reduced = sp.cse([e for _, e in plain], symbols=_Temps(self))
+        temps, reduced = sp.cse([e for _, e in plain], symbols=_Temps(self), ignore=tuple(self.last_terms))
         for sym, e in temps:
             self.line(f"{self.names[sym]} = {self.code(e)}")
         for (var, _), e in zip(plain, reduced):

@@ -231,8 +231,8 @@ class BlockEmitter(Emitter):
         if getattr(step, "__func__", None) is Emitter.track_peak:
             peak = state
             for r in group:
-                if isinstance(r, (Max, Min)):
-                    kind = "max" if isinstance(r, Max) else "min"
+                if isinstance(r, (Max, Min, LogSumExp)):     # a logsumexp's shift keeps its argmax too
+                    kind = "min" if isinstance(r, Min) else "max"
                     a = self.argvar[r]
                     self.line(f"{peak[r]}, {a} = _barg{kind}({peak[r]}, {a}, shf, shi)")
                 else:                     # the shift of a logsumexp / norm: NaN-propagating max
