@@ -218,16 +218,9 @@ def render(compiled, dtype):
 
 def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     """One sample: reductions and value, then each gradient (vector ones as loops over their axes)."""
-    hoisted, maps = [], []
-    for d in sig.inputs:
-        g, idx = compiled.grads[d.name]
-        if len(d.axes) == 1:
-            g = _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
-        if d.axes:
-            # loop-invariant parts of each gradient move out of its per-element loop
-            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
-        else:
-            hoisted.append((f"d_{sig.grad_of[d.name]}", g))
+    def reuse(d, g, idx):
+        return _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
+    hoisted, maps = gradient_plan(em, compiled, sig, reuse)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = w[n] if has_w else F(1.0)")
     em.line("out[n] = wn * val")
@@ -241,6 +234,22 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
         for d, g, idx in maps:
             _map_loop(em, f"{sig.grad_of[d.name]}[n, {{}}]", "c * ", g, idx, d.axes, size_var, low, False)
         em.depth -= 1
+
+
+def gradient_plan(em, compiled, sig, reuse=None):
+    """Scalar inputs' gradients as named expressions of the sample scope; vector inputs' as
+    (decl, expression, indices) for their loops, with the loop-invariant parts moved out of the
+    loops into the sample scope. ``reuse(d, g, idx)`` may rewrite a vector gradient first."""
+    hoisted, maps = [], []
+    for d in sig.inputs:
+        g, idx = compiled.grads[d.name]
+        if reuse is not None and len(d.axes) == 1:
+            g = reuse(d, g, idx)
+        if d.axes:
+            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
+        else:
+            hoisted.append((f"d_{sig.grad_of[d.name]}", g))
+    return hoisted, maps
 
 
 def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):

@@ -38,7 +38,7 @@ import numpy as np
 
 from .emit import Emitter
 from .primitives import LogSumExp, Max, Min, Norm
-from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature, _hoist
+from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature, gradient_plan
 
 MAXT = 256          # the most threads per block a generated kernel supports (a power of two)
 
@@ -299,13 +299,7 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, coop):
     # No _reuse_softmax here (the CPU stores e^(b - m) in the gradient buffer to save an exp):
     # on the GPU an exp is cheap and memory traffic is not, so the gradient pass recomputes it
     # and each row is read three times and written once.
-    hoisted, maps = [], []
-    for d in sig.inputs:
-        g, idx = compiled.grads[d.name]
-        if d.axes:
-            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
-        else:
-            hoisted.append((f"d_{sig.grad_of[d.name]}", g))
+    hoisted, maps = gradient_plan(em, compiled, sig)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = F(w[n]) if has_w else F(1.0)")
     _once(em, coop, ["total += T(wn * val)", "if has_out:", "    out[n] = wn * val"])
