@@ -194,6 +194,7 @@ class Emitter:
                 self.last_terms.add(sym)
                 self.known[r] = f"({peak[r]} + {acc[r]})"
                 self.reduction_symbol[r] = top + sym
+                self.argvar[top + sym] = self.argvar[r]
             if r in self.argvar:
                 self.argvar[sym] = self.argvar[r]
 
@@ -251,6 +252,7 @@ class Emitter:
         if isinstance(r, LogSumExp):
             if r in self.exp_store:
                 self.line(f"{self.exp_store[r][1]} = F(1.0) + {acc}")
+                self.line(f"{self.exp_store[r][2]} = {acc}")
             # logsumexp = m + log1p(Σ_{k != argmax} e^(b - m)), kept as the two parts (see
             # lse_parts); an all -inf row is -inf (not NaN), a +inf peak is +inf
             self.line(f"{acc} = _log1p({acc}) if {peak} > -math.inf and {peak} < math.inf else F(0.0)")

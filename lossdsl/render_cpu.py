@@ -19,7 +19,7 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .emit import Emitter
-from .primitives import IsArg, LogSumExp, Reduce, Sum, substitute
+from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, substitute
 
 EXP32 = '''
 @intrinsic
@@ -334,17 +334,24 @@ def _zero_sample(em, sig):
 
 def _reuse_softmax(g, j, size, grad, em, fn_array):
     """e^(b(j) - R) for a logsumexp R over j's axis: read e^(b(j) - m) stored by R's sum pass
-    in the gradient buffer, times 1/Σ. Saves one exp per element (DESIGN_NOTES, CPU anchors)."""
+    in the gradient buffer, times 1/Σ. Saves one exp per element (DESIGN_NOTES, CPU anchors).
+
+    At the argmax the softmax is written [j = arg] + (-Σ_rest/Σ), the small part added last, so
+    that softmax_y - 1 of a confident row is -Σ_rest/Σ (1e-18), not 1/Σ - 1 (0)."""
     for r in g.atoms(LogSumExp):
         pattern = sp.exp(substitute(r.body, {r.index: j}) - r)
         if r.cond is sp.true and r.size == size and g.has(pattern):
-            total = em.fresh("s")
+            total, rest = em.fresh("s"), em.fresh("sr")
             buf = sp.Function("_buf_" + grad, real=True)
             fn_array[buf] = grad
             s_sym = sp.Symbol("_" + total, positive=True)
-            em.names[s_sym] = total
-            em.exp_store[r] = (grad, total)
-            return g.xreplace({pattern: buf(j) / s_sym})
+            rest_sym = sp.Symbol("_" + rest, nonnegative=True)
+            em.names[s_sym], em.names[rest_sym] = total, rest
+            em.last_terms.add(rest_sym)
+            em.exp_store[r] = (grad, total, rest)
+            at_arg = IsArg(r, j)
+            softmax = at_arg + Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
+            return g.xreplace({pattern: softmax})
     return g
 
 
@@ -358,6 +365,8 @@ def _hoist(g, idx, hoisted, em):
         var = em.fresh("h")
         sym = sp.Symbol("_" + var, real=True)
         em.names[sym] = var
+        if g.free_symbols & em.last_terms:      # it stays a small part, added last
+            em.last_terms.add(sym)
         hoisted.append((var, g))
         return sym
     if isinstance(g, (AppliedUndef, Reduce, sp.KroneckerDelta, IsArg)):
