@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import lossdsl
+from references import central_fd
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -38,19 +39,6 @@ def close(got, want, dtype, what):
     # scale atol with the data's magnitude so float32 sums of O(10) terms are fair
     scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)
-
-
-def central_fd(fn, x, h=1e-6):
-    """Central differences of a scalar function of x (float64), step h·max(1, |x_i|)."""
-    x = np.array(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        step = h * max(1.0, abs(x.flat[i]))
-        xp, xm = x.copy(), x.copy()
-        xp.flat[i] += step
-        xm.flat[i] -= step
-        g.flat[i] = (float(fn(xp)) - float(fn(xm))) / (2 * step)
-    return g
 
 
 # --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import lossdsl
+from references import central_fd
 
 try:
     import torch
@@ -503,18 +504,6 @@ def ref_total(name, inputs, targets, weight=None, **params):
         return float(l)
     w = np.ones_like(l) if weight is None else np.asarray(weight, np.float64)
     return float((w * l).sum())
-
-
-def central_fd(fn, x, h=1e-6):
-    x = np.array(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        step = h * max(1.0, abs(x.flat[i]))
-        xp, xm = x.copy(), x.copy()
-        xp.flat[i] += step
-        xm.flat[i] -= step
-        g.flat[i] = (float(fn(xp)) - float(fn(xm))) / (2 * step)
-    return g
 
 
 def fd_each_input(fn, inputs):

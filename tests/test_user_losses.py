@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import lossdsl
+from references import central_fd
 
 QUANTILE = """
 # Pinball (quantile) loss: asymmetric absolute error, q in (0, 1).
@@ -13,15 +14,6 @@ loss quantile "Quantile regression loss"
   r = y - yhat
   loss = max(q * r, (q - 1) * r)
 """
-
-
-def central_diff(fn, x, h=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[i] = h
-        g[i] = (fn(x + e) - fn(x - e)) / (2 * h)
-    return g
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -43,7 +35,7 @@ def test_quantile_gradient_matches_finite_differences():
     rng = np.random.default_rng(2)
     yhat, y = rng.normal(size=7), rng.normal(size=7)
     _, (g,) = f.value_and_grad(yhat, y, reduction="sum")
-    fd = central_diff(lambda a: float(f(a, y, reduction="sum")), yhat)
+    fd = central_fd(lambda a: float(f(a, y, reduction="sum")), yhat)
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
 
@@ -61,7 +53,7 @@ loss weighted_focal_bce
     want = 0.5 * focal(z, y, reduction="none", gamma=1) + 0.5 * bce(z, y, reduction="none")
     np.testing.assert_allclose(f(z, y, reduction="none"), want, rtol=1e-14)
     _, (g,) = f.value_and_grad(z, y, reduction="sum")
-    fd = central_diff(lambda a: float(f(a, y, reduction="sum")), z)
+    fd = central_fd(lambda a: float(f(a, y, reduction="sum")), z)
     np.testing.assert_allclose(g, fd, rtol=1e-6)
 
 
