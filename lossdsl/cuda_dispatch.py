@@ -6,20 +6,21 @@ kernels of render_cuda.py with no copy to the host. Results are device arrays: a
 or a CuPy array when the first argument is one, else a numba device array; a reduced value is
 a 0-d device array.
 
-Checks are the CPU path's (``api._Call``: shapes, axis sizes, dtypes, params); mixing host and
+Checks are the CPU path's (``call.Call``: shapes, axis sizes, dtypes, params); mixing host and
 device arrays is an ``ArgumentError``. Targets are checked on the device by the kernel, which
 never reads through a bad class index; it counts bad rows, and only then (the error path)
 are the targets copied to the host to say which one is wrong.
 
 Per call the host sees one copy of 4 float64s from the device (the counters: bad rows and the
-total), needed to raise on bad targets. Kernels run on numba's default stream.
+total), needed to raise on bad targets. Kernels run on the stream given (the torch bridge passes
+torch's current stream), else numba's default stream.
 """
 import os
 
 import numpy as np
 
 from . import jit, render_cuda
-from .api import _Call
+from .call import Call
 from .errors import ArgumentError, LossError
 
 THREADS = int(os.environ.get("LOSSDSL_CUDA_THREADS", "0"))   # 0: 32 under the simulator, else 256
@@ -65,47 +66,17 @@ def module(loss, dtype):
     return loss._kernels[key]
 
 
-class _DeviceCall(_Call):
-    """``_Call`` for device arrays: the same checks, the arrays left where they are."""
-
-    def __init__(self, loss, args, reduction, weight, ignore_index, params):
-        self.loss = loss
-        name = loss.name
-        decls = loss._inputs + loss._targets
-        self._check_call(args, reduction)
-        where = [d.name for a, d in zip(args, decls) if is_device(a)] + (["weight"] if is_device(weight) else [])
-        host = [d.name for a, d in zip(args, decls) if not is_device(a)]
-        if weight is not None and not is_device(weight):
-            host.append("weight")
-        if host:
-            raise ArgumentError(f"loss '{name}': {', '.join(repr(h) for h in host)} "
-                                f"{'is a host array' if len(host) == 1 else 'are host arrays'} but "
-                                f"{', '.join(repr(h) for h in where)} {'is' if len(where) == 1 else 'are'} on the "
-                                f"device: pass all arrays on the device, or all on the host")
-        arrays = [_as_device(a) for a in args]
-        ins = arrays[:len(loss._inputs)]
-        self._check_inputs(ins)
-        self._shapes(arrays, decls, loss)
-        for a, d in zip(arrays, decls):
-            _contiguous(a, name, d.name)
-        self.inputs = [a.reshape(self._layout(d)) for a, d in zip(ins, loss._inputs)]
-        self.input_shapes = [a.shape for a in ins]
-        self.targets = []
-        for a, d in zip(arrays[len(ins):], loss._targets):
-            self._check_target(a, d)
-            self.targets.append(a.reshape(self._layout(d)))     # converted to the dtype on load
-        self._params(params, loss)
-        w = self._check_weight(None if weight is None else _as_device(weight))
-        if w is not None:
-            _contiguous(w, name, "weight")
-        self.weight = None if w is None else w.reshape(self.n_samples)
-        self._check_ignore(ignore_index)
-        self.ignore_given = ignore_index is not None
-
-    def raise_bad_targets(self):
-        """The error path only: copy the targets to the host and name the first bad one."""
-        self.targets = [t.copy_to_host() for t in self.targets]
-        super().raise_bad_targets()
+def _check_placement(loss, args, weight):
+    """All arrays on the device, or none: a mix would need hidden copies."""
+    decls = loss._inputs + loss._targets
+    named = list(zip(args, (d.name for d in decls))) + ([(weight, "weight")] if weight is not None else [])
+    where = [n for a, n in named if is_device(a)]
+    host = [n for a, n in named if not is_device(a)]
+    if host:
+        raise ArgumentError(f"loss '{loss.name}': {', '.join(repr(h) for h in host)} "
+                            f"{'is a host array' if len(host) == 1 else 'are host arrays'} but "
+                            f"{', '.join(repr(h) for h in where)} {'is' if len(where) == 1 else 'are'} on the "
+                            f"device: pass all arrays on the device, or all on the host")
 
 
 def _contiguous(a, loss, what):
@@ -113,7 +84,7 @@ def _contiguous(a, loss, what):
         raise ArgumentError(f"loss '{loss}': device array '{what}' must be C-contiguous, got strides {a.strides}")
 
 
-def _launch(cuda, kind, call, dtype):
+def _launch(cuda, kind, call):
     """(blocks, threads): a power of two threads per block; grid-stride loops cover the rest."""
     sim = _simulator()
     threads = THREADS or (32 if sim else 256)
@@ -146,39 +117,51 @@ def _like(x, template):
     return x
 
 
-def run(loss, args, reduction, weight, ignore_index, params, grad):
-    """``Loss._run`` for device arrays: (value, gradients or None), all on the device."""
+def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
+    """``Loss._run`` for device arrays: (value, gradients or None), all on the device, every launch
+    and copy on ``stream`` (a numba stream; None: the default stream)."""
     cuda = _cuda()
-    call = _DeviceCall(loss, args, reduction, weight, ignore_index, params)
-    dtype = call.dtype
+    if len(args) == len(loss._inputs) + len(loss._targets):
+        _check_placement(loss, args, weight)
+    arrays = [_as_device(a) for a in args]
+    weight = None if weight is None else _as_device(weight)
+    call = Call(loss, arrays, reduction, weight, ignore_index, params)
+    decls = loss._inputs + loss._targets
+    for a, d in zip(arrays, decls):
+        _contiguous(a, loss.name, d.name)
+    if weight is not None:
+        _contiguous(weight, loss.name, "weight")
+    n_in, dtype, s = len(loss._inputs), call.dtype, stream or 0
+    inputs = [a.reshape(call.layout(d)) for a, d in zip(arrays, loss._inputs)]
+    targets = [a.reshape(call.layout(d)) for a, d in zip(arrays[n_in:], loss._targets)]   # converted on load
     mod = module(loss, dtype.name)
     kind = render_cuda.form(loss._c)
     n_locals = len(getattr(loss._c, "locals", ()))
-    blocks, threads = _launch(cuda, kind, call, dtype)
-    res = cuda.to_device(np.array([0.0, 0.0, 0.0 if call.ignore_given else float(call.n_samples), 0.0]))
+    blocks, threads = _launch(cuda, kind, call)
+    res = cuda.to_device(np.array([0.0, 0.0, 0.0 if call.ignore_given else float(call.n_samples), 0.0]), stream=s)
     if call.ignore_given:
-        cls = next(t for t, d in zip(call.targets, loss._targets) if d.domain.name == "class" and not d.axes)
-        mod.count_kept[max(1, min(blocks, -(-call.n_samples // threads))), threads](cls, np.int64(call.ignore), res)
+        cls = targets[call.class_target_index()]
+        mod.count_kept[max(1, min(blocks, -(-call.n_samples // threads))), threads, s](cls, np.int64(call.ignore), res)
     # arrays not wanted are passed empty (flags say so): one compiled signature per dtype
-    grads = [cuda.device_array(a.shape if grad else (0,) * a.ndim, dtype) for a in call.inputs]
-    out = cuda.device_array(call.n_samples if reduction == "none" else 0, dtype)
-    weight = call.weight if call.weight is not None else cuda.device_array(0, dtype)
-    scratch = [cuda.device_array(s if grad or i < n_locals else (0,) * len(s), dtype)
-               for i, s in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
+    grads = [cuda.device_array(a.shape if grad else (0,) * a.ndim, dtype, stream=s) for a in inputs]
+    out = cuda.device_array(call.n_samples if reduction == "none" else 0, dtype, stream=s)
+    w = weight.reshape(call.n_samples) if weight is not None else cuda.device_array(0, dtype, stream=s)
+    scratch = [cuda.device_array(shape if grad or i < n_locals else (0,) * len(shape), dtype, stream=s)
+               for i, shape in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
     mode = np.int64(1 if reduction == "mean" else 0)
-    mod.kernel[blocks, threads](*call.inputs, *call.targets, *call.param_values, *call.sizes, weight, out,
-                                *grads, *scratch, res, mode, np.int64(call.ignore),
-                                call.weight is not None, reduction == "none", bool(grad))
+    mod.kernel[blocks, threads, s](*inputs, *targets, *call.param_values, *call.sizes, w, out,
+                                   *grads, *scratch, res, mode, np.int64(call.ignore),
+                                   weight is not None, reduction == "none", bool(grad))
     if reduction == "none":
         value = out.reshape(call.sample_shape)
     else:
-        v = cuda.device_array(1, dtype)
-        mod.finish[1, 1](res, mode, v)
+        v = cuda.device_array(1, dtype, stream=s)
+        mod.finish[1, 1, s](res, mode, v)
         value = v.reshape(())
-    if res.copy_to_host()[1]:
-        call.raise_bad_targets()
+    if res.copy_to_host(stream=s)[1]:       # synchronizes: the one host read of a call
+        call.raise_bad_targets([t.copy_to_host(stream=s) for t in targets])
     first = args[0]
     value = _like(value, first)
     if not grad:
         return value, None
-    return value, tuple(_like(g.reshape(s), first) for g, s in zip(grads, call.input_shapes))
+    return value, tuple(_like(g.reshape(shape), first) for g, shape in zip(grads, call.input_shapes))
