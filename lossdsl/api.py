@@ -4,6 +4,7 @@ A ``Loss`` checks its arguments (count, dtypes, shapes, axis sizes, params and t
 runs the kernel for the inputs' dtype, and reduces: ``none`` / ``sum`` / ``mean``.
 """
 import difflib
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -180,6 +181,25 @@ class Loss:
         return _run_host(self, Call(self, arrays, reduction, weight, ignore_index, params), arrays, weight, grad)
 
 
+SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
+
+
+@contextmanager
+def _threads_for(elements):
+    """Run small calls on the calling thread: a parallel launch costs tens of microseconds, and more
+    while a framework's own thread pool (torch's OpenMP) still spins on the same cores."""
+    if elements >= SERIAL_BELOW:
+        yield
+        return
+    import numba       # already imported by the kernel module
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 def _run_host(loss, call, arrays, weight, grad):
     """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce."""
     dtype, n_in = call.dtype, len(loss._inputs)
@@ -195,8 +215,9 @@ def _run_host(loss, call, arrays, weight, grad):
     grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
     out = np.empty(call.n_samples, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
-    bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
-            *grads, scale, np.int64(call.ignore), weight is not None, grad)
+    with _threads_for(sum(a.size for a in inputs)):
+        bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
+                *grads, scale, np.int64(call.ignore), weight is not None, grad)
     if bad:
         call.raise_bad_targets(targets)
     if call.reduction == "none":

@@ -339,6 +339,23 @@ def test_integer_and_bool_targets_are_converted_on_the_device():
         agree("bce", [z, y], np.float32, "none")
 
 
+@needs_sim
+@pytest.mark.parametrize("name", ["cross_entropy", "bce", "ntxent"])
+def test_launches_on_a_given_stream(name):
+    """The torch bridge passes torch's current stream: every launch and copy of a call uses it,
+    and the results equal the CPU kernels'."""
+    from numba import cuda
+    f = load(name)
+    arrays, _ = make_args(name, np.float64, seed=3)
+    want, want_g = f.value_and_grad(*arrays, reduction="sum")
+    stream = cuda.stream()
+    got, got_g = f._run([dev(a) for a in arrays], "sum", None, None, {}, True, stream)
+    stream.synchronize()
+    close(host(got), want, np.float64, f"{name} value on a stream")
+    for g, w in zip(got_g, want_g):
+        close(host(g), w, np.float64, f"{name} gradient on a stream")
+
+
 # --- bad input on the device path ----------------------------------------------------------
 
 @needs_sim

@@ -1,0 +1,116 @@
+"""The JAX bridge (LANGUAGE.md §6): compiled losses as differentiable jax functions.
+
+    import lossdsl.jax as lj
+    f = lj.function("focal")                  # or a Loss, e.g. lossdsl.compile(text)["mine"]
+    v, g = jax.jit(jax.value_and_grad(lambda z: f(z, y, gamma=2.0)))(z)
+
+A ``jax.custom_vjp`` whose forward runs the fused CPU kernel once through ``jax.pure_callback``
+(value and gradients declared as ``ShapeDtypeStruct``s, so it traces under ``jax.jit``,
+``jax.grad``, ``jax.value_and_grad`` and ``jax.vmap``), and whose backward only scales the saved
+gradients by the cotangent.
+
+- Arguments are checked while tracing (shapes, dtypes, params given as numbers): a bad call
+  raises the same ``LossError`` as with numpy arrays. Targets are checked by the kernel when it
+  runs; inside a callback jax reports that error as its runtime error, with the ``LossError``'s
+  message. Params may also be jax scalars (traced), checked when the kernel runs.
+- float16 / bfloat16 are computed in float32; value and gradients come back in the input's dtype.
+- Arrays on a GPU take a host round trip: the callback copies them to the host, runs the CPU
+  kernel and copies the results back (the CUDA kernels are reached through ``lossdsl.torch`` or
+  device arrays, not through jax).
+- Second derivatives are not available: differentiating the backward again gives the wrong
+  (zero) curvature, so ``jax.hessian`` of a lossdsl function is not supported.
+"""
+import functools
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as e:        # pragma: no cover - depends on the installation
+    raise ImportError("lossdsl.jax needs JAX: pip install 'lossdsl[jax]'") from e
+
+import numpy as np
+
+from . import api
+from .call import Call, param_values
+from .errors import ArgumentError
+
+__all__ = ["function"]
+
+_HALF = (jnp.float16, jnp.bfloat16)
+
+
+def _resolve(name_or_loss):
+    if isinstance(name_or_loss, api.Loss):
+        return name_or_loss
+    if isinstance(name_or_loss, str):
+        return api.load(name_or_loss)
+    raise ArgumentError(f"lossdsl.jax.function takes a library loss name or a Loss, got {name_or_loss!r}")
+
+
+def _computed(a):
+    """Half-precision floats are computed in float32."""
+    return a.astype(jnp.float32) if a.dtype in _HALF else a
+
+
+def _is_traced(v):
+    return isinstance(v, jax.Array) or isinstance(v, jax.core.Tracer)
+
+
+@functools.lru_cache(maxsize=None)
+def _vjp(loss, reduction, ignore_index, weighted, static, traced):
+    """The custom_vjp for one configuration: operands are (inputs, targets, [weight], traced params)."""
+    n_in, n_arrays = len(loss.inputs), len(loss.inputs) + len(loss.targets)
+
+    def host(*operands):
+        arrays = operands[:n_arrays]
+        weight = operands[n_arrays] if weighted else None
+        params = dict(static, **{k: float(v) for k, v in zip(traced, operands[n_arrays + weighted:])})
+        value, grads = loss.value_and_grad(*arrays, reduction=reduction, weight=weight,
+                                           ignore_index=ignore_index, **params)
+        return (np.asarray(value),) + grads
+
+    def forward(*operands):
+        ins = operands[:n_in]
+        call = Call(loss, operands[:n_arrays], reduction, operands[n_arrays] if weighted else None,
+                    ignore_index, dict(static))
+        shapes = (jax.ShapeDtypeStruct(call.value_shape, call.dtype),) + \
+            tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins)
+        value, *grads = jax.pure_callback(host, shapes, *operands, vmap_method="sequential")
+        return value, tuple(grads)
+
+    @jax.custom_vjp
+    def f(*operands):
+        return forward(*operands)[0]
+
+    def bwd(grads, ct):
+        scaled = tuple(g * ct.reshape(ct.shape + (1,) * (g.ndim - ct.ndim)) for g in grads)
+        return scaled + (None,) * (n_arrays - n_in + weighted + len(traced))
+
+    f.defvjp(forward, bwd)
+    return f
+
+
+def function(name_or_loss):
+    """A jax function for a library loss name or a ``Loss``: ``f(*inputs_and_targets,
+    reduction="mean", weight=None, ignore_index=None, **params)``, differentiable in its inputs."""
+    loss = _resolve(name_or_loss)
+    n_in = len(loss.inputs)
+
+    def f(*args, reduction="mean", weight=None, ignore_index=None, **params):
+        arrays = [jnp.asarray(a) for a in args]
+        traced = tuple(sorted(k for k, v in params.items() if _is_traced(v)))
+        # names, and the values known now, checked while tracing; traced values when the kernel runs
+        checked = param_values(loss, {k: (loss.params.get(k) if k in traced else v) for k, v in params.items()})
+        static = tuple((p, v) for p, v in zip(loss.params, checked) if p not in traced)
+        operands = [_computed(a) for a in arrays]
+        if weight is not None:
+            operands.append(jnp.asarray(weight))
+        operands += [jnp.asarray(params[k], jnp.float32) for k in traced]
+        fn = _vjp(loss, reduction, ignore_index, weight is not None, static, traced)
+        value = fn(*operands)
+        return value.astype(arrays[0].dtype) if n_in and arrays[0].dtype in _HALF else value
+
+    f.__name__ = loss.name
+    f.__doc__ = f"{loss.doc or loss.name} (lossdsl.jax; differentiable in {', '.join(loss.inputs)})"
+    f.loss = loss
+    return f

@@ -1,0 +1,224 @@
+"""The PyTorch bridge (LANGUAGE.md §6): compiled losses as differentiable torch functions.
+
+    import lossdsl.torch as lt
+    f = lt.function("focal")                  # or a Loss, e.g. lossdsl.compile(text)["mine"]
+    v = f(z, y, gamma=2.0)                    # same arguments as Loss.__call__
+    v.backward()
+
+One registered custom op, ``lossdsl::value_and_grad``, runs the fused kernel once through
+``Loss._run`` (the one path that checks arguments and picks the CPU or CUDA kernels) and returns
+the value and every input's gradient; its autograd formula only scales those saved gradients by
+the upstream gradient. Being a ``torch.library`` op with a fake (shape-only) implementation, it
+sits in a ``torch.compile`` graph without a break.
+
+- CPU tensors are viewed as numpy arrays (no copy; a non-contiguous one is copied once);
+  CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__`` on torch's current
+  stream, and the results stay on that device.
+- float16 / bfloat16 are computed in float32; value and gradients come back in the input's dtype.
+- Params are Python numbers or 0-d tensors; targets, weights and params get no gradient.
+- Second derivatives are not available: differentiating the backward raises a ``LossError``
+  that names the loss.
+"""
+import numpy as np
+
+try:
+    import torch
+except ImportError as e:        # pragma: no cover - depends on the installation
+    raise ImportError("lossdsl.torch needs PyTorch: pip install 'lossdsl[torch]'") from e
+
+from . import api
+from .call import Call, param_values
+from .errors import ArgumentError, LossError
+
+__all__ = ["function", "LossModule"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_LOSSES = {}                    # op key -> Loss: the op's arguments name a loss by a string
+
+
+def _key(loss):
+    """A string naming ``loss`` inside the op (library losses by name, others by identity)."""
+    key = loss.name if loss is _library(loss.name) else f"{loss.name}@{id(loss):x}"
+    _LOSSES[key] = loss
+    return key
+
+
+def _library(name):
+    try:
+        return api.load(name)
+    except LossError:
+        return None
+
+
+def _resolve(name_or_loss):
+    if isinstance(name_or_loss, api.Loss):
+        return name_or_loss
+    if isinstance(name_or_loss, str):
+        return api.load(name_or_loss)
+    raise ArgumentError(f"lossdsl.torch.function takes a library loss name or a Loss, got {name_or_loss!r}")
+
+
+def _compute_dtype(t):
+    return torch.float32 if t.dtype in _HALF else t.dtype
+
+
+def _kernel_array(t):
+    """The tensor as the kernels take it: a numpy view on the CPU, the tensor itself on CUDA."""
+    t = t.detach()
+    if t.dtype in _HALF:
+        t = t.float()
+    return t if t.is_cuda else t.numpy()
+
+
+def _numba_stream(device):
+    from numba import cuda
+    return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
+# torch dtype -> numpy dtype, built once outside any fake mode (fake tensors have no .numpy())
+_NUMPY_DTYPES = {d: torch.empty(0, dtype=d).numpy().dtype for d in (
+    torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+
+
+class _Spec:
+    """Shape and numpy dtype of a tensor: what ``Call`` reads, for the shape-only checks."""
+
+    def __init__(self, t):
+        self.shape = tuple(t.shape)
+        self.dtype = _NUMPY_DTYPES.get(_compute_dtype(t), np.dtype(object))
+
+
+def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
+    """[value, gradient of each input] from one kernel call (gradients empty unless ``with_grad``)."""
+    loss = _LOSSES[key]
+    first = arrays[0]
+    stream = _numba_stream(first.device) if first.is_cuda else None
+    value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
+                             None if weight is None else _kernel_array(weight), ignore_index,
+                             dict(zip(loss.params, params)), with_grad, stream)
+    value = torch.as_tensor(value, device=first.device).to(first.dtype)
+    if not with_grad:
+        return [value] + [first.new_empty(0) for _ in loss.inputs]
+    return [value] + [torch.as_tensor(g, device=first.device).to(a.dtype) for g, a in zip(grads, arrays)]
+
+
+def _save(ctx, key, n_arrays, output):
+    """Keep the fused gradients for the backward; unused outputs get no upstream tensor."""
+    ctx.key, ctx.n_targets = key, n_arrays - len(_LOSSES[key].inputs)
+    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(ctx, upstream, second):
+    """The inputs' gradients (None for the targets): the saved ones times the upstream gradient,
+    one value per sample for reduction="none". A gradient flowing into the saved gradients means
+    a second derivative was asked for."""
+    if any(g is not None for g in second):
+        raise LossError(f"loss '{_LOSSES[ctx.key].name}': second derivatives are not available through "
+                        f"lossdsl.torch (its backward scales the saved first derivatives)")
+    saved = ctx.saved_tensors
+    if upstream is None:
+        return [None] * (len(saved) + ctx.n_targets)
+    return [g * upstream.reshape(upstream.shape + (1,) * (g.ndim - upstream.ndim)) for g in saved] \
+        + [None] * ctx.n_targets
+
+
+class _Eager(torch.autograd.Function):
+    """The eager form of the op below (same kernel call, same backward) without the dispatcher's
+    per-call cost, which is several times a small batch's kernel time."""
+
+    @staticmethod
+    def forward(ctx, key, weight, params, reduction, ignore_index, *arrays):
+        out = _run(key, list(arrays), weight, params, reduction, ignore_index, True)
+        _save(ctx, key, len(arrays), out)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, upstream, *second):
+        return (None,) * 5 + tuple(_scaled(ctx, upstream, second))
+
+
+@torch.library.custom_op("lossdsl::value_and_grad", mutates_args=())
+def _value_and_grad(key: str, arrays: list[torch.Tensor], weight: torch.Tensor | None, params: list[float],
+                    reduction: str, ignore_index: int | None, with_grad: bool) -> list[torch.Tensor]:
+    """The loss as one opaque node of a torch.compile graph: ``_run`` behind the dispatcher."""
+    return _run(key, arrays, weight, params, reduction, ignore_index, with_grad)
+
+
+@_value_and_grad.register_fake
+def _(key, arrays, weight, params, reduction, ignore_index, with_grad):
+    """Shapes only, for torch.compile's tracing. With static shapes the arguments are checked here
+    too, so a bad call fails at trace time; symbolic sizes are left to the kernel call's checks."""
+    loss = _LOSSES[key]
+    if all(isinstance(n, int) for a in arrays for n in a.shape):
+        Call(loss, [_Spec(a) for a in arrays], reduction, None if weight is None else _Spec(weight),
+             ignore_index, dict(zip(loss.params, params)))
+    first = arrays[0]
+    n_axes = len(loss._inputs[0].axes)
+    batch = loss._defn.batch or reduction != "none"
+    value = first.new_empty(() if batch else first.shape[:first.dim() - n_axes])
+    if not with_grad:
+        return [value] + [first.new_empty(0) for _ in loss.inputs]
+    return [value] + [torch.empty_like(a) for a in arrays[:len(loss.inputs)]]
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs[0], len(inputs[1]), output)
+
+
+def _backward(ctx, grads):
+    return None, _scaled(ctx, grads[0], grads[1:]), None, None, None, None, None
+
+
+_value_and_grad.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _scalar(v):
+    """A 0-d (or one-element) tensor param as a Python number; anything else is left to the checks."""
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+def function(name_or_loss):
+    """A torch function for a library loss name or a ``Loss``: ``f(*inputs_and_targets,
+    reduction="mean", weight=None, ignore_index=None, **params)``, differentiable in its inputs."""
+    loss = _resolve(name_or_loss)
+    key = _key(loss)
+    n_in = len(loss.inputs)
+
+    def f(*args, reduction="mean", weight=None, ignore_index=None, **params):
+        tensors = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
+        values = param_values(loss, {k: _scalar(v) for k, v in params.items()})
+        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors[:n_in])
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            weight = torch.as_tensor(weight)
+        if torch.compiler.is_compiling():
+            return _value_and_grad(key, tensors, weight, values, reduction, ignore_index, with_grad)[0]
+        if with_grad:
+            return _Eager.apply(key, weight, values, reduction, ignore_index, *tensors)[0]
+        return _run(key, tensors, weight, values, reduction, ignore_index, False)[0]
+
+    f.__name__ = loss.name
+    f.__doc__ = f"{loss.doc or loss.name} (lossdsl.torch; differentiable in {', '.join(loss.inputs)})"
+    f.loss = loss
+    return f
+
+
+class LossModule(torch.nn.Module):
+    """``nn.Module`` form: ``LossModule("cross_entropy", label_smoothing=0.1)(logits, labels)``."""
+
+    def __init__(self, name_or_loss, reduction="mean", ignore_index=None, **params):
+        super().__init__()
+        self.fn = function(name_or_loss)
+        param_values(self.fn.loss, {k: _scalar(v) for k, v in params.items()})     # fail here, not mid-training
+        self.reduction, self.ignore_index, self.params = reduction, ignore_index, params
+
+    def forward(self, *args, weight=None):
+        return self.fn(*args, reduction=self.reduction, weight=weight, ignore_index=self.ignore_index,
+                       **self.params)
+
+    def extra_repr(self):
+        opts = [f"reduction={self.reduction!r}"] + [f"{k}={v!r}" for k, v in self.params.items()]
+        if self.ignore_index is not None:
+            opts.append(f"ignore_index={self.ignore_index}")
+        return f"{self.fn.loss.name}, " + ", ".join(opts)
