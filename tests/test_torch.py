@@ -6,6 +6,7 @@ torch.nn.functional, and formulas written out in torch and differentiated by tor
 """
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +273,15 @@ def test_training_follows_torch_trajectory():
     theirs = _train(F.cross_entropy)
     assert ours[-1] < 0.5 * ours[0]                  # it trained
     np.testing.assert_allclose(ours, theirs, rtol=1e-3)
+
+
+def test_example_trains_digits():
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed (the digits data set)")
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
+    spec = importlib.util.spec_from_file_location("train_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(epochs=4) > 0.9
 
 
 def test_torch_compile_matches_eager_without_graph_break():

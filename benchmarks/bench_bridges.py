@@ -1,0 +1,156 @@
+"""Cost of the framework bridges (lossdsl.torch, lossdsl.jax) over calling the kernel directly.
+
+    python benchmarks/bench_bridges.py [--quick] [--out benchmarks/BRIDGES.md]
+
+1. Per-call overhead on a tiny batch (cross_entropy 8 x 10, float32), forward + backward:
+   lossdsl.torch against F.cross_entropy, and the direct numpy call (Loss.value_and_grad);
+   lossdsl.jax (jit of value_and_grad) against optax's loss under the same jit.
+   Target: lossdsl.torch within 2x of torch's own.
+2. Throughput on the large shapes of benchmarks/RESULTS.md: the bridge's forward + backward
+   against the direct kernel call on the same data. Target: within 5%.
+Each timing is the best of several runs after a warm-up; everything is measured in one run.
+"""
+import argparse
+import platform
+import time
+
+import numba
+import numpy as np
+
+import lossdsl
+
+try:
+    import torch
+    import torch.nn.functional as F
+    import lossdsl.torch as lt
+except ImportError:
+    torch = None
+try:
+    import jax
+    import optax
+    import lossdsl.jax as lj
+except ImportError:
+    jax = None
+
+
+def best(fn, repeat, inner=1):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t) / inner)
+    return min(times)
+
+
+def tiny(repeat):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((8, 10)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    ce = lossdsl.load("cross_entropy")
+    rows = [("lossdsl direct (numpy)", best(lambda: ce.value_and_grad(z, y), repeat, 2000))]
+    if torch is not None:
+        zt, yt = torch.from_numpy(z).requires_grad_(), torch.from_numpy(y)
+        f = lt.function("cross_entropy")
+
+        def ours():
+            zt.grad = None
+            f(zt, yt).backward()
+
+        def theirs():
+            zt.grad = None
+            F.cross_entropy(zt, yt).backward()
+        rows += [("lossdsl.torch", best(ours, repeat, 2000)), ("torch F.cross_entropy", best(theirs, repeat, 2000))]
+    if jax is not None:
+        zj, yj = jax.numpy.asarray(z), jax.numpy.asarray(y)
+        fj = lj.function("cross_entropy")
+        ours_j = jax.jit(jax.value_and_grad(lambda z: fj(z, yj)))
+        theirs_j = jax.jit(jax.value_and_grad(
+            lambda z: optax.softmax_cross_entropy_with_integer_labels(z, yj).mean()))
+        rows += [("lossdsl.jax (jit)", best(lambda: jax.block_until_ready(ours_j(zj)), repeat, 2000)),
+                 ("optax (jit)", best(lambda: jax.block_until_ready(theirs_j(zj)), repeat, 2000))]
+    return rows
+
+
+def large_cases():
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((16384, 1000)).astype(np.float32)
+    yield "cross_entropy", "16384 x 1000", [z, rng.integers(0, 1000, 16384)]
+    del z
+    yield "bce", "16777216", [rng.standard_normal(1 << 24).astype(np.float32),
+                              (rng.random(1 << 24) > 0.5).astype(np.float32)]
+    yield "triplet", "65536 x 128", [rng.standard_normal((65536, 128)).astype(np.float32) for _ in range(3)]
+
+
+def large(repeat):
+    rows = []
+    for name, shape, arrays in large_cases():
+        loss = lossdsl.load(name)
+        n_in = len(loss.inputs)
+        direct = best(lambda: loss.value_and_grad(*arrays), repeat)
+        row = [name, shape, direct]
+        if torch is not None:
+            ts = [torch.from_numpy(a) for a in arrays]
+            ins = [t.requires_grad_() for t in ts[:n_in]]
+            f = lt.function(name)
+
+            def bridge():
+                for t in ins:
+                    t.grad = None
+                f(*ts).backward()
+            row.append(best(bridge, repeat))
+        if jax is not None:
+            js = [jax.numpy.asarray(a) for a in arrays]
+            fj = lj.function(name)
+            vg = jax.jit(jax.value_and_grad(lambda *x: fj(*x, *js[n_in:]), argnums=tuple(range(n_in))))
+            row.append(best(lambda: jax.block_until_ready(vg(*js[:n_in])), repeat))
+        rows.append(row)
+    return rows
+
+
+def report(tiny_rows, large_rows):
+    ms = lambda s: f"{s * 1e3:.1f}"            # noqa: E731
+    us = lambda s: f"{s * 1e6:.1f}"            # noqa: E731
+    out = ["# Framework bridges: overhead and throughput", "",
+           f"Produced by `python benchmarks/bench_bridges.py` on {time.strftime('%Y-%m-%d')}.", "",
+           f"- machine: {platform.machine()}, {numba.config.NUMBA_NUM_THREADS} cores, "
+           f"{numba.get_num_threads()} threads for numba" + (f" and {torch.get_num_threads()} for torch" if torch else ""),
+           f"- python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
+           + (f", torch {torch.__version__}" if torch else ", torch not installed")
+           + (f", jax {jax.__version__}, optax {optax.__version__}" if jax else ", jax not installed"),
+           "- forward + backward of the mean loss, float32, best of several runs after a warm-up", "",
+           "## Per-call overhead: cross_entropy 8 x 10", "", "| call | µs per forward + backward |", "|---|---|"]
+    out += [f"| {name} | {us(t)} |" for name, t in tiny_rows]
+    t = dict(tiny_rows)
+    if "lossdsl.torch" in t:
+        out += ["", f"lossdsl.torch / torch: {t['lossdsl.torch'] / t['torch F.cross_entropy']:.2f}x "
+                    f"(target: at most 2x)."]
+    head = ["loss", "shape", "direct ms"] + (["lossdsl.torch ms", "torch / direct"] if torch else []) \
+        + (["lossdsl.jax ms", "jax / direct"] if jax else [])
+    out += ["", "## Throughput on the large shapes of RESULTS.md", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, shape, direct, *bridges in large_rows:
+        cells = [name, shape, ms(direct)]
+        for b in bridges:
+            cells += [ms(b), f"{b / direct:.3f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Target: each bridge within 5% of the direct call (ratio at most 1.05)."]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--out", help="write the Markdown report here")
+    args = ap.parse_args()
+    repeat = 3 if args.quick else 7
+    text = report(tiny(repeat), large(repeat))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
