@@ -96,6 +96,7 @@ def _discard_module(base, name):
 
 def _write_atomic(path, data):
     """Write ``data`` (bytes) to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(exist_ok=True)     # `lossdsl cache --clear` may have removed it meanwhile
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
