@@ -46,7 +46,7 @@ _broken_dirs = set()        # cache dirs that are not: kernels compile in memory
 def cache_dir():
     env = os.environ.get("LOSSDSL_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(os.path.abspath(env))    # numba locates its cache from the module's path
     root = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
     return Path(root) / "lossdsl"
 
@@ -159,32 +159,46 @@ def load_indexed(key):
         if base is None:
             return None
         index = _index_path(base, key)
-        try:
-            entry = index_entry(index)
-            problem = "not written by lossdsl" if entry is None else \
-                "from another compiler" if entry[1] != _fingerprint() else None
-        except FileNotFoundError:
+        name = _indexed_name(index)
+        if name is None:
             return None
-        except OSError as e:
-            problem = e
-        if problem is not None:
-            _warn(f"discarded unreadable index entry {index} ({problem})")
-            _unlink(index)
-            return None
-        name = entry[0]
-        path = base / f"{name}.py"
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            data, problem = None, e
-        else:
-            problem = None if _digest(data) == name[2:] else "its text does not match its name"
-        if problem is not None:
-            _warn(f"discarded cached kernel {path} ({problem}); rebuilding it")
-            _discard_module(base, name)
-            _unlink(index)
+        data = _module_bytes(base, name)
+        if data is None:
+            _unlink(index)          # it names a module that is gone
             return None
         return _loaded.get(name[2:]) or _run(name, data.decode(), base)
+
+
+def _indexed_name(index):
+    """The module name in index file ``index``, or None; a damaged entry is deleted."""
+    try:
+        entry = index_entry(index)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        entry = e
+    if isinstance(entry, tuple) and entry[1] == _fingerprint():
+        return entry[0]
+    problem = entry if isinstance(entry, OSError) else "not written by this compiler"
+    _warn(f"discarded unreadable index entry {index} ({problem})")
+    _unlink(index)
+    return None
+
+
+def _module_bytes(base, name):
+    """The text of module ``name`` if it matches the hash in its name, else None; a missing or
+    damaged module is deleted with numba's files for it."""
+    path = base / f"{name}.py"
+    try:
+        data = path.read_bytes()
+        problem = None if _digest(data) == name[2:] else "its text does not match its name"
+    except OSError as e:
+        problem = e
+    if problem is None:
+        return data
+    _warn(f"discarded cached kernel {path} ({problem}); rebuilding it")
+    _discard_module(base, name)
+    return None
 
 
 def load_module(source, key=None):
