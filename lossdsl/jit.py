@@ -295,6 +295,10 @@ class _GuardedCache(caching._Cache):
     def save_overload(self, sig, data):
         try:
             self._inner.save_overload(sig, data)
-        except Exception as e:
+        except OSError as e:            # full disk, read-only: the rest of this process too
             self._inner.disable()
             _give_up(self._base, e)
+        except Exception as e:          # numba could not serialize this one kernel
+            self._inner.disable()
+            _warn(f"numba could not cache a kernel of {self._inner.cache_path} ({type(e).__name__}: "
+                  f"{str(e)[:80]}); it stays in memory")
