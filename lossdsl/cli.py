@@ -220,7 +220,8 @@ def cmd_cache(args) -> int:
         _write(f"{jit.cache_dir()}: removed {files} files ({size} bytes)")
         return 0
     i = cache.info()
-    _write(f"{i['path']}{'' if i['exists'] else ' (not created yet)'}\n"
+    state = "" if i["exists"] else " (not a directory)" if i["path"].exists() else " (not created yet)"
+    _write(f"{i['path']}{state}\n"
            f"kernels: {i['kernels']}\n"
            f"files:   {i['files']} ({i['bytes']} bytes)\n"
            f"index:   {i['entries']} entries, {i['stale']} from other compilers ('--prune' drops them)")
@@ -276,11 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("cache", help="the kernel cache: where it is and what it holds; --clear, --prune")
-    what = s.add_mutually_exclusive_group()
-    what.add_argument("--info", action="store_true", help="where it is, how many kernels and bytes (default)")
-    what.add_argument("--clear", action="store_true", help="remove every file lossdsl wrote there")
-    what.add_argument("--prune", action="store_true",
-                      help="remove kernels indexed by other (older) versions of the compiler")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("--info", action="store_true", help="where it is, how many kernels and bytes (default)")
+    one.add_argument("--clear", action="store_true", help="remove every file lossdsl wrote there")
+    one.add_argument("--prune", action="store_true",
+                     help="remove kernels indexed by other (older) versions of the compiler")
     s.set_defaults(func=cmd_cache)
 
     for cmd, what in (("bench", "speed against numpy and torch"),):
