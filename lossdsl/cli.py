@@ -7,6 +7,7 @@
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
     lossdsl bench NAME|--all               (not implemented yet)
+    lossdsl cache [--info|--clear|--prune] the kernel cache: where, how much; empty it; drop old kernels
 
 NAME is a library loss or ``FILE.loss:NAME`` (``FILE.loss`` alone when the file
 defines a single loss).  Every ``lossdsl.LossError`` is printed on stderr and
@@ -211,6 +212,22 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    """The kernel cache: where it is and what it holds, or remove lossdsl's files from it."""
+    from lossdsl import cache, jit
+    if args.clear or args.prune:
+        files, size = (cache.clear if args.clear else cache.prune)()
+        _write(f"{jit.cache_dir()}: removed {files} files ({size} bytes)")
+        return 0
+    i = cache.info()
+    state = "" if i["exists"] else " (not a directory)" if i["path"].exists() else " (not created yet)"
+    _write(f"{i['path']}{state}\n"
+           f"kernels: {i['kernels']}\n"
+           f"files:   {i['files']} ({i['bytes']} bytes)\n"
+           f"index:   {i['entries']} entries, {i['stale']} from other compilers ('--prune' drops them)")
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"lossdsl {args.command}: not implemented yet "
           "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
@@ -258,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=200, metavar="N", help="points per sampler (default 200)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("cache", help="the kernel cache: where it is and what it holds; --clear, --prune")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("--info", action="store_true", help="where it is, how many kernels and bytes (default)")
+    one.add_argument("--clear", action="store_true", help="remove every file lossdsl wrote there")
+    one.add_argument("--prune", action="store_true",
+                     help="remove kernels indexed by other (older) versions of the compiler")
+    s.set_defaults(func=cmd_cache)
 
     for cmd, what in (("bench", "speed against numpy and torch"),):
         s = sub.add_parser(cmd, help=f"{what} (not implemented yet)")

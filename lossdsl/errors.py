@@ -51,3 +51,8 @@ class Span:
         lines = self.text.splitlines()
         src = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
         return kind(reason, self.file, self.line, self.column, src)
+
+
+class CacheWarning(UserWarning):
+    """The kernel cache held a damaged file (deleted and rebuilt) or could not be written
+    (kernels compiled in memory). The call that met it still succeeds."""
