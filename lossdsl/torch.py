@@ -110,18 +110,29 @@ def _save(ctx, key, n_arrays, output):
     ctx.set_materialize_grads(False)
 
 
-def _scaled(ctx, upstream, second):
+def _scaled(ctx, upstream, second, eager=False):
     """The inputs' gradients (None for the targets): the saved ones times the upstream gradient,
     one value per sample for reduction="none". A gradient flowing into the saved gradients means
-    a second derivative was asked for."""
+    a second derivative was asked for. Eagerly, an upstream of exactly 1 on the CPU (``loss.backward()``)
+    hands the saved gradients over as they are, when the graph is not kept for another backward
+    (which would see them again after ``.grad`` was changed): a multiply is a second pass over the data."""
     if any(g is not None for g in second):
         raise LossError(f"loss '{_LOSSES[ctx.key].name}': second derivatives are not available through "
                         f"lossdsl.torch (its backward scales the saved first derivatives)")
     saved = ctx.saved_tensors
     if upstream is None:
         return [None] * (len(saved) + ctx.n_targets)
-    return [g * upstream.reshape(upstream.shape + (1,) * (g.ndim - upstream.ndim)) for g in saved] \
-        + [None] * ctx.n_targets
+    if eager and upstream.numel() == 1 and not upstream.is_cuda and not _keep_graph() and upstream.item() == 1.0:
+        scaled = list(saved)
+    else:
+        scaled = [g * upstream.reshape(upstream.shape + (1,) * (g.ndim - upstream.ndim)) for g in saved]
+    return scaled + [None] * ctx.n_targets
+
+
+def _keep_graph():
+    """Will this backward's graph be used again (retain_graph=True)? Unknown counts as yes."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else probe()
 
 
 class _Eager(torch.autograd.Function):
@@ -136,7 +147,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream, *second):
-        return (None,) * 5 + tuple(_scaled(ctx, upstream, second))
+        return (None,) * 5 + tuple(_scaled(ctx, upstream, second, eager=True))
 
 
 @torch.library.custom_op("lossdsl::value_and_grad", mutates_args=())

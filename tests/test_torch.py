@@ -208,6 +208,21 @@ def test_no_gradient_wanted_runs_without_graph():
     torch.testing.assert_close(v, F.cross_entropy(z, y))
 
 
+def test_backward_twice_with_retained_graph():
+    """The saved gradients may be handed over as .grad (upstream 1): a retained graph must still
+    give the same gradient again, whatever was done to .grad in between."""
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (6,))
+    v = lt.function("cross_entropy")(z, y)
+    v.backward(retain_graph=True)
+    first = z.grad.clone()
+    z.grad.mul_(0.0)
+    v.backward(retain_graph=True)
+    torch.testing.assert_close(z.grad, first)
+    v.backward()
+    torch.testing.assert_close(z.grad, 2 * first)
+
+
 def test_second_derivatives_are_a_clear_error():
     z = torch.randn(5, dtype=torch.float64, requires_grad=True)
     y = torch.rand(5, dtype=torch.float64)
