@@ -4,14 +4,14 @@ A ``Loss`` checks its arguments (count, dtypes, shapes, axis sizes, params and t
 runs the kernel for the inputs' dtype, and reduces: ``none`` / ``sum`` / ``mean``.
 """
 import difflib
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from . import cuda_dispatch, ir, jit, printing, render_cpu, render_cuda
-from .call import Call
+from .call import checked
 from .compiler import compile_definition
 from .derive import fresh_indices
 from .errors import LossError, LossTypeError
@@ -112,6 +112,7 @@ class Loss:
         self.params = {p.name: p.default for p in self._params}
         self.shapes = {x.name: x.axes for x in self._inputs + self._targets}
         self._kernels = {}
+        self._calls = {}            # checked call signatures (call.checked)
 
     @property
     def _c(self):
@@ -178,34 +179,19 @@ class Loss:
             return cuda_dispatch.run(self, args, reduction, weight, ignore_index, params, grad, stream)
         arrays = [np.asarray(a) for a in args]
         weight = None if weight is None else np.asarray(weight)
-        return _run_host(self, Call(self, arrays, reduction, weight, ignore_index, params), arrays, weight, grad)
+        call = checked(self, arrays, reduction, weight, ignore_index, params)
+        return _run_host(self, call, arrays, weight, grad)
 
 
 SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
 
 
-@contextmanager
-def _threads_for(elements):
-    """Run small calls on the calling thread: a parallel launch costs tens of microseconds, and more
-    while a framework's own thread pool (torch's OpenMP) still spins on the same cores."""
-    if elements >= SERIAL_BELOW:
-        yield
-        return
-    import numba       # already imported by the kernel module
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-
-
 def _run_host(loss, call, arrays, weight, grad):
     """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce."""
     dtype, n_in = call.dtype, len(loss._inputs)
-    inputs = [np.ascontiguousarray(a.reshape(call.layout(d))) for a, d in zip(arrays, loss._inputs)]
+    inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
     targets = [np.ascontiguousarray(a.astype(np.int64 if d.domain.name == "class" else dtype, copy=False)
-                                    .reshape(call.layout(d))) for a, d in zip(arrays[n_in:], loss._targets)]
+                                    .reshape(s)) for a, d, s in zip(arrays[n_in:], loss._targets, call.layouts[n_in:])]
     w = np.empty(0, dtype) if weight is None else \
         np.ascontiguousarray(weight.astype(dtype, copy=False).reshape(call.n_samples))
     denominator = call.n_samples
@@ -215,9 +201,18 @@ def _run_host(loss, call, arrays, weight, grad):
     grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
     out = np.empty(call.n_samples, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
-    with _threads_for(sum(a.size for a in inputs)):
+    # Small calls run on the calling thread: a parallel launch costs tens of microseconds, more
+    # while a framework's own thread pool (torch's OpenMP) still spins on the same cores.
+    threads = numba.get_num_threads()
+    serial = call.elements < SERIAL_BELOW and threads > 1
+    if serial:
+        numba.set_num_threads(1)
+    try:
         bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
                 *grads, scale, np.int64(call.ignore), weight is not None, grad)
+    finally:
+        if serial:
+            numba.set_num_threads(threads)
     if bad:
         call.raise_bad_targets(targets)
     if call.reduction == "none":

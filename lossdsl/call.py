@@ -37,6 +37,27 @@ def param_values(loss, params):
     return values
 
 
+_CACHE_LIMIT = 512      # signatures remembered per loss (a training loop has a handful)
+
+
+def checked(loss, arrays, reduction="mean", weight=None, ignore_index=None, params=None):
+    """``Call(...)``, remembered per signature: a Call depends only on the shapes, dtypes and
+    options, so a training loop pays for the checks once (a small batch's call is a few µs)."""
+    try:
+        key = (tuple((a.shape, a.dtype) for a in arrays), reduction,
+               None if weight is None else (weight.shape, weight.dtype), ignore_index,
+               tuple(sorted(params.items())) if params else ())
+        hit = loss._calls.get(key)
+    except TypeError:               # an unhashable param value: no memo, the checks say what is wrong
+        return Call(loss, arrays, reduction, weight, ignore_index, params)
+    if hit is None:
+        hit = Call(loss, arrays, reduction, weight, ignore_index, params)
+        if len(loss._calls) >= _CACHE_LIMIT:
+            loss._calls.clear()
+        loss._calls[key] = hit
+    return hit
+
+
 class Call:
     """One call's arguments after their checks: dtype, sample shape, axis sizes, param values."""
 
@@ -54,6 +75,8 @@ class Call:
         self._check_weight(weight)
         self._check_ignore(ignore_index)
         self.reduction = reduction
+        self.layouts = [self.layout(d) for d in decls]
+        self.elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.input_shapes)
 
     # -- what the kernels and the bridges need to know -------------------------------------
     def layout(self, d):
