@@ -97,36 +97,31 @@ def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
     value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
                              None if weight is None else _kernel_array(weight), ignore_index,
                              dict(zip(loss.params, params)), with_grad, stream)
-    value = torch.as_tensor(value, device=first.device).to(first.dtype)
     if not with_grad:
-        return [value] + [first.new_empty(0) for _ in loss.inputs]
-    return [value] + [torch.as_tensor(g, device=first.device).to(a.dtype) for g, a in zip(grads, arrays)]
+        return [_tensor(value, first)] + [first.new_empty(0) for _ in loss.inputs]
+    return [_tensor(value, first)] + [_tensor(g, a) for g, a in zip(grads, arrays)]
 
 
-def _save(ctx, key, n_arrays, output):
-    """Keep the fused gradients for the backward; unused outputs get no upstream tensor."""
-    ctx.key, ctx.n_targets = key, n_arrays - len(_LOSSES[key].inputs)
-    ctx.save_for_backward(*output[1:])
-    ctx.set_materialize_grads(False)
+def _tensor(x, like):
+    """A kernel result as a tensor on ``like``'s device, in its dtype (no copy on the CPU)."""
+    t = torch.from_numpy(np.asarray(x)) if isinstance(x, (np.ndarray, np.generic)) else \
+        torch.as_tensor(x, device=like.device)
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
-def _scaled(ctx, upstream, second, eager=False):
+def _scaled(saved, upstream, n_targets, eager=False):
     """The inputs' gradients (None for the targets): the saved ones times the upstream gradient,
-    one value per sample for reduction="none". A gradient flowing into the saved gradients means
-    a second derivative was asked for. Eagerly, an upstream of exactly 1 on the CPU (``loss.backward()``)
-    hands the saved gradients over as they are, when the graph is not kept for another backward
-    (which would see them again after ``.grad`` was changed): a multiply is a second pass over the data."""
-    if any(g is not None for g in second):
-        raise LossError(f"loss '{_LOSSES[ctx.key].name}': second derivatives are not available through "
-                        f"lossdsl.torch (its backward scales the saved first derivatives)")
-    saved = ctx.saved_tensors
+    one value per sample for reduction="none". Eagerly, an upstream of exactly 1 on the CPU
+    (``loss.backward()``) hands the saved gradients over as they are, unless the graph is kept for
+    another backward (which would see them again after ``.grad`` changed): a multiply is a second
+    pass over the data."""
     if upstream is None:
-        return [None] * (len(saved) + ctx.n_targets)
+        return [None] * (len(saved) + n_targets)
     if eager and upstream.numel() == 1 and not upstream.is_cuda and not _keep_graph() and upstream.item() == 1.0:
         scaled = list(saved)
     else:
         scaled = [g * upstream.reshape(upstream.shape + (1,) * (g.ndim - upstream.ndim)) for g in saved]
-    return scaled + [None] * ctx.n_targets
+    return scaled + [None] * n_targets
 
 
 def _keep_graph():
@@ -135,19 +130,44 @@ def _keep_graph():
     return True if probe is None else probe()
 
 
+def _no_second_derivatives(key):
+    return LossError(f"loss '{_LOSSES[key].name}': second derivatives are not available through "
+                     f"lossdsl.torch (its backward scales the saved first derivatives)")
+
+
 class _Eager(torch.autograd.Function):
-    """The eager form of the op below (same kernel call, same backward) without the dispatcher's
+    """The eager form of the op below (same kernel call, same scaling) without the dispatcher's
     per-call cost, which is several times a small batch's kernel time."""
 
     @staticmethod
     def forward(ctx, key, weight, params, reduction, ignore_index, *arrays):
-        out = _run(key, list(arrays), weight, params, reduction, ignore_index, True)
-        _save(ctx, key, len(arrays), out)
-        return tuple(out)
+        value, *grads = _run(key, list(arrays), weight, params, reduction, ignore_index, True)
+        ctx.key, ctx.n_in, ctx.n_targets = key, len(grads), len(arrays) - len(grads)
+        ctx.save_for_backward(*grads, *arrays[:len(grads)])
+        return value
 
     @staticmethod
-    def backward(ctx, upstream, *second):
-        return (None,) * 5 + tuple(_scaled(ctx, upstream, second, eager=True))
+    def backward(ctx, upstream):
+        saved = ctx.saved_tensors
+        grads, inputs = saved[:ctx.n_in], saved[ctx.n_in:]
+        scaled = _scaled(grads, upstream, ctx.n_targets, eager=True)
+        if torch.is_grad_enabled():         # create_graph=True: differentiating these again is refused
+            scaled = list(_FirstOrderOnly.apply(ctx.key, len(inputs), *inputs, *scaled))
+        return (None,) * 5 + tuple(scaled)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients through; their own derivative is a clear error, not a silent zero. The
+    loss's inputs come along so that the outputs are part of the graph that reaches them."""
+
+    @staticmethod
+    def forward(ctx, key, n_inputs, *tensors):
+        ctx.key = key
+        return tuple(None if g is None else g.clone() for g in tensors[n_inputs:])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise _no_second_derivatives(ctx.key)
 
 
 @torch.library.custom_op("lossdsl::value_and_grad", mutates_args=())
@@ -175,11 +195,16 @@ def _(key, arrays, weight, params, reduction, ignore_index, with_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    _save(ctx, inputs[0], len(inputs[1]), output)
+    key, arrays = inputs[0], inputs[1]
+    ctx.key, ctx.n_targets = key, len(arrays) - len(_LOSSES[key].inputs)
+    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)      # unused outputs (the gradients) get no upstream tensor
 
 
 def _backward(ctx, grads):
-    return None, _scaled(ctx, grads[0], grads[1:]), None, None, None, None, None
+    if any(g is not None for g in grads[1:]):   # something differentiates the saved gradients
+        raise _no_second_derivatives(ctx.key)
+    return None, _scaled(ctx.saved_tensors, grads[0], ctx.n_targets), None, None, None, None, None
 
 
 _value_and_grad.register_autograd(_backward, setup_context=_setup_context)
@@ -206,7 +231,7 @@ def function(name_or_loss):
         if torch.compiler.is_compiling():
             return _value_and_grad(key, tensors, weight, values, reduction, ignore_index, with_grad)[0]
         if with_grad:
-            return _Eager.apply(key, weight, values, reduction, ignore_index, *tensors)[0]
+            return _Eager.apply(key, weight, values, reduction, ignore_index, *tensors)
         return _run(key, tensors, weight, values, reduction, ignore_index, False)[0]
 
     f.__name__ = loss.name
