@@ -1,8 +1,8 @@
 """The ``lossdsl`` command line (LANGUAGE.md section 5).
 
     lossdsl list                           the library, one aligned line per loss
-    lossdsl show NAME [--latex]            definition, stabilized loss, gradients, rules
-    lossdsl grad NAME [--wrt Z] [--latex]  the gradients alone
+    lossdsl show NAME [--latex|--ascii] [--exact]   definition, loss, gradients, rules
+    lossdsl grad NAME [--wrt Z] [--latex|--ascii] [--exact]   the gradients alone
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
@@ -108,12 +108,27 @@ def _table(losses) -> str:
     return "\n".join(lines)
 
 
+def _style(args) -> str:
+    """How show/grad print: "latex", "ascii" or "unicode" (as on paper), or "exact"."""
+    if getattr(args, "exact", False):
+        return "exact-latex" if args.latex else "exact"
+    return "latex" if args.latex else "ascii" if getattr(args, "ascii", False) else "unicode"
+
+
 def _render(expr, latex: bool) -> str:
     from lossdsl import printing
     return printing.to_latex(expr) if latex else printing.to_text(expr)
 
 
-def _gradient_lines(loss, wrt, latex: bool) -> list[str]:
+def _formula_lines(loss, label, expr, style, noun="the gradient") -> list[str]:
+    """``label = expr``: the kernel's form with --exact, else as on paper (cases, edge cases)."""
+    from lossdsl import printing
+    if style.startswith("exact"):
+        return [f"{label} = {_render(expr, style == 'exact-latex')}"]
+    return printing.paper_lines(label, expr, loss, style, noun)
+
+
+def _gradient_lines(loss, wrt, style) -> list[str]:
     names = list(loss.inputs)
     if wrt is not None:
         if wrt not in names:
@@ -123,15 +138,23 @@ def _gradient_lines(loss, wrt, latex: bool) -> list[str]:
                                  f"gradients exist for: {', '.join(names)}")
             raise _unknown(f"input of {loss.name}:", wrt, names)
         names = [wrt]
+    latex = style in ("latex", "exact-latex")
     lines = []
     for n in names:
         idx = _element_index(loss, n)
         if latex:
-            sym = n.replace("_", r"\_") + (f"_{{{', '.join(idx)}}}" if idx else "")
+            sym = (n if len(n) == 1 else r"\mathrm{%s}" % n.replace("_", r"\_")) + (f"_{{{', '.join(idx)}}}" if idx else "")
             label = rf"\frac{{\partial \ell}}{{\partial {sym}}}"
         else:
             label = f"d loss / d {n}" + (f"[{', '.join(idx)}]" if idx else "")
-        lines.append(f"{label} = {_render(loss.gradient(n), latex)}")
+        lines.extend(_formula_lines(loss, label, loss.gradient(n), style))
+    adjoints = getattr(loss._c, "adjoints", ()) if hasattr(loss, "_c") else ()
+    if adjoints:   # batch losses: gradients through their indexed locals, d_u = d loss / d u
+        lines.append(r"\mathrm{where}" if latex else "where")
+        for name, adj, at, _axes, expr in reversed(adjoints):
+            idx = ", ".join(str(i) for i in at)
+            label = rf"\mathrm{{d\_{name}}}_{{{idx}}}" if latex else f"{adj.__name__}[{idx}]"
+            lines.extend("  " + line for line in _formula_lines(loss, label, expr, style))
     return lines
 
 
@@ -164,11 +187,14 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     f = _resolve(args.name)
+    style = _style(args)
+    label = r"\ell" if args.latex else "loss"
     parts = [
         f"{f.name}: {f.doc}" if f.doc else f.name,
         _block("definition:", f.definition),
-        _block("loss (stabilized, per sample):", _render(f.expr, args.latex)),
-        _block("gradients:", "\n".join(_gradient_lines(f, None, args.latex))),
+        _block("loss (stabilized, per sample):" if style.startswith("exact") else "loss (per sample):",
+               "\n".join(_formula_lines(f, label, f.expr, style, "the loss"))),
+        _block("gradients:", "\n".join(_gradient_lines(f, None, style))),
         _block("rules:", "\n".join(f.rules) if f.rules else "(none)"),
     ]
     _write("\n\n".join(parts))
@@ -177,7 +203,7 @@ def cmd_show(args) -> int:
 
 def cmd_grad(args) -> int:
     f = _resolve(args.name)
-    _write("\n".join(_gradient_lines(f, args.wrt, args.latex)))
+    _write("\n".join(_gradient_lines(f, args.wrt, _style(args))))
     return 0
 
 
@@ -219,6 +245,13 @@ def cmd_not_yet(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+def _print_options(s) -> None:
+    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    s.add_argument("--ascii", action="store_true", help="plain ASCII instead of Unicode math (σ, Σ, ·, ²)")
+    s.add_argument("--exact", action="store_true",
+                   help="the full form the kernel computes, edge-case branches included")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lossdsl",
@@ -230,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="the library, one line per loss")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("show", help="definition, stabilized expression, gradients, rules")
+    s = sub.add_parser("show", help="definition, loss and gradients as on paper, rules")
     s.add_argument("name", metavar="NAME", help=name_help)
-    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    _print_options(s)
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("grad", help="the gradient of each input")
+    s = sub.add_parser("grad", help="the gradient of each input, as on paper")
     s.add_argument("name", metavar="NAME", help=name_help)
     s.add_argument("--wrt", metavar="Z", help="only the gradient with respect to input Z")
-    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    _print_options(s)
     s.set_defaults(func=cmd_grad)
 
     s = sub.add_parser("source", help="the generated kernel source")

@@ -286,7 +286,7 @@ def _words(text, style):
     return r"\mathrm{%s}" % text.replace(" ", r"\ ") if style == "latex" else text
 
 
-def paper_lines(label, expr, loss=None, style="unicode"):
+def paper_lines(label, expr, loss=None, style="unicode", noun="the gradient"):
     """``label = expr`` as on paper: one line per case, then the edge cases, one line each."""
     form = P.paper(expr, loss)
     ctx = P.Context(loss)
@@ -312,26 +312,26 @@ def paper_lines(label, expr, loss=None, style="unicode"):
     sp_ = r"\ " if style == "latex" else ""
     for words, ex in form.notes:
         lines.append(f"  {_words(words, style)}{sp_} {show(ex)}")
-    edges = _edge_lines(form.edges, show, style)
+    edges = _edge_lines(form.edges, show, style, noun)
     if edges:
         lines.append("  " + _words("edge cases:", style))
         lines.extend("    " + e for e in edges)
     return lines
 
 
-def _edge_lines(edges, show, style):
+def _edge_lines(edges, show, style, noun):
     """One line per edge case: ``label_smoothing = 0: the term label_smoothing/K is 0``."""
     latex = style == "latex"
 
     def say(*parts):             # words (str) and formulas (sympy), spaced for the style
-        out = [_words(p, style) if isinstance(p, str) else show(p) for p in parts]
+        out = [_words(p, style) if isinstance(p, str) else p.text if isinstance(p, _Raw) else show(p) for p in parts]
         return (r"\ " if latex else " ").join(out)
 
     out = []
     for e in edges:
         cond = (r",\ " if latex else ", ").join(show(c) for c in e.conds)
         if e.kind == "zero":
-            what = say("the gradient is 0") if e.term is None else say("the term", _unsigned(e.term), "is 0")
+            what = say(f"{noun} is 0") if e.term is None else say("the term", _Raw(_unsigned(show(e.term))), "is 0")
         elif e.kind == "value":
             what = say(e.value) if e.term is None else say(e.value, "instead of", e.term)
         else:
@@ -342,5 +342,11 @@ def _edge_lines(edges, show, style):
     return out
 
 
-def _unsigned(e):
-    return -e if e.could_extract_minus_sign() else e
+class _Raw:
+    def __init__(self, text):
+        self.text = text
+
+
+def _unsigned(text):
+    """A term's magnitude, as printed: ``-(1 - a)·[j = y]`` -> ``(1 - a)·[j = y]``."""
+    return text[1:].lstrip() if text.startswith("-") else text
