@@ -3,6 +3,7 @@
     lossdsl list                           the library, one aligned line per loss
     lossdsl show NAME [--latex|--ascii] [--exact]   definition, loss, gradients, rules
     lossdsl grad NAME [--wrt Z] [--latex|--ascii] [--exact]   the gradients alone
+    lossdsl plot NAME [--wrt Z] [--param gamma=0,0.5,1,2,5] [--range LO:HI] [-o FILE.png] [--csv FILE]
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
@@ -237,6 +238,23 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    """Loss and gradient curves from the compiled kernels, as a PNG and/or a CSV."""
+    from lossdsl import plot
+    f = _resolve(args.name)
+    params = plot.parse_params(args.param, f)
+    xrange = plot.parse_range(args.range) if args.range else None
+    c = plot.curves(f, args.wrt, params, xrange, args.x)
+    out = args.output or (None if args.csv else f"{f.name}.png")
+    if args.csv:
+        c.write_csv(args.csv)
+        print(f"wrote {args.csv}")
+    if out:
+        c.write_png(out)
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"lossdsl {args.command}: not implemented yet "
           "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
@@ -273,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wrt", metavar="Z", help="only the gradient with respect to input Z")
     _print_options(s)
     s.set_defaults(func=cmd_grad)
+
+    s = sub.add_parser("plot", help="loss and gradient against one input, one curve per param value")
+    s.add_argument("name", metavar="NAME", help=name_help)
+    s.add_argument("--wrt", metavar="INPUT", help="the input to vary (default: the first)")
+    s.add_argument("--param", action="append", metavar="NAME=V1,V2,...",
+                   help="one curve per value (repeatable); e.g. gamma=0,0.5,1,2,5")
+    s.add_argument("--range", metavar="LO:HI", help="the x range (default -4:4, or 0:1 for p_t); "
+                                                   "write --range=-2:2 when LO is negative")
+    s.add_argument("--x", choices=("value", "p_t"),
+                   help="x axis: the input's value, or p_t, the probability of the target "
+                        "(losses on logits; focal's default, as in its paper)")
+    s.add_argument("-o", "--output", metavar="FILE.png",
+                   help="write the figure (needs matplotlib: pip install 'lossdsl[plot]'); "
+                        "default NAME.png unless --csv is given")
+    s.add_argument("--csv", metavar="FILE", help="write the numbers (no matplotlib needed)")
+    s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("source", help="the generated kernel source")
     s.add_argument("name", metavar="NAME", help=name_help)
