@@ -22,7 +22,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.core.function import AppliedUndef
 
-from .primitives import IsArg, LogSumExp, Max2, Min2, Reduce, Sum, logcosh, mul0, xdivy, xlogy
+from .primitives import LogSumExp, Max2, Reduce, Sum, mul0, xdivy, xlogy
 
 HARD = {"binary", "unit", "sign"}        # target domains whose values ±1, 0, 1 are hard labels
 
@@ -212,8 +212,6 @@ def _named(e):
         if isinstance(x, sp.Piecewise) and len(x.args) == 2 and x.args[1].cond is sp.true \
                 and x.args[1].expr == 0:
             return Ind(x.args[0].cond) * visit(x.args[0].expr)
-        if isinstance(x, sp.Pow) and isinstance(x.base, Sum) and x.exp == 2:
-            pass
         if isinstance(x, Reduce):
             k, size, body, cond = x.args
             body = visit(body)

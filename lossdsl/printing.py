@@ -12,7 +12,7 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from . import paper as P
-from .primitives import IsArg, Reduce, logcosh, sigmoid
+from .primitives import IsArg, Reduce
 
 GREEK = {"alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ε", "eta": "η",
          "lambda": "λ", "mu": "μ", "sigma": "σ", "tau": "τ", "theta": "θ", "rho": "ρ", "nu": "ν"}
@@ -335,7 +335,7 @@ def _edge_lines(edges, show, style, noun):
         elif e.kind == "value":
             what = say(e.value) if e.term is None else say(e.value, "instead of", e.term)
         else:
-            what = say(e.term, "is 0, also where", e.other, "is 0" if e.kind == "xdivy" else "is infinite")
+            what = say(e.term, "is 0, also where", e.other, "is infinite" if e.kind == "mul0" else "is 0")
         line = cond + (r":\quad " if latex else ": ") + what
         if line not in out:
             out.append(line)
