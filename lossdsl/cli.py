@@ -4,6 +4,7 @@
     lossdsl show NAME [--latex|--ascii] [--exact]   definition, loss, gradients, rules
     lossdsl grad NAME [--wrt Z] [--latex|--ascii] [--exact]   the gradients alone
     lossdsl plot NAME [--wrt Z] [--param gamma=0,0.5,1,2,5] [--range LO:HI] [-o FILE.png] [--csv FILE]
+    lossdsl docs [-o DIR] [--no-plots]     Markdown catalog of the library (docs/)
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
@@ -255,6 +256,22 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_docs(args) -> int:
+    """The Markdown catalog of the library (and its plots, with matplotlib) under DIR."""
+    from lossdsl import docs
+    plots = not args.no_plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print('lossdsl docs: matplotlib is not installed (pip install "lossdsl[plot]"): '
+                  "writing the Markdown without the plots", file=sys.stderr)
+            plots = False
+    written = docs.write(args.output, plots=plots)
+    print(f"wrote {len(written)} files to {args.output}")
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"lossdsl {args.command}: not implemented yet "
           "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
@@ -307,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default NAME.png unless --csv is given")
     s.add_argument("--csv", metavar="FILE", help="write the numbers (no matplotlib needed)")
     s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("docs", help="a Markdown catalog of the library, one page per loss")
+    s.add_argument("-o", "--output", metavar="DIR", default="docs", help="where to write it (default docs/)")
+    s.add_argument("--no-plots", action="store_true", help="the Markdown alone, no PNG plots")
+    s.set_defaults(func=cmd_docs)
 
     s = sub.add_parser("source", help="the generated kernel source")
     s.add_argument("name", metavar="NAME", help=name_help)

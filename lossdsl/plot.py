@@ -2,7 +2,7 @@
 
 The numbers come from the compiled kernels (``value_and_grad(..., reduction="none")``), so a
 plot shows what training sees.  One input element varies (the target's logit for row losses);
-the other inputs are 0, targets are a hard positive (y = 1, class 0, p one-hot).  With
+the other inputs are +1, -1, ... in their first element, targets are a hard positive (y = 1, class 0, p one-hot).  With
 ``x = "p_t"`` the axis is the probability the model gives the target, σ(z) or softmax(z)[y]
 (logits computed from it), as in the focal loss paper's Figure 1.
 """
@@ -51,7 +51,7 @@ class Curves:
                 for x, vi, gi in zip(self.xs, v, g):
                     w.writerow([repr(float(setting[n])) for n in names] + [repr(float(x)), repr(float(vi)), repr(float(gi))])
 
-    def write_png(self, path):
+    def write_png(self, path, dpi=100):
         ylim = DEFAULTS.get(self.loss.name, {}).get("ylim") if self.xname == "p_t" else None
         try:
             import matplotlib
@@ -77,7 +77,7 @@ class Curves:
         if note:
             fig.text(0.5, 0.01, note, ha="center", fontsize=8)
         fig.tight_layout(rect=(0, 0.04, 1, 1))
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
 
 
@@ -150,15 +150,16 @@ def curves(loss, wrt=None, params=None, xrange=None, x=None, points=201):
         t = _logit(p) + (math.log(sizes[decl_in[wrt].axes[0]] - 1) if rows else 0.0)
     else:
         t = xs
-    args = []
+    args, others = [], []
     for d in loss._inputs:
         shape = (n,) + tuple(sizes[a] for a in d.axes)
         arr = np.zeros(shape)
+        first = (slice(None),) + (0,) * len(d.axes)
         if d.name == wrt:
-            if rows:
-                arr[(slice(None),) + (0,) * len(d.axes)] = t
-            else:
-                arr[:] = t
+            arr[first] = t
+        else:                               # the other inputs at +1, -1, ... (a triplet's p and n)
+            arr[first] = (-1.0) ** len(others)
+            others.append(f"{d.name}{'[0]' if d.axes else ''} = {arr[first][0]:g}")
         args.append(arr)
     for d in loss._targets:
         shape = (n,) + tuple(sizes[a] for a in d.axes)
@@ -188,7 +189,7 @@ def curves(loss, wrt=None, params=None, xrange=None, x=None, points=201):
                         for d in loss._targets)
     note = (f"varying {what}" + (f" (p_t = σ({what}))" if x == "p_t" and not rows else
                                  f" (p_t = softmax({wrt})[0], other logits 0)" if x == "p_t" else "")
-            + (f"; {targets}" if targets else "") + (f"; other inputs 0" if len(loss.inputs) > 1 else "")
+            + (f"; {targets}" if targets else "") + (f"; {', '.join(others)}" if others else "")
             + (f"; {', '.join(f'{a} = {s}' for a, s in sizes.items())}" if sizes else ""))
     return Curves(loss, what, "p_t" if x == "p_t" else what, xs, settings, values, grads, note)
 
