@@ -127,7 +127,11 @@ def _formula_lines(loss, label, expr, style, noun="the gradient") -> list[str]:
     from lossdsl import printing
     if style.startswith("exact"):
         return [f"{label} = {_render(expr, style == 'exact-latex')}"]
-    return printing.paper_lines(label, expr, loss, style, noun)
+    try:
+        return printing.paper_lines(label, expr, loss, style, noun)
+    except Exception as e:  # noqa: BLE001 - a display shortcut failed: show what the kernel computes
+        exact = _formula_lines(loss, label, expr, "exact-latex" if style == "latex" else "exact")
+        return exact + [f"  (the kernel's form: the paper form failed: {type(e).__name__}: {e})"]
 
 
 def _gradient_lines(loss, wrt, style) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.core.function import AppliedUndef
+from sympy.logic.boolalg import ITE, Boolean
 
 from .primitives import LogSumExp, Max2, Reduce, Sum, mul0, xdivy, xlogy
 
@@ -123,25 +124,22 @@ class _Splitter:
             return e
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e, path, whole)
-        if isinstance(e, mul0):
+        if isinstance(e, (mul0, xdivy, xlogy)):     # a·b, a/b, a·log(b), but 0 where a = 0
             a, b = (self.general(x, path, False) for x in e.args)
-            self.edges.append(Edge(path + (sp.Eq(a, 0, evaluate=False),), "mul0", a * b, other=b))
-            return a * b
-        if isinstance(e, xdivy):
-            x, y = (self.general(a, path, False) for a in e.args)
-            self.edges.append(Edge(path + (sp.Eq(x, 0, evaluate=False),), "xdivy", x / y, other=y))
-            return x / y
-        if isinstance(e, xlogy):
-            x, y = (self.general(a, path, False) for a in e.args)
-            self.edges.append(Edge(path + (sp.Eq(x, 0, evaluate=False),), "xlogy", x * sp.log(y), other=y))
-            return x * sp.log(y)
+            value = {mul0: a * b, xdivy: a / b, xlogy: a * sp.log(b)}[e.func]
+            if not (a.is_number and a != 0):
+                self.edges.append(Edge(path + (sp.Eq(a, 0, evaluate=False),), e.func.__name__, value, other=b))
+            return value
         if isinstance(e, Reduce):
             k, size, body, cond = e.args
             return e.func(k, size, self.general(body, path, False), cond)
-        if isinstance(e, sp.Basic) and not isinstance(e, sp.logic.boolalg.Boolean):
-            args = [self.general(a, path, False) if not isinstance(a, sp.logic.boolalg.Boolean) else a
-                    for a in e.args]
-            return e.func(*args)
+        if isinstance(e, ITE):                      # a branch inside a condition
+            c, a, b = e.args
+            if _is_edge(c):
+                return self.general(b, path, False)
+            return ITE(c, self.general(a, path, False), self.general(b, path, False))
+        if isinstance(e, (sp.core.relational.Relational, sp.And, sp.Or, sp.Not)) or not isinstance(e, Boolean):
+            return e.func(*[self.general(a, path, False) for a in e.args])
         return e
 
     def _piecewise(self, e, path, whole):
@@ -167,7 +165,7 @@ class _Splitter:
                 else:
                     self.edges.append(Edge(path + (c,), "value", None if whole else general, value))
             else:
-                keep.append((self.general(ex, path, whole), c))
+                keep.append((self.general(ex, path, whole), self.general(c, path, False)))
         if not keep:
             return general
         if len(keep) == 1 and general == 0:

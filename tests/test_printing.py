@@ -178,3 +178,34 @@ def test_paper_form_equals_kernel_form(name):
                     assert _value(expr, point) == pytest.approx(_value(exact, point), rel=1e-9, abs=1e-12), \
                         (name, point)
                     break
+
+
+USER = """\
+loss quantile "Pinball loss"
+  input  yhat
+  target y
+  param  q = 0.9 : unit
+  r = y - yhat
+  loss = max(q * r, (q - 1) * r)
+
+loss mixed "clip, relu, sqrt, tanh, min, xlogy"
+  input  x
+  target y : binary
+  param  lo = -1
+  loss = clip(x, lo, 2) * relu(x - y) + sqrt(x^2 + 1) - tanh(x) + min(x, y) + xlogy(y, sigmoid(x))
+"""
+
+
+@pytest.mark.parametrize("name", ["quantile", "mixed"])
+def test_user_losses_print_without_sympy_names(capsys, tmp_path, name):
+    path = tmp_path / "user.loss"
+    path.write_text(USER)
+    for style in ([], ["--latex"], ["--ascii"]):
+        rc = main(["show", f"{path}:{name}", *style])
+        out, err = capsys.readouterr()
+        assert rc == 0 and err == ""
+        for word in SYMPY_NAMES + ("ITE(", "failed"):
+            assert word not in out, (name, word)
+    out = grad(capsys, f"{path}:quantile")
+    assert out.splitlines()[0] == \
+        "d loss / d yhat = (1 - q)·[q·(y - yhat) < -(1 - q)·(y - yhat)] - q·[q·(y - yhat) ≥ -(1 - q)·(y - yhat)]"
