@@ -92,7 +92,7 @@ class _Order:
         factors = list(factors)
         rank = self._settings.get("rank") or (lambda t: 0)
         for i, f in enumerate(factors):
-            if f.is_Add and rank(f) > 0 and (_flippable(f) or c < 0 and _flippable(-f)):
+            if f.is_Add and rank(f) > 0 and _flippable(f):
                 c, factors[i] = -c, sp.UnevaluatedExpr(sp.Add(*[-t for t in f.args], evaluate=False))
                 break
         factors.sort(key=lambda f: _factor_rank(f, rank))
