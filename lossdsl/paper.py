@@ -74,26 +74,21 @@ class Form:
 
 
 class Context:
-    """What is known about the loss's symbols: targets with hard-label domains, inputs."""
+    """What is known about the loss's symbols: hard-label and simplex targets, which names
+    are inputs and targets (terms are printed inputs first)."""
 
     def __init__(self, loss=None):
-        self.hard, self.simplex, self.inputs = set(), set(), set()
+        self.hard, self.simplex = set(), set()
         self.input_names, self.target_names = set(), set()
         if loss is None:
             return
         self.input_names, self.target_names = set(loss.inputs), set(loss.targets)
         low = loss._c.lowered
-        for d in low.definition.decls.values():
-            sym = low.arrays[d.name][0] if d.axes else low.scalars.get(d.name)
-            if sym is None:
-                continue
-            if d.kind == "input":
-                self.inputs.add(sym)
-            elif d.kind == "target" and d.domain.name in HARD and not d.axes:
-                self.hard.add(sym)
-            elif d.kind == "target" and d.domain.name == "simplex":
-                self.simplex.add(sym)
-
+        for d in low.definition.of_kind("target"):
+            if d.domain.name in HARD and not d.axes:
+                self.hard.add(low.scalars[d.name])
+            elif d.domain.name == "simplex":
+                self.simplex.add(low.arrays[d.name][0])
 
     def rank(self, term):
         """0 for a term with an input, 1 with a target, 2 for parameters alone (printing order)."""
@@ -219,7 +214,7 @@ def _named(e):
                     and _vectorial(body.base, k) and body.base.is_Add:
                 return NormOf(_drop_index(body.base, k)) ** 2
             return x.func(k, size, body, cond)
-        if isinstance(x, sp.logic.boolalg.Boolean) and not isinstance(x, sp.core.relational.Relational):
+        if isinstance(x, Boolean) and not isinstance(x, sp.core.relational.Relational):
             return x
         return x.func(*[visit(a) for a in x.args])
     return visit(e)
@@ -257,7 +252,7 @@ def tidy(e):
 
 def _fold(e):
     """One Piecewise inside a product (``(a if y = 1 else b)·c``) becomes cases of the whole."""
-    pws = [p for p in e.atoms(sp.Piecewise)]
+    pws = list(e.atoms(sp.Piecewise))
     if isinstance(e, sp.Piecewise) or len(pws) != 1 or any(pws[0] in r.atoms(sp.Piecewise) for r in e.atoms(Reduce)):
         return e
     try:
@@ -292,15 +287,16 @@ def _conditions(e):
                      and x.rhs == 0 and x.lhs.is_Add, move)
 
 
-def paper(expr, loss=None) -> Form:
+def paper(expr, loss=None, ctx=None) -> Form:
     """The paper form of a loss or gradient expression: cases, edge cases, notes."""
-    ctx = Context(loss)
+    ctx = ctx or Context(loss)
     split = _Splitter(ctx)
     general = _fold(_conditions(_max_ind(_named(split.general(expr)))))
     notes = []
     simple = _simplex_sums(general, ctx)
     if simple != general:
-        notes.append(("the kernel computes, for any p:", tidy(general)))
+        names = ", ".join(sorted(f.__name__ for f in ctx.simplex))
+        notes.append((f"the kernel computes, for any {names}:", tidy(general)))
         general = simple
     general = tidy(general)
     if isinstance(general, sp.Piecewise):

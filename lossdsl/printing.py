@@ -100,11 +100,13 @@ class _Order:
             else expr
         return super()._print_Mul(new, *args)
 
-    def _print_Relational(self, e):
+    def _oriented(self, e):
+        """``δ ≥ |r|`` read as ``|r| ≤ δ``: the side with inputs on the left."""
         rank = self._settings.get("rank") or (lambda t: 0)
-        if e.rel_op in ("<", "<=", ">", ">=") and rank(e.lhs) > rank(e.rhs):
-            e = e.reversed
-        return super()._print_Relational(e)
+        return e.reversed if e.rel_op in ("<", "<=", ">", ">=") and rank(e.lhs) > rank(e.rhs) else e
+
+    def _print_Relational(self, e):
+        return super()._print_Relational(self._oriented(e))
 
 
 def _factor_rank(f, rank):
@@ -157,9 +159,7 @@ class PaperText(_Order, TextPrinter):
         return f"{base}^{exp}"
 
     def _print_Relational(self, e):
-        rank = self._settings.get("rank") or (lambda t: 0)
-        if e.rel_op in ("<", "<=", ">", ">=") and rank(e.lhs) > rank(e.rhs):
-            e = e.reversed
+        e = self._oriented(e)
         ops = {"==": "=", "!=": "≠" if self.uni else "!=", "<=": "≤" if self.uni else "<=",
                ">=": "≥" if self.uni else ">="}
         return f"{self._print(e.lhs)} {ops.get(e.rel_op, e.rel_op)} {self._print(e.rhs)}"
@@ -288,8 +288,8 @@ def _words(text, style):
 
 def paper_lines(label, expr, loss=None, style="unicode", noun="the gradient"):
     """``label = expr`` as on paper: one line per case, then the edge cases, one line each."""
-    form = P.paper(expr, loss)
     ctx = P.Context(loss)
+    form = P.paper(expr, loss, ctx)
     rank = ctx.rank
     if style == "latex":
         show = PaperTex(dict(rank=rank, greek=tuple(loss.params) if loss else ())).doprint
