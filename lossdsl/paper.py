@@ -36,12 +36,12 @@ class Display(sp.Function):
 
 
 class softmax(Display):
-    """softmax(z)[j]: args (z as a Symbol, j)."""
-    nargs = 2
+    """softmax(z)[j]: args (z as a Symbol or a row s[i], j[, the filter: k ≠ i])."""
+    nargs = (2, 3)
 
 
 class log_softmax(Display):
-    nargs = 2
+    nargs = (2, 3)
 
 
 class Ind(Display):
@@ -173,18 +173,18 @@ class _Splitter:
 def _named(e):
     """softmax, log_softmax, ‖x‖, e^x - 1 and log(1 + x) written out, indicators by name."""
     def lse_of(arg):
-        """(z, j) if arg is z[j] - logsumexp[k] z[k], else None."""
+        """(z, j) if arg is z[j] - logsumexp[k] z[k] (with the filter if there is one), else None."""
         if not arg.is_Add:
             return None
         lse = [t for t in arg.args if t.could_extract_minus_sign() and isinstance(-t, LogSumExp)]
         if len(lse) != 1:
             return None
         rest = arg - lse[0]
-        r = -lse[0]
-        k, size, body, cond = r.args
-        if cond is sp.true and isinstance(body, AppliedUndef) and body.args == (k,) \
-                and isinstance(rest, AppliedUndef) and rest.func == body.func and len(rest.args) == 1:
-            return sp.Symbol(body.func.__name__), rest.args[0]
+        k, size, body, cond = (-lse[0]).args
+        if isinstance(body, AppliedUndef) and _vectorial(body, k) and isinstance(rest, AppliedUndef) \
+                and rest.func == body.func and rest.args[:-1] == body.args[:-1]:
+            row = _drop_index(body, k)                    # z, or s[i] for s[i, j]
+            return (row, rest.args[-1]) + (() if cond is sp.true else (cond,))
         return None
 
     def visit(x):
@@ -221,13 +221,16 @@ def _named(e):
 
 
 def _vectorial(body, k):
-    """Every array in body is indexed by k alone."""
+    """Every array in body is indexed by k last (z[k], or z[i, k] as a row z[i])."""
     fns = body.atoms(AppliedUndef)
-    return bool(fns) and all(f.args == (k,) for f in fns) and k not in (body.subs({f: 0 for f in fns})).free_symbols
+    return bool(fns) and all(f.args[-1] == k and k not in f.args[:-1] for f in fns) \
+        and k not in body.xreplace({f: sp.S.Zero for f in fns}).free_symbols
 
 
 def _drop_index(body, k):
-    return body.xreplace({f: sp.Symbol(f.func.__name__, real=True) for f in body.atoms(AppliedUndef)})
+    """z[k] -> z, z[i, k] -> z[i]."""
+    return body.xreplace({f: f.func(*f.args[:-1]) if len(f.args) > 1 else sp.Symbol(f.func.__name__, real=True)
+                          for f in body.atoms(AppliedUndef)})
 
 
 def _simplex_sums(e, ctx):

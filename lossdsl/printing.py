@@ -174,10 +174,13 @@ class PaperText(_Order, TextPrinter):
         return f"log(cosh({self._print(e.args[0])}))"
 
     def _print_softmax(self, e):
-        return f"softmax({self._print(e.args[0])})[{self._print(e.args[1])}]"
+        sub = ""
+        if len(e.args) == 3:                       # softmax over the k with k ≠ i
+            sub = self._print(e.args[2])
+            sub = f"_{{{sub}}}" if self.uni else f"[{sub}]"
+        return f"{type(e).__name__}{sub}({self._print(e.args[0])})[{self._print(e.args[1])}]"
 
-    def _print_log_softmax(self, e):
-        return f"log_softmax({self._print(e.args[0])})[{self._print(e.args[1])}]"
+    _print_log_softmax = _print_softmax
 
     def _print_Ind(self, e):
         return f"[{self._print(e.args[0])}]"
@@ -247,11 +250,11 @@ class PaperTex(_Order, TexPrinter):
         return _pow_tex(r"\sigma\left(%s\right)" % self._print(e.args[0]), exp)
 
     def _print_softmax(self, e, exp=None):
-        return _pow_tex(r"\operatorname{softmax}(%s)_{%s}" % (self._print(e.args[0]), self._print(e.args[1])), exp)
+        name = r"\operatorname{softmax}" if isinstance(e, P.softmax) else r"\log\operatorname{softmax}"
+        sub = "_{%s}" % self._print(e.args[2]) if len(e.args) == 3 else ""
+        return _pow_tex(r"%s%s(%s)_{%s}" % (name, sub, self._print(e.args[0]), self._print(e.args[1])), exp)
 
-    def _print_log_softmax(self, e, exp=None):
-        return _pow_tex(r"\log\operatorname{softmax}(%s)_{%s}" % (self._print(e.args[0]), self._print(e.args[1])),
-                        exp)
+    _print_log_softmax = _print_softmax
 
     def _print_Ind(self, e, exp=None):
         return _pow_tex(r"[%s]" % self._print(e.args[0]), exp)
