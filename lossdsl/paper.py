@@ -71,6 +71,7 @@ class Form:
     cases: list             # [(cond or None for "otherwise"/the only case, display expr)]
     edges: list = field(default_factory=list)
     notes: list = field(default_factory=list)   # [(text words, expr)]
+    where: list = field(default_factory=list)   # [(Symbol, display expr)]: the definition's names used
 
 
 class Context:
@@ -290,6 +291,40 @@ def _conditions(e):
                      and x.rhs == 0 and x.lhs.is_Add, move)
 
 
+LONG = 24                   # a case with more operations than this is written with the definition's names
+
+
+def definition_names(loss):
+    """The definition's scalar locals that are sums (``p_t = y*p + (1 - y)*(1 - p)``), as
+    (Symbol, display expression), to write long formulas with: sums are what sympy expands."""
+    from dataclasses import replace
+
+    from . import ir
+    from .rules import stabilize
+    from .to_sympy import to_sympy
+    out = []
+    d = loss._defn
+    for st in d.stmts:
+        if st.indices or d.batch:
+            continue
+        alone = replace(d, loss=replace(d.loss, expr=ir.Name(st.span, st.name)))
+        e = tidy(_named(stabilize(to_sympy(alone, loss._lookup).expr)))
+        if e.is_Add:
+            out.append((sp.Symbol(st.name, real=True), e))
+    return out
+
+
+def _with_names(e, names):
+    """``e`` with the definition's names substituted where they shorten it; the names used."""
+    used = []
+    for sym, value in names:
+        new = e.subs(value, sym).subs(1 - value, 1 - sym)
+        if sp.count_ops(new) < sp.count_ops(e):
+            e = new
+            used.append((sym, value))
+    return e, used
+
+
 def paper(expr, loss=None, ctx=None) -> Form:
     """The paper form of a loss or gradient expression: cases, edge cases, notes."""
     ctx = ctx or Context(loss)
@@ -306,11 +341,20 @@ def paper(expr, loss=None, ctx=None) -> Form:
         cases = [(c if c is not sp.true else None, ex) for ex, c in general.args]
     else:
         cases = [(None, general)]
+    where = []
+    if loss is not None and any(sp.count_ops(ex) > LONG for _, ex in cases):
+        names = definition_names(loss)
+        for i, (c, ex) in enumerate(cases):
+            if sp.count_ops(ex) > LONG:
+                ex, used = _with_names(ex, names)
+                cases[i] = (c, ex)
+                where += [u for u in used if u not in where]
     edges = []
     for edge in split.edges:
         edge.term = None if edge.term is None else _named(edge.term)
         edge.other = None if edge.other is None else _named(edge.other)
         edge.value = None if edge.value is None else tidy(_named(edge.value))
-        edge.conds = tuple(sp.Eq(_named(c.lhs), c.rhs, evaluate=False) if isinstance(c, sp.Eq) else c for c in edge.conds)
+        edge.conds = tuple(sp.Eq(_with_names(_named(c.lhs), where)[0], c.rhs, evaluate=False)
+                           if isinstance(c, sp.Eq) else c for c in edge.conds)
         edges.append(edge)
-    return Form(cases, edges, notes)
+    return Form(cases, edges, notes, where)

@@ -5,6 +5,8 @@ z[k] for elements, [j == y] for indicators, ``a if cond else b`` for branches.
 ``paper_lines`` prints it as on paper (LANGUAGE.md section 7, see ``paper.py``): Unicode by
 default (σ, Σ, ·, ²), ``style="ascii"`` or ``style="latex"``, cases, then edge cases.
 """
+import re
+
 import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.printing.latex import LatexPrinter
@@ -224,12 +226,15 @@ class PaperTex(_Order, TexPrinter):
     def _print_Symbol(self, e, style="plain"):
         if e.name in self._settings["greek"] and e.name in GREEK or len(e.name) == 1:
             return super()._print_Symbol(e, style)
+        if re.fullmatch(r"[A-Za-z]_[A-Za-z0-9]{1,2}", e.name):      # p_t, a_t
+            return "%s_{%s}" % tuple(e.name.split("_"))
         return r"\mathrm{%s}" % e.name.replace("_", r"\_")
 
     def _print_Function(self, e, exp=None):
         if isinstance(e, AppliedUndef):
-            return _pow_tex(f"{self._print_Symbol(sp.Symbol(e.func.__name__))}_{{{', '.join(self._print(a) for a in e.args)}}}",
-                            exp)
+            name = self._print_Symbol(sp.Symbol(e.func.__name__))
+            name = "{%s}" % name if "_" in name else name                # d_u[m, l]: {d_{u}}_{m, l}
+            return _pow_tex(f"{name}_{{{', '.join(self._print(a) for a in e.args)}}}", exp)
         return super()._print_Function(e, exp)
 
     def _needs_mul_brackets(self, expr, first=False, last=False):
@@ -312,6 +317,10 @@ def paper_lines(label, expr, loss=None, style="unicode", noun="the gradient"):
         else:
             tail = "otherwise" if cond is None else f"if {show(cond)}"
             lines.append(f"{head}{text.ljust(width) if width <= 60 else text}  {tail}")
+    if form.where:                  # the definition's own names, for a long case
+        eq = [f"{show(sym)} = {show(value)}" for sym, value in form.where]
+        sep, comma = (r"\ ", r",\quad ") if style == "latex" else (" ", ", ")
+        lines.append("  " + _words("where", style) + sep + comma.join(eq))
     sp_ = r"\ " if style == "latex" else ""
     for words, ex in form.notes:
         lines.append(f"  {_words(words, style)}{sp_} {show(ex)}")

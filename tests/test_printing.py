@@ -52,10 +52,13 @@ def test_focal_hard_labels_are_cases(capsys):
     lines = grad(capsys, "focal").splitlines()
     assert lines[0] == "d loss / d z = -α·σ(-z)^γ·(σ(-z) + γ·σ(z)·softplus(-z))  if y = 1"
     assert lines[1] == "               (1 - α)·σ(z)^γ·(σ(z) + γ·σ(-z)·softplus(z))  if y = 0"
-    assert lines[2].endswith("  otherwise")          # soft labels: the general form
-    assert lines[3] == "  edge cases:"
+    assert lines[2].startswith("               a_t·((1 - p_t)^γ·")          # soft labels,
+    assert lines[2].endswith("  otherwise")                                  # in the definition's names
+    assert lines[3] == "  where p_t = y·σ(z) + (1 - y)·σ(-z), a_t = α·y + (1 - α)·(1 - y)"
+    assert lines[4] == "  edge cases:"
     assert "    y = 1, α = 0: the gradient is 0" in lines
     assert "    y = 0, α = 1: the gradient is 0" in lines
+    assert "    a_t = 0: the gradient is 0" in lines
     assert len(grad(capsys, "focal", "--exact")) > 3 * len(lines[0])
 
 
@@ -174,6 +177,8 @@ def test_paper_form_equals_kernel_form(name):
                 else:
                     point[sym] = sp.Float(rng.uniform(-3, 3))
             for cond, expr in form.cases:
+                for sym, value in reversed(form.where):      # the definition's names, written out
+                    expr = expr.subs(sym, value)
                 if cond is None or bool(cond.xreplace(point)):
                     assert _value(expr, point) == pytest.approx(_value(exact, point), rel=1e-9, abs=1e-12), \
                         (name, point)
