@@ -304,11 +304,14 @@ def definition_names(loss):
     from .to_sympy import to_sympy
     out = []
     d = loss._defn
-    for st in d.stmts:
-        if st.indices or d.batch:
+    for st in () if d.batch else d.stmts:
+        if st.indices:
             continue
         alone = replace(d, loss=replace(d.loss, expr=ir.Name(st.span, st.name)))
-        e = tidy(_named(stabilize(to_sympy(alone, loss._lookup).expr)))
+        try:
+            e = tidy(_named(stabilize(to_sympy(alone, loss._lookup).expr)))
+        except Exception:  # noqa: BLE001 - display only: this name is simply not used
+            continue
         if e.is_Add:
             out.append((sp.Symbol(st.name, real=True), e))
     return out
