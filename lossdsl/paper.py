@@ -291,7 +291,7 @@ def _conditions(e):
                      and x.rhs == 0 and x.lhs.is_Add, move)
 
 
-LONG = 24                   # a case with more operations than this is written with the definition's names
+LONG = 20                   # a case with more operations than this is written with the definition's names
 
 
 def definition_names(loss):
