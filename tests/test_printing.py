@@ -125,6 +125,18 @@ def _mathtext():
 
 
 @pytest.mark.parametrize("name", lossdsl.names())
+def test_latex_is_balanced(capsys, name):
+    """Without matplotlib too: braces and \\left/\\right pair up on every line."""
+    for line in grad(capsys, name, "--latex").splitlines():
+        depth = 0
+        for ch in line.replace(r"\{", "").replace(r"\}", ""):
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            assert depth >= 0, line
+        assert depth == 0, line
+        assert line.count(r"\left") == line.count(r"\right"), line
+
+
+@pytest.mark.parametrize("name", lossdsl.names())
 def test_latex_parses_with_mathtext(capsys, name):
     parser = _mathtext()
     out = grad(capsys, name, "--latex")
