@@ -1,8 +1,10 @@
 """The ``lossdsl`` command line (LANGUAGE.md section 5).
 
     lossdsl list                           the library, one aligned line per loss
-    lossdsl show NAME [--latex]            definition, stabilized loss, gradients, rules
-    lossdsl grad NAME [--wrt Z] [--latex]  the gradients alone
+    lossdsl show NAME [--latex|--ascii] [--exact]   definition, loss, gradients, rules
+    lossdsl grad NAME [--wrt Z] [--latex|--ascii] [--exact]   the gradients alone
+    lossdsl plot NAME [--wrt Z] [--param gamma=0,0.5,1,2,5] [--range LO:HI] [-o FILE.png] [--csv FILE]
+    lossdsl docs [-o DIR] [--no-plots]     Markdown catalog of the library (docs/)
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
@@ -109,12 +111,31 @@ def _table(losses) -> str:
     return "\n".join(lines)
 
 
+def _style(args) -> str:
+    """How show/grad print: "latex", "ascii" or "unicode" (as on paper), or "exact"."""
+    if getattr(args, "exact", False):
+        return "exact-latex" if args.latex else "exact"
+    return "latex" if args.latex else "ascii" if getattr(args, "ascii", False) else "unicode"
+
+
 def _render(expr, latex: bool) -> str:
     from lossdsl import printing
     return printing.to_latex(expr) if latex else printing.to_text(expr)
 
 
-def _gradient_lines(loss, wrt, latex: bool) -> list[str]:
+def _formula_lines(loss, label, expr, style, noun="the gradient") -> list[str]:
+    """``label = expr``: the kernel's form with --exact, else as on paper (cases, edge cases)."""
+    from lossdsl import printing
+    if style.startswith("exact"):
+        return [f"{label} = {_render(expr, style == 'exact-latex')}"]
+    try:
+        return printing.paper_lines(label, expr, loss, style, noun)
+    except Exception as e:  # noqa: BLE001 - a display shortcut failed: show what the kernel computes
+        exact = _formula_lines(loss, label, expr, "exact-latex" if style == "latex" else "exact")
+        return exact + [f"  (the kernel's form: the paper form failed: {type(e).__name__}: {e})"]
+
+
+def _gradient_lines(loss, wrt, style) -> list[str]:
     names = list(loss.inputs)
     if wrt is not None:
         if wrt not in names:
@@ -124,15 +145,23 @@ def _gradient_lines(loss, wrt, latex: bool) -> list[str]:
                                  f"gradients exist for: {', '.join(names)}")
             raise _unknown(f"input of {loss.name}:", wrt, names)
         names = [wrt]
+    latex = style in ("latex", "exact-latex")
     lines = []
     for n in names:
         idx = _element_index(loss, n)
         if latex:
-            sym = n.replace("_", r"\_") + (f"_{{{', '.join(idx)}}}" if idx else "")
+            sym = (n if len(n) == 1 else r"\mathrm{%s}" % n.replace("_", r"\_")) + (f"_{{{', '.join(idx)}}}" if idx else "")
             label = rf"\frac{{\partial \ell}}{{\partial {sym}}}"
         else:
             label = f"d loss / d {n}" + (f"[{', '.join(idx)}]" if idx else "")
-        lines.append(f"{label} = {_render(loss.gradient(n), latex)}")
+        lines.extend(_formula_lines(loss, label, loss.gradient(n), style))
+    adjoints = getattr(loss._c, "adjoints", ()) if hasattr(loss, "_c") else ()
+    if adjoints:   # batch losses: gradients through their indexed locals, d_u = d loss / d u
+        lines.append(r"\mathrm{where}" if latex else "where")
+        for name, adj, at, _axes, expr in reversed(adjoints):
+            idx = ", ".join(str(i) for i in at)
+            label = rf"\mathrm{{d\_{name}}}_{{{idx}}}" if latex else f"{adj.__name__}[{idx}]"
+            lines.extend("  " + line for line in _formula_lines(loss, label, expr, style))
     return lines
 
 
@@ -165,11 +194,14 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     f = _resolve(args.name)
+    style = _style(args)
+    label = r"\ell" if args.latex else "loss"
     parts = [
         f"{f.name}: {f.doc}" if f.doc else f.name,
         _block("definition:", f.definition),
-        _block("loss (stabilized, per sample):", _render(f.expr, args.latex)),
-        _block("gradients:", "\n".join(_gradient_lines(f, None, args.latex))),
+        _block("loss (stabilized, per sample):" if style.startswith("exact") else "loss (per sample):",
+               "\n".join(_formula_lines(f, label, f.expr, style, "the loss"))),
+        _block("gradients:", "\n".join(_gradient_lines(f, None, style))),
         _block("rules:", "\n".join(f.rules) if f.rules else "(none)"),
     ]
     _write("\n\n".join(parts))
@@ -178,7 +210,7 @@ def cmd_show(args) -> int:
 
 def cmd_grad(args) -> int:
     f = _resolve(args.name)
-    _write("\n".join(_gradient_lines(f, args.wrt, args.latex)))
+    _write("\n".join(_gradient_lines(f, args.wrt, _style(args))))
     return 0
 
 
@@ -228,6 +260,39 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    """Loss and gradient curves from the compiled kernels, as a PNG and/or a CSV."""
+    from lossdsl import plot
+    f = _resolve(args.name)
+    params = plot.parse_params(args.param, f)
+    xrange = plot.parse_range(args.range) if args.range else None
+    c = plot.curves(f, args.wrt, params, xrange, args.x)
+    out = args.output or (None if args.csv else f"{f.name}.png")
+    if args.csv:
+        c.write_csv(args.csv)
+        print(f"wrote {args.csv}")
+    if out:
+        c.write_png(out)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_docs(args) -> int:
+    """The Markdown catalog of the library (and its plots, with matplotlib) under DIR."""
+    from lossdsl import docs
+    plots = not args.no_plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print('lossdsl docs: matplotlib is not installed (pip install "lossdsl[plot]"): '
+                  "writing the Markdown without the plots", file=sys.stderr)
+            plots = False
+    written = docs.write(args.output, plots=plots)
+    print(f"wrote {len(written)} files to {args.output}")
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"lossdsl {args.command}: not implemented yet "
           "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
@@ -235,6 +300,13 @@ def cmd_not_yet(args) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+def _print_options(s) -> None:
+    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    s.add_argument("--ascii", action="store_true", help="plain ASCII instead of Unicode math (σ, Σ, ·, ²)")
+    s.add_argument("--exact", action="store_true",
+                   help="the full form the kernel computes, edge-case branches included")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -247,16 +319,37 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="the library, one line per loss")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("show", help="definition, stabilized expression, gradients, rules")
+    s = sub.add_parser("show", help="definition, loss and gradients as on paper, rules")
     s.add_argument("name", metavar="NAME", help=name_help)
-    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    _print_options(s)
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("grad", help="the gradient of each input")
+    s = sub.add_parser("grad", help="the gradient of each input, as on paper")
     s.add_argument("name", metavar="NAME", help=name_help)
     s.add_argument("--wrt", metavar="Z", help="only the gradient with respect to input Z")
-    s.add_argument("--latex", action="store_true", help="render expressions as LaTeX")
+    _print_options(s)
     s.set_defaults(func=cmd_grad)
+
+    s = sub.add_parser("plot", help="loss and gradient against one input, one curve per param value")
+    s.add_argument("name", metavar="NAME", help=name_help)
+    s.add_argument("--wrt", metavar="INPUT", help="the input to vary (default: the first)")
+    s.add_argument("--param", action="append", metavar="NAME=V1,V2,...",
+                   help="one curve per value (repeatable); e.g. gamma=0,0.5,1,2,5")
+    s.add_argument("--range", metavar="LO:HI", help="the x range (default -4:4, or 0:1 for p_t); "
+                                                   "write --range=-2:2 when LO is negative")
+    s.add_argument("--x", choices=("value", "p_t"),
+                   help="x axis: the input's value, or p_t, the probability of the target "
+                        "(losses on logits; focal's default, as in its paper)")
+    s.add_argument("-o", "--output", metavar="FILE.png",
+                   help="write the figure (needs matplotlib: pip install 'lossdsl[plot]'); "
+                        "default NAME.png unless --csv is given")
+    s.add_argument("--csv", metavar="FILE", help="write the numbers (no matplotlib needed)")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("docs", help="a Markdown catalog of the library, one page per loss")
+    s.add_argument("-o", "--output", metavar="DIR", default="docs", help="where to write it (default docs/)")
+    s.add_argument("--no-plots", action="store_true", help="the Markdown alone, no PNG plots")
+    s.set_defaults(func=cmd_docs)
 
     s = sub.add_parser("source", help="the generated kernel source")
     s.add_argument("name", metavar="NAME", help=name_help)

@@ -75,17 +75,36 @@ def test_list_one_aligned_line_per_library_loss(capsys):
 
 # --------------------------------------------------------------------------- show
 
+def paper_in(out, f, label, expr, style="unicode", noun="the gradient"):
+    """The paper form's lines are in ``out`` in order, whatever their indent."""
+    at = 0
+    for line in printing.paper_lines(label, expr, f, style, noun):
+        at = out.find(line, at)
+        if at < 0:
+            return False
+    return True
+
+
 def test_show_bce(capsys):
     f = lossdsl.load("bce")
     rc, out, err = run(capsys, "show", "bce")
     assert rc == 0 and err == ""
     for line in f.definition.strip().splitlines():
         assert line.rstrip() in out
-    assert printing.to_text(f.expr) in out
-    assert printing.to_text(f.gradient("z")) in out
-    assert "sigmoid" in out
+    assert paper_in(out, f, "loss", f.expr, noun="the loss")
+    assert paper_in(out, f, "d loss / d z", f.gradient("z"))
+    assert "σ(z)" in out and "softplus(-z)" in out
     for rule in f.rules:
         assert rule in out
+
+
+def test_show_exact_prints_the_kernels_form(capsys):
+    f = lossdsl.load("bce")
+    rc, out, err = run(capsys, "show", "bce", "--exact")
+    assert rc == 0 and err == ""
+    assert "loss (stabilized, per sample):" in out
+    assert printing.to_text(f.expr) in out
+    assert printing.to_text(f.gradient("z")) in out
 
 
 def test_show_cross_entropy_latex(capsys):
@@ -93,21 +112,26 @@ def test_show_cross_entropy_latex(capsys):
     rc, out, err = run(capsys, "show", "cross_entropy", "--latex")
     assert rc == 0 and err == ""
     assert "logsumexp" in out                    # the definition text
-    assert printing.to_latex(f.expr) in out
-    assert printing.to_latex(f.gradient("z")) in out
+    assert paper_in(out, f, r"\ell", f.expr, "latex", "the loss")
+    assert paper_in(out, f, r"\frac{\partial \ell}{\partial z_{j}}", f.gradient("z"), "latex")
     assert "\\frac" in out or "\\operatorname" in out or "\\log" in out
 
 
-@pytest.mark.parametrize("latex", [False, True], ids=["text", "latex"])
+@pytest.mark.parametrize("style", ["unicode", "latex", "exact"])
 @pytest.mark.parametrize("name", lossdsl.names())
-def test_show_every_library_loss(capsys, name, latex):
+def test_show_every_library_loss(capsys, name, style):
     f = lossdsl.load(name)
-    rc, out, err = run(capsys, "show", name, *(["--latex"] if latex else []))
+    flags = {"unicode": [], "latex": ["--latex"], "exact": ["--exact"]}[style]
+    rc, out, err = run(capsys, "show", name, *flags)
     assert rc == 0 and err == ""
-    render = printing.to_latex if latex else printing.to_text
-    assert render(f.expr) in out
-    for z in f.inputs:
-        assert render(f.gradient(z)) in out
+    if style == "exact":
+        assert printing.to_text(f.expr) in out
+        for z in f.inputs:
+            assert printing.to_text(f.gradient(z)) in out
+    else:
+        label = r"\ell" if style == "latex" else "loss"
+        assert paper_in(out, f, label, f.expr, style, "the loss")
+        assert out.count("= ") >= len(f.inputs) + 1
 
 
 # --------------------------------------------------------------------------- grad
@@ -115,14 +139,18 @@ def test_show_every_library_loss(capsys, name, latex):
 def test_grad_bce_mentions_sigmoid(capsys):
     rc, out, err = run(capsys, "grad", "bce")
     assert rc == 0 and err == ""
-    assert "sigmoid" in out
+    assert "σ(z)" in out
+    rc, out, err = run(capsys, "grad", "bce", "--ascii")
+    assert rc == 0 and "sigmoid(z)" in out and out.isascii()
+    rc, out, err = run(capsys, "grad", "bce", "--exact")
     assert printing.to_text(lossdsl.load("bce").gradient("z")) in out
 
 
 def test_grad_latex_has_a_command(capsys):
     rc, out, err = run(capsys, "grad", "bce", "--latex")
     assert rc == 0
-    assert "\\" in out
+    assert "\\sigma" in out
+    rc, out, err = run(capsys, "grad", "bce", "--latex", "--exact")
     assert printing.to_latex(lossdsl.load("bce").gradient("z")) in out
 
 
@@ -130,6 +158,9 @@ def test_grad_wrt_one_input(capsys):
     f = lossdsl.load("gaussian_nll")
     rc, out, err = run(capsys, "grad", "gaussian_nll", "--wrt", "logvar")
     assert rc == 0
+    assert out.splitlines()[0] == "d loss / d logvar = (1 - (y - mu)²·exp(-logvar))/2"
+    assert "mu" not in "".join(line.split(" = ")[0] for line in out.splitlines())
+    rc, out, err = run(capsys, "grad", "gaussian_nll", "--wrt", "logvar", "--exact")
     assert printing.to_text(f.gradient("logvar")) in out
     assert len(out.strip().splitlines()) == 1
 
@@ -143,7 +174,13 @@ def test_grad_wrt_a_target_is_a_clean_error(capsys):
 def test_grad_of_cross_entropy_per_input(capsys):
     rc, out, err = run(capsys, "grad", "cross_entropy")
     assert rc == 0
-    assert printing.to_text(lossdsl.load("cross_entropy").gradient("z")) in out
+    assert out.startswith("d loss / d z[j] = softmax(z)[j]")
+
+
+def test_grad_of_a_batch_loss_lists_its_adjoints(capsys):
+    rc, out, err = run(capsys, "grad", "ntxent")
+    assert rc == 0 and err == ""
+    assert "\nwhere\n" in out and "  d_u[" in out and "  d_s[" in out
 
 
 # --------------------------------------------------------------------------- source
@@ -194,10 +231,10 @@ def test_file_colon_name(capsys, user_file):
     rc, out, err = run(capsys, "show", f"{user_file}:sq")
     assert rc == 0 and err == ""
     assert "scale * (yhat - y)^2" in out
-    assert printing.to_text(defs["sq"].expr) in out
+    assert paper_in(out, defs["sq"], "loss", defs["sq"].expr, noun="the loss")
 
     rc, out, err = run(capsys, "grad", f"{user_file}:mybce", "--wrt", "z")
-    assert rc == 0 and "sigmoid" in out
+    assert rc == 0 and "σ(" in out
 
     rc, out, err = run(capsys, "source", f"{user_file}:mybce")
     assert rc == 0 and "def " in out and "prange" in out
