@@ -51,11 +51,13 @@ def _simulator():
     return bool(config.ENABLE_CUDASIM)
 
 
-def _as_device(a):
-    """A numba device array viewing ``a``'s memory (no copy)."""
+def _as_device(a, sync=True):
+    """A numba device array viewing ``a``'s memory (no copy). ``sync=False`` when the launches
+    go on the stream that produced ``a`` (torch's current stream): ordering is then the stream's,
+    and a host-side wait on it would only stall."""
     if type(a).__module__.startswith("numba.cuda"):
         return a
-    return _cuda().as_cuda_array(a)
+    return _cuda().as_cuda_array(a, sync=sync)
 
 
 def module(loss, dtype):
@@ -123,8 +125,8 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
     cuda = _cuda()
     if len(args) == len(loss._inputs) + len(loss._targets):
         _check_placement(loss, args, weight)
-    arrays = [_as_device(a) for a in args]
-    weight = None if weight is None else _as_device(weight)
+    arrays = [_as_device(a, sync=stream is None) for a in args]
+    weight = None if weight is None else _as_device(weight, sync=stream is None)
     call = Call(loss, arrays, reduction, weight, ignore_index, params)
     decls = loss._inputs + loss._targets
     for a, d in zip(arrays, decls):

@@ -61,26 +61,30 @@ def _vjp(loss, reduction, ignore_index, weighted, static, traced):
     """The custom_vjp for one configuration: operands are (inputs, targets, [weight], traced params)."""
     n_in, n_arrays = len(loss.inputs), len(loss.inputs) + len(loss.targets)
 
-    def host(*operands):
+    def host(*operands, with_grad):
         arrays = operands[:n_arrays]
         weight = operands[n_arrays] if weighted else None
         params = dict(static, **{k: float(v) for k, v in zip(traced, operands[n_arrays + weighted:])})
-        value, grads = loss.value_and_grad(*arrays, reduction=reduction, weight=weight,
-                                           ignore_index=ignore_index, **params)
-        return (np.asarray(value),) + grads
+        value, grads = loss._run(arrays, reduction, weight, ignore_index, params, with_grad)
+        return (np.asarray(value),) + (grads or ())
 
-    def forward(*operands):
-        ins = operands[:n_in]
+    def run(operands, with_grad):
+        """The kernel through a callback: value, and the inputs' gradients when ``with_grad``."""
         call = Call(loss, operands[:n_arrays], reduction, operands[n_arrays] if weighted else None,
                     ignore_index, dict(static))
-        shapes = (jax.ShapeDtypeStruct(call.value_shape, call.dtype),) + \
-            tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins)
-        value, *grads = jax.pure_callback(host, shapes, *operands, vmap_method="sequential")
+        shapes = (jax.ShapeDtypeStruct(call.value_shape, call.dtype),)
+        if with_grad:
+            shapes += tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in operands[:n_in])
+        value, *grads = jax.pure_callback(functools.partial(host, with_grad=with_grad), shapes, *operands,
+                                          vmap_method="sequential")
         return value, tuple(grads)
 
     @jax.custom_vjp
-    def f(*operands):
-        return forward(*operands)[0]
+    def f(*operands):               # not differentiated: the value alone
+        return run(operands, False)[0]
+
+    def forward(*operands):
+        return run(operands, True)
 
     def bwd(grads, ct):
         scaled = tuple(g * ct.reshape(ct.shape + (1,) * (g.ndim - ct.ndim)) for g in grads)
