@@ -526,6 +526,10 @@ def _torch_callable(loss, arrays, params, compiled=False):
     import torch
     fn = _torch_peers()[loss.name]
     if compiled:
+        # the workloads share a few code objects (the lambdas above): let each keep its own graph
+        # rather than fall back to eager after dynamo's default 8 recompilations
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
         fn = torch.compile(fn, dynamic=False)
     ts = [torch.from_numpy(a) for a in arrays]
     ins = [t.requires_grad_(True) for t in ts[:len(loss.inputs)]]
