@@ -697,7 +697,7 @@ def report(rows, peers, threads, command, dtype, repeat, compiled=None):
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", ""]
     lines += machine(threads)
     lines += [f"- forward + backward (value and gradient) of the mean loss, {dtype}, best of {repeat} "
-              "after a warm-up; torch.compile and jax.jit compiled before the timing; memcpy: "
+              "after a warm-up (times in ms; the 8 x 10 row, per-call overhead, in µs); torch.compile and jax.jit compiled before the timing; memcpy: "
               "np.copyto of the inputs, targets and gradients (the memory floor); ratio = best peer / "
               "lossdsl (above 1: lossdsl is faster); value rel. diff: the largest relative difference "
               f"of a peer's value from lossdsl's (tolerance {TOLERANCE[dtype]:g})", "",
