@@ -8,7 +8,8 @@
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
-    lossdsl bench NAME|--all               (not implemented yet)
+    lossdsl bench NAME|--all [--dtype float32|float64] [--size small|full] [--repeat N] [--out FILE.md]
+                                           speed against numpy, torch, torch.compile, jax.jit
     lossdsl cache [--info|--clear|--prune] the kernel cache: where, how much; empty it; drop old kernels
 
 NAME is a library loss or ``FILE.loss:NAME`` (``FILE.loss`` alone when the file
@@ -293,10 +294,45 @@ def cmd_docs(args) -> int:
     return 0
 
 
-def cmd_not_yet(args) -> int:
-    print(f"lossdsl {args.command}: not implemented yet "
-          "(coming with the accuracy audit / benchmarks)", file=sys.stderr)
-    return 2
+def cmd_bench(args) -> int:
+    """Speed of the fused forward + backward against numpy and the installed frameworks."""
+    from lossdsl import bench
+    if args.all == bool(args.name):
+        raise UsageError("bench takes a NAME or --all")
+    if args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    if args.all:
+        work = bench.workloads()
+    else:
+        names = lossdsl.names()
+        if args.name not in names:
+            raise _unknown("loss", args.name, names, "bench runs the library's losses")
+        work = bench.workloads(args.name)
+    peers = bench.available_peers()
+    bench.enable_float64(args.dtype)
+    threads = bench.setup_threads()
+    log = lambda msg: print(f"lossdsl bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    rows = []
+    for w in work:
+        log(f"{w.label} ...")
+        rows.append(bench.run_workload(w, args.size, args.dtype, args.repeat, peers, log))
+    compiled = bench.compile_times() if args.out else None
+    command = "lossdsl bench " + ("--all" if args.all else args.name) + \
+        "".join(f" --{k} {v}" for k, v in (("dtype", args.dtype), ("size", args.size), ("repeat", args.repeat))
+                if v != {"dtype": "float32", "size": "full", "repeat": 5}[k])
+    text = bench.report(rows, peers, threads, command + (f" --out {args.out}" if args.out else ""),
+                        args.dtype, args.repeat, compiled)
+    _write(text)
+    if args.out:
+        try:
+            with open(args.out, "w") as fh:
+                fh.write(text)
+        except OSError as e:
+            raise UsageError(f"{args.out}: {e.strerror or e}") from None
+    bad = bench.mismatches(rows, args.dtype)
+    for label, peer, diff in bad:
+        log(f"{label}: {peer}'s value differs from lossdsl's by {diff:.1e} (relative)")
+    return 1 if bad else 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -377,11 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="remove kernels indexed by other (older) versions of the compiler")
     s.set_defaults(func=cmd_cache)
 
-    for cmd, what in (("bench", "speed against numpy and torch"),):
-        s = sub.add_parser(cmd, help=f"{what} (not implemented yet)")
-        s.add_argument("name", metavar="NAME", nargs="?", help=name_help)
-        s.add_argument("--all", action="store_true", help="every library loss")
-        s.set_defaults(func=cmd_not_yet)
+    s = sub.add_parser("bench", help="speed of forward + backward against numpy and, where installed, "
+                                     "torch, torch.compile and jax.jit")
+    s.add_argument("name", metavar="NAME", nargs="?", help="a library loss")
+    s.add_argument("--all", action="store_true", help="every library loss")
+    s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    s.add_argument("--size", choices=("small", "full"), default="full",
+                   help="full: the workloads of benchmarks/RESULTS.md; small: batch / 64 (a quick run)")
+    s.add_argument("--repeat", type=int, default=5, metavar="N", help="timed runs after a warm-up; best kept")
+    s.add_argument("--out", metavar="FILE.md", help="also write the report (machine, date, table) here")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

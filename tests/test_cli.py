@@ -275,14 +275,7 @@ def test_compile_missing_file_is_a_clean_error(capsys, tmp_path):
     assert rc == 1 and "nope.loss" in err
 
 
-# --------------------------------------------------------------------------- placeholders
-
-@pytest.mark.parametrize("cmd", [["bench", "bce"]])
-def test_bench_is_not_implemented_yet(capsys, cmd):
-    rc, out, err = run(capsys, *cmd)
-    assert rc == 2 and out == ""
-    assert "not implemented yet" in err
-
+# --------------------------------------------------------------------------- usage
 
 def test_no_command_prints_usage(capsys):
     rc, out, err = run(capsys)
