@@ -1,5 +1,8 @@
 """The Python API: compile text into ``Loss`` objects and call their fused kernels.
 
+The symbolic pipeline (sympy, compiler.py and the renderers) is imported on first use: a kernel
+found in the cache needs none of it, so ``import lossdsl`` and a cached load stay fast.
+
 A ``Loss`` checks its arguments (count, dtypes, shapes, axis sizes, params and their domains),
 runs the kernel for the inputs' dtype, and reduces: ``none`` / ``sum`` / ``mean``.
 """
@@ -10,10 +13,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import cuda_dispatch, ir, jit, printing, render_cpu, render_cuda
+from . import cuda_dispatch, ir, jit
 from .call import checked
-from .compiler import compile_definition
-from .derive import fresh_indices
 from .errors import LossError, LossTypeError
 from .lower import parse
 from .paths import LIBRARY
@@ -56,12 +57,17 @@ def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
     out = {}
     for name, d in defs.items():
         try:
-            out[name] = Loss(d, lookup, compile_definition(d, lookup))
+            out[name] = Loss(d, lookup, _compile(d, lookup))
         except LossError:
             raise
         except (RecursionError, ValueError, TypeError, ZeroDivisionError, NotImplementedError) as e:
             raise d.span.error(LossTypeError, f"cannot compile loss '{name}': {type(e).__name__}: {e}") from None
     return out
+
+
+def _compile(defn, lookup, stable=True):
+    from .compiler import compile_definition
+    return compile_definition(defn, lookup, stable)
 
 
 def compile_file(path):
@@ -118,7 +124,7 @@ class Loss:
     def _c(self):
         """The symbolic pipeline's result, computed on first use: a cached kernel needs none of it."""
         if self._compiled is None:
-            self._compiled = compile_definition(self._defn, self._lookup, self._stable)
+            self._compiled = _compile(self._defn, self._lookup, self._stable)
         return self._compiled
 
     @property
@@ -149,12 +155,15 @@ class Loss:
 
     def source(self, target="cpu", dtype="float32"):
         if target == "cpu":
+            from . import render_cpu
             return render_cpu.render(self._c, dtype)
         if target == "cuda":
+            from . import render_cuda
             return render_cuda.render(self._c, dtype)
         raise LossError(f"unknown target '{target}': expected cpu or cuda")
 
     def __str__(self):
+        from . import printing
         return f"{self.name} = {printing.to_text(self.expr)}"
 
     # --- numeric side ----------------------------------------------------------------------
@@ -163,7 +172,7 @@ class Loss:
             key = ("cpu", dtype, self._stable, *_texts(self._defn, self._lookup))
             module = jit.load_indexed(key)
             if module is None:
-                module = jit.load_module(render_cpu.render(self._c, dtype), key)
+                module = jit.load_module(self.source("cpu", dtype), key)
             self._kernels[dtype] = module.kernel
         return self._kernels[dtype]
 

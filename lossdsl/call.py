@@ -9,7 +9,6 @@ import numpy as np
 
 from .errors import ArgumentError, DomainError
 from .lower import in_domain
-from .to_sympy import axis_order
 
 REDUCTIONS = ("mean", "sum", "none")
 NO_IGNORE = np.iinfo(np.int64).min          # the kernel's "no ignore_index" sentinel
@@ -178,7 +177,7 @@ class Call:
         self.sample_shape = lead[0] if lead else ()
         self.n_samples = 1 if batch else int(np.prod(self.sample_shape, dtype=np.int64))
         self.sizes = []
-        for axis in axis_order(loss._defn):
+        for axis in loss._defn.axis_order():
             if axis not in sizes:
                 raise ArgumentError(f"loss '{name}': no argument gives the size of axis {axis}")
             self.sizes.append(np.int64(sizes[axis][0]))

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from . import jit, render_cuda
+from . import jit
 from .call import Call
 from .errors import ArgumentError, LossError
 
@@ -64,7 +64,7 @@ def module(loss, dtype):
     """The loss's CUDA module for ``dtype``, through the same on-disk cache as the CPU kernels."""
     key = ("cuda", dtype)
     if key not in loss._kernels:
-        loss._kernels[key] = jit.load_module(render_cuda.render(loss._c, dtype))
+        loss._kernels[key] = jit.load_module(loss.source("cuda", dtype))
     return loss._kernels[key]
 
 
@@ -90,7 +90,8 @@ def _launch(cuda, kind, call):
     """(blocks, threads): a power of two threads per block; grid-stride loops cover the rest."""
     sim = _simulator()
     threads = THREADS or (32 if sim else 256)
-    threads = min(render_cuda.MAXT, 1 << max(5, (threads - 1).bit_length()))
+    from .render_cuda import MAXT
+    threads = min(MAXT, 1 << max(5, (threads - 1).bit_length()))
     if sim:
         cap = 3
     else:
@@ -137,6 +138,7 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
     inputs = [a.reshape(call.layout(d)) for a, d in zip(arrays, loss._inputs)]
     targets = [a.reshape(call.layout(d)) for a, d in zip(arrays[n_in:], loss._targets)]   # converted on load
     mod = module(loss, dtype.name)
+    from . import render_cuda       # the device path needs the compiled forms anyway
     kind = render_cuda.form(loss._c)
     n_locals = len(getattr(loss._c, "locals", ()))
     blocks, threads = _launch(cuda, kind, call)

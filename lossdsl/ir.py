@@ -105,3 +105,12 @@ class Definition:
 
     def of_kind(self, kind):
         return [d for d in self.decls.values() if d.kind == kind]
+
+    def axis_order(self):
+        """The definition's axes in a fixed order (the kernels take their sizes in this order)."""
+        out = []
+        for d in self.decls.values():
+            for a in d.axes + ((d.domain.axis,) if d.domain.axis else ()):
+                if a not in out:
+                    out.append(a)
+        return out

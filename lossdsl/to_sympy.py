@@ -73,21 +73,11 @@ def symbol_for(decl):
     return sp.Symbol(decl.name, real=True, **_ASSUMPTIONS[decl.domain.name])
 
 
-def axis_order(defn):
-    """The definition's axes in a fixed order (the kernels take their sizes in this order)."""
-    out = []
-    for d in defn.decls.values():
-        for a in d.axes + ((d.domain.axis,) if d.domain.axis else ()):
-            if a not in out:
-                out.append(a)
-    return out
-
-
 def to_sympy(defn, lookup):
     """Lower one definition. ``lookup(name)`` returns the ir.Definition of another loss or None."""
     conv = _Converter(lookup, [defn.name], {})
     conv.materialize = bool(defn.batch)
-    sizes = {a: sp.Symbol(a, integer=True, positive=True) for a in axis_order(defn)}
+    sizes = {a: sp.Symbol(a, integer=True, positive=True) for a in defn.axis_order()}
     if defn.batch and defn.batch not in sizes:
         raise defn.span.error(LossTypeError, f"batch axis '{defn.batch}' is not an axis of any input")
     env, scalars, arrays = dict(sizes), {}, {}
