@@ -81,6 +81,16 @@ def _check_placement(loss, args, weight):
                             f"device: pass all arrays on the device, or all on the host")
 
 
+def _to_host(a, stream):
+    """``a`` on the host, copied in order on ``stream``: numba's copy on a given stream is
+    asynchronous, so wait for it before the host reads."""
+    if stream is None:
+        return a.copy_to_host()
+    host = a.copy_to_host(stream=stream)
+    stream.synchronize()
+    return host
+
+
 def _contiguous(a, loss, what):
     if a.size and not a.is_c_contiguous():
         raise ArgumentError(f"loss '{loss}': device array '{what}' must be C-contiguous, got strides {a.strides}")
@@ -162,8 +172,8 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
         v = cuda.device_array(1, dtype, stream=s)
         mod.finish[1, 1, s](res, mode, v)
         value = v.reshape(())
-    if res.copy_to_host(stream=s)[1]:       # synchronizes: the one host read of a call
-        call.raise_bad_targets([t.copy_to_host(stream=s) for t in targets])
+    if _to_host(res, stream)[1]:            # the one host read of a call
+        call.raise_bad_targets([_to_host(t, stream) for t in targets])
     first = args[0]
     value = _like(value, first)
     if not grad:

@@ -356,6 +356,15 @@ def test_launches_on_a_given_stream(name):
         close(host(g), w, np.float64, f"{name} gradient on a stream")
 
 
+@needs_sim
+def test_bad_targets_on_a_given_stream():
+    from numba import cuda
+    z = np.zeros((4, 3), np.float32)
+    with pytest.raises(lossdsl.DomainError, match=r"class index in \[0, 3\); got .*7.* at sample 2"):
+        load("cross_entropy")._run([dev(z), dev(np.array([0, 1, 7, 2]))], "mean", None, None, {}, True,
+                                   cuda.stream())
+
+
 # --- bad input on the device path ----------------------------------------------------------
 
 @needs_sim
