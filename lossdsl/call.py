@@ -14,6 +14,12 @@ REDUCTIONS = ("mean", "sum", "none")
 NO_IGNORE = np.iinfo(np.int64).min          # the kernel's "no ignore_index" sentinel
 
 
+def check_reduction(loss, reduction):
+    if reduction not in REDUCTIONS:
+        raise ArgumentError(f"loss '{loss.name}': reduction must be one of {', '.join(REDUCTIONS)}, "
+                            f"got {reduction!r}")
+
+
 def param_values(loss, params):
     """The values of ``loss``'s params in declaration order (defaults filled in) as floats, after
     their checks: known names, numbers, inside their domains."""
@@ -96,9 +102,7 @@ class Call:
     def _check_call(self, args, reduction):
         loss = self.loss
         decls = loss._inputs + loss._targets
-        if reduction not in REDUCTIONS:
-            raise ArgumentError(f"loss '{loss.name}': reduction must be one of {', '.join(REDUCTIONS)}, "
-                                f"got {reduction!r}")
+        check_reduction(loss, reduction)
         if len(args) != len(decls):
             raise ArgumentError(f"loss '{loss.name}' takes {len(decls)} arrays "
                                 f"({', '.join(d.name for d in decls)}), got {len(args)}")

@@ -5,11 +5,12 @@
     v = f(z, y, gamma=2.0)                    # same arguments as Loss.__call__
     v.backward()
 
-One registered custom op, ``lossdsl::value_and_grad``, runs the fused kernel once through
-``Loss._run`` (the one path that checks arguments and picks the CPU or CUDA kernels) and returns
-the value and every input's gradient; its autograd formula only scales those saved gradients by
-the upstream gradient. Being a ``torch.library`` op with a fake (shape-only) implementation, it
-sits in a ``torch.compile`` graph without a break.
+The forward runs the fused kernel once through ``Loss._run`` (the one path that checks arguments
+and picks the CPU or CUDA kernels), which gives the value and every input's gradient; the
+backward only scales those saved gradients by the upstream gradient. Eagerly this is a
+``torch.autograd.Function``; under ``torch.compile`` the same call is a registered custom op,
+``lossdsl::value_and_grad``, with a fake (shape-only) implementation, so the loss sits in the
+graph without a break.
 
 - CPU tensors are viewed as numpy arrays (no copy; a non-contiguous one is copied once);
   CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__`` on torch's current
@@ -27,7 +28,7 @@ except ImportError as e:        # pragma: no cover - depends on the installation
     raise ImportError("lossdsl.torch needs PyTorch: pip install 'lossdsl[torch]'") from e
 
 from . import api
-from .call import Call, param_values
+from .call import Call, check_reduction, param_values
 from .errors import ArgumentError, LossError
 
 __all__ = ["function", "LossModule"]
@@ -246,7 +247,8 @@ class LossModule(torch.nn.Module):
     def __init__(self, name_or_loss, reduction="mean", ignore_index=None, **params):
         super().__init__()
         self.fn = function(name_or_loss)
-        param_values(self.fn.loss, {k: _scalar(v) for k, v in params.items()})     # fail here, not mid-training
+        check_reduction(self.fn.loss, reduction)                    # fail here, not mid-training
+        param_values(self.fn.loss, {k: _scalar(v) for k, v in params.items()})
         self.reduction, self.ignore_index, self.params = reduction, ignore_index, params
 
     def forward(self, *args, weight=None):

@@ -198,6 +198,8 @@ def test_loss_module():
     assert list(crit.state_dict()) == []
     with pytest.raises(lossdsl.DomainError, match="label_smoothing"):
         lt.LossModule("cross_entropy", label_smoothing=3.0)
+    with pytest.raises(lossdsl.ArgumentError, match="reduction must be one of"):
+        lt.LossModule("cross_entropy", reduction="batchmean")
 
 
 def test_no_gradient_wanted_runs_without_graph():
