@@ -4,7 +4,8 @@
 
 1. every library loss on the GPU against its CPU kernels, float32 and float64: value and every
    gradient, reductions none (weighted) and mean, plus long rows (cross_entropy, K = 50 000)
-   and torch CUDA tensors passed straight in (when torch is installed);
+   and torch CUDA tensors passed straight in (when torch is installed); lossdsl.torch on CUDA
+   tensors against the CPU bridge, on a side stream and in float16;
 2. timings, forward + backward, median of 5 after a warm-up: cross_entropy 65536 x 32000 float32
    and bce over 2^28 float32 elements, against torch CUDA where installed and a device-to-device
    copy of the input (the bandwidth floor);
@@ -139,6 +140,44 @@ def check_all():
         good = isinstance(g, torch.Tensor) and g.is_cuda and err < 1e-5
         ok &= good
         row("agree", "torch CUDA tensors in, torch tensors out", "ok" if good else "MISMATCH", f"vs torch {err:.1e}")
+        ok &= check_torch_bridge()
+    return ok
+
+
+def check_torch_bridge():
+    """lossdsl.torch on CUDA tensors: autograd against the CPU bridge, on the default stream and on
+    a side stream (the kernels must run on torch's current stream), and with float16 inputs."""
+    import lossdsl.torch as lt
+    ok = True
+    rng = np.random.default_rng(3)
+    cases = {"cross_entropy": lambda: (rng.standard_normal((256, 1000)), rng.integers(0, 1000, 256)),
+             "bce": lambda: (rng.standard_normal(100000) * 4, (rng.random(100000) > 0.5) * 1.0),
+             "triplet": lambda: tuple(rng.standard_normal((512, 64)) for _ in range(3))}
+    for name, make in cases.items():
+        arrays = make()
+        n_in = len(lossdsl.load(name).inputs)
+        for where in ("default stream", "side stream", "float16"):
+            dt = torch.float16 if where == "float16" else torch.float32
+            cpu = [torch.tensor(a, dtype=dt if i < n_in else None) for i, a in enumerate(arrays)]
+            cpu = [t.float() if t.dtype == torch.float64 else t for t in cpu]
+            gpu = [t.cuda() for t in cpu]
+            for t in cpu[:n_in] + gpu[:n_in]:
+                t.requires_grad_()
+            f = lt.function(name)
+            stream = torch.cuda.Stream() if where == "side stream" else torch.cuda.current_stream()
+            with torch.cuda.stream(stream):
+                v = f(*gpu, reduction="none")
+                w = torch.linspace(-1, 2, v.numel(), device="cuda").reshape(v.shape)
+                (v.float() * w).sum().backward()
+            torch.cuda.synchronize()
+            vc = f(*cpu, reduction="none")
+            (vc.float() * w.cpu()).sum().backward()
+            tol = 2e-2 if dt == torch.float16 else 1e-4
+            err = max([float((v.float().cpu() - vc.float()).abs().max())] +
+                      [float((a.grad.float().cpu() - b.grad.float()).abs().max()) for a, b in zip(gpu, cpu)])
+            good = v.is_cuda and all(a.grad.is_cuda and a.grad.dtype == dt for a in gpu[:n_in]) and err < tol
+            ok &= good
+            row("torch", f"lossdsl.torch {name} {where}", "ok" if good else "MISMATCH", f"vs CPU bridge {err:.1e}")
     return ok
 
 
@@ -196,6 +235,20 @@ def bench():
             torch.nn.functional.cross_entropy(zr, yt).backward()
         t = timed(torch_ce)
         row("time", f"cross_entropy {n}x{k} f32 fwd+bwd torch", f"{t:.1f} ms")
+        import lossdsl.torch as lt
+        f = lt.function("cross_entropy")
+
+        def bridge_ce():
+            zr = zt.detach().requires_grad_()
+            f(zr, yt).backward()
+        t = timed(bridge_ce)
+        row("time", f"cross_entropy {n}x{k} f32 fwd+bwd lossdsl.torch", f"{t:.1f} ms")
+        zs, ys = zt[:8, :10].contiguous(), yt[:8] % 10
+        t = timed(lambda: [f(zs.detach().requires_grad_(), ys).backward() for _ in range(100)]) * 10
+        row("time", "cross_entropy 8x10 lossdsl.torch per call", f"{t:.0f} us")
+        t = timed(lambda: [torch.nn.functional.cross_entropy(zs.detach().requires_grad_(), ys).backward()
+                           for _ in range(100)]) * 10
+        row("time", "cross_entropy 8x10 torch per call", f"{t:.0f} us")
         del zt
         torch.cuda.empty_cache()
     del z
