@@ -15,7 +15,7 @@ import numpy as np
 
 from . import cuda_dispatch, ir, jit
 from .call import checked
-from .errors import LossError, LossTypeError
+from .errors import ArgumentError, LossError, LossTypeError
 from .lower import parse
 from .paths import LIBRARY
 
@@ -40,6 +40,15 @@ def load(name):
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise LossError(f"no loss '{name}' in the library{hint} (lossdsl.names() lists them)")
     return _load_cached(name)
+
+
+def as_loss(name_or_loss, who):
+    """A front's loss argument: a library name or a ``Loss`` (compiled from the user's text)."""
+    if isinstance(name_or_loss, Loss):
+        return name_or_loss
+    if isinstance(name_or_loss, str):
+        return load(name_or_loss)
+    raise ArgumentError(f"{who} takes a library loss name or a Loss, got {name_or_loss!r}")
 
 
 @lru_cache(maxsize=None)

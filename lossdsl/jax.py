@@ -32,19 +32,10 @@ import numpy as np
 
 from . import api
 from .call import Call, param_values
-from .errors import ArgumentError
 
 __all__ = ["function"]
 
 _HALF = (jnp.float16, jnp.bfloat16)
-
-
-def _resolve(name_or_loss):
-    if isinstance(name_or_loss, api.Loss):
-        return name_or_loss
-    if isinstance(name_or_loss, str):
-        return api.load(name_or_loss)
-    raise ArgumentError(f"lossdsl.jax.function takes a library loss name or a Loss, got {name_or_loss!r}")
 
 
 def _computed(a):
@@ -97,7 +88,7 @@ def _vjp(loss, reduction, ignore_index, weighted, static, traced):
 def function(name_or_loss):
     """A jax function for a library loss name or a ``Loss``: ``f(*inputs_and_targets,
     reduction="mean", weight=None, ignore_index=None, **params)``, differentiable in its inputs."""
-    loss = _resolve(name_or_loss)
+    loss = api.as_loss(name_or_loss, "lossdsl.jax.function")
     n_in = len(loss.inputs)
 
     def f(*args, reduction="mean", weight=None, ignore_index=None, **params):

@@ -29,7 +29,7 @@ except ImportError as e:        # pragma: no cover - depends on the installation
 
 from . import api
 from .call import Call, check_reduction, param_values
-from .errors import ArgumentError, LossError
+from .errors import LossError
 
 __all__ = ["function", "LossModule"]
 
@@ -49,14 +49,6 @@ def _library(name):
         return api.load(name)
     except LossError:
         return None
-
-
-def _resolve(name_or_loss):
-    if isinstance(name_or_loss, api.Loss):
-        return name_or_loss
-    if isinstance(name_or_loss, str):
-        return api.load(name_or_loss)
-    raise ArgumentError(f"lossdsl.torch.function takes a library loss name or a Loss, got {name_or_loss!r}")
 
 
 def _compute_dtype(t):
@@ -219,7 +211,7 @@ def _scalar(v):
 def function(name_or_loss):
     """A torch function for a library loss name or a ``Loss``: ``f(*inputs_and_targets,
     reduction="mean", weight=None, ignore_index=None, **params)``, differentiable in its inputs."""
-    loss = _resolve(name_or_loss)
+    loss = api.as_loss(name_or_loss, "lossdsl.torch.function")
     key = _key(loss)
     n_in = len(loss.inputs)
 
