@@ -208,14 +208,14 @@ def _run_host(loss, call, arrays, weight, grad):
     """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce."""
     dtype, n_in = call.dtype, len(loss._inputs)
     inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
-    targets = [np.ascontiguousarray(a.astype(np.int64 if d.domain.name == "class" else dtype, copy=False)
-                                    .reshape(s)) for a, d, s in zip(arrays[n_in:], loss._targets, call.layouts[n_in:])]
+    targets = [np.ascontiguousarray(a.astype(t, copy=False).reshape(s))
+               for a, t, s in zip(arrays[n_in:], call.target_dtypes, call.layouts[n_in:])]
     w = np.empty(0, dtype) if weight is None else \
         np.ascontiguousarray(weight.astype(dtype, copy=False).reshape(call.n_samples))
     denominator = call.n_samples
     if call.ignore_given:
         denominator = int(np.count_nonzero(targets[call.class_target_index()] != call.ignore))
-    k = loss.kernel(dtype.name)
+    k = loss.kernel(call.dtype_name)
     grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
     out = np.empty(call.n_samples, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
@@ -227,7 +227,7 @@ def _run_host(loss, call, arrays, weight, grad):
         numba.set_num_threads(1)
     try:
         bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
-                *grads, scale, np.int64(call.ignore), weight is not None, grad)
+                *grads, scale, call.ignore, weight is not None, grad)
     finally:
         if serial:
             numba.set_num_threads(threads)

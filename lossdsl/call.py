@@ -63,6 +63,13 @@ def checked(loss, arrays, reduction="mean", weight=None, ignore_index=None, para
     return hit
 
 
+def _is_integer(v):
+    try:
+        return not isinstance(v, bool) and int(v) == v
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 class Call:
     """One call's arguments after their checks: dtype, sample shape, axis sizes, param values."""
 
@@ -81,6 +88,8 @@ class Call:
         self._check_ignore(ignore_index)
         self.reduction = reduction
         self.layouts = [self.layout(d) for d in decls]
+        # what the kernels take the targets as: class indices int64, the rest in the inputs' dtype
+        self.target_dtypes = [np.dtype(np.int64) if d.domain.name == "class" else self.dtype for d in loss._targets]
         self.elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.input_shapes)
 
     # -- what the kernels and the bridges need to know -------------------------------------
@@ -119,6 +128,7 @@ class Call:
             raise ArgumentError(f"loss '{loss.name}': inputs must share one dtype, got "
                                 + ", ".join(f"{d.name}: {a.dtype}" for a, d in zip(ins, loss._inputs)))
         self.dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+        self.dtype_name = self.dtype.name       # the kernels' key (numpy computes .name on each read)
 
     def _check_target(self, a, d):
         kind = np.dtype(a.dtype).kind
@@ -148,7 +158,9 @@ class Call:
         if ignore_index is not None and not has_class:
             raise ArgumentError(f"loss '{loss.name}': ignore_index applies only to losses with a class target")
         self.ignore_given = ignore_index is not None
-        self.ignore = int(ignore_index) if ignore_index is not None else NO_IGNORE
+        if ignore_index is not None and not _is_integer(ignore_index):
+            raise ArgumentError(f"loss '{loss.name}': ignore_index must be an integer, got {ignore_index!r}")
+        self.ignore = np.int64(ignore_index if ignore_index is not None else NO_IGNORE)
 
     def _shapes(self, arrays, decls):
         """Bind axis sizes and the sample shape; everything must agree."""

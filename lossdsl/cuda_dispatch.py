@@ -147,7 +147,7 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
     n_in, dtype, s = len(loss._inputs), call.dtype, stream or 0
     inputs = [a.reshape(call.layout(d)) for a, d in zip(arrays, loss._inputs)]
     targets = [a.reshape(call.layout(d)) for a, d in zip(arrays[n_in:], loss._targets)]   # converted on load
-    mod = module(loss, dtype.name)
+    mod = module(loss, call.dtype_name)
     from . import render_cuda       # the device path needs the compiled forms anyway
     kind = render_cuda.form(loss._c)
     n_locals = len(getattr(loss._c, "locals", ()))
@@ -155,7 +155,7 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
     res = cuda.to_device(np.array([0.0, 0.0, 0.0 if call.ignore_given else float(call.n_samples), 0.0]), stream=s)
     if call.ignore_given:
         cls = targets[call.class_target_index()]
-        mod.count_kept[max(1, min(blocks, -(-call.n_samples // threads))), threads, s](cls, np.int64(call.ignore), res)
+        mod.count_kept[max(1, min(blocks, -(-call.n_samples // threads))), threads, s](cls, call.ignore, res)
     # arrays not wanted are passed empty (flags say so): one compiled signature per dtype
     grads = [cuda.device_array(a.shape if grad else (0,) * a.ndim, dtype, stream=s) for a in inputs]
     out = cuda.device_array(call.n_samples if reduction == "none" else 0, dtype, stream=s)
@@ -164,7 +164,7 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
                for i, shape in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
     mode = np.int64(1 if reduction == "mean" else 0)
     mod.kernel[blocks, threads, s](*inputs, *targets, *call.param_values, *call.sizes, w, out,
-                                   *grads, *scratch, res, mode, np.int64(call.ignore),
+                                   *grads, *scratch, res, mode, call.ignore,
                                    weight is not None, reduction == "none", bool(grad))
     if reduction == "none":
         value = out.reshape(call.sample_shape)

@@ -577,6 +577,10 @@ ERROR_CASES = [
     ("ignore_index_without_class_target", "bce", (_a(6), _unit(6)), {"ignore_index": 0},
      ["bce", "ignore_index"]),
     ("bad_reduction", "mse", (_a(6), _a(6, seed=1)), {"reduction": "avg"}, ["mse", "reduction"]),
+    ("ignore_index_fraction", "cross_entropy", (_Z, _Y_OK), {"ignore_index": 2.5},
+     ["cross_entropy", "ignore_index"]),
+    ("ignore_index_text", "cross_entropy", (_Z, _Y_OK), {"ignore_index": "none"},
+     ["cross_entropy", "ignore_index"]),
 ]
 
 
