@@ -51,6 +51,26 @@ def _one_minus_sigmoid(node):
     return None
 
 
+def _one_minus_mixed_sigmoid(node):
+    # 1 - c·σ(a) - (1-c)·σ(-a) (possibly inside a longer sum) -> c·σ(-a) + (1-c)·σ(a):
+    # 1 - p_t of a soft label; σ(a) + σ(-a) = 1, so each weight takes the other side's sigmoid
+    if not node.is_Add or sp.S.One not in node.args:
+        return None
+    sig = {}
+    for t in node.args:
+        coef, fs = t.as_coeff_mul()
+        hits = [f for f in fs if isinstance(f, sigmoid)]
+        if len(hits) == 1:
+            sig.setdefault(hits[0].args[0], []).append((t, t / hits[0]))
+    for a, terms in sig.items():
+        for t1, c1 in terms:
+            for t2, c2 in sig.get(-a, ()):
+                if sp.expand(c1 + c2 + 1) == 0:
+                    rest = [u for u in node.args if u not in (sp.S.One, t1, t2)]
+                    return sp.Add(-c1 * sigmoid(-a), -c2 * sigmoid(a), *rest)
+    return None
+
+
 def _one_minus_exp(node):
     # 1 - e^a (possibly inside a longer sum) -> -expm1(a): 1 - softmax_y of a confident row
     if not node.is_Add or sp.S.One not in node.args:
@@ -169,6 +189,11 @@ NODE_RULES = (
          sp.log(1 - sigmoid(x)), -softplus(x), (40.0,)),
     Rule("one_minus_sigmoid", "1 - σ(x) = σ(-x); the subtraction cancels to 0 for x > 37",
          1 - sigmoid(x), sigmoid(-x), (40.0,), _one_minus_sigmoid),
+    Rule("one_minus_mixed_sigmoid", "1 - y·σ(x) - (1-y)·σ(-x) = y·σ(-x) + (1-y)·σ(x) (1 - p_t of a soft label); "
+                                    "the subtraction cancels to 0 when the weights round: 0 vs 1e-20 at x = -800, "
+                                    "y = 1e-20",
+         1 - y * sigmoid(x) - (1 - y) * sigmoid(-x), y * sigmoid(-x) + (1 - y) * sigmoid(x), (-800.0, 1e-20),
+         _one_minus_mixed_sigmoid),
     Rule("softplus", "log(1 + e^x) = softplus(x); e^x overflows for x > 709",
          sp.log(1 + sp.exp(x)), softplus(x), (800.0,)),
     Rule("softplus_log1p", "log1p(e^x) = softplus(x); e^x overflows for x > 709",
