@@ -321,6 +321,23 @@ def _annihilate(expr, excluded=frozenset()):
             rest.remove(f)
             return sp.Piecewise(*[(ex * sp.Mul(*rest) if ex != 0 else ex, c) for ex, c in f.args])
     unbounded = [f for f in new.args if _may_be_infinite(f, lambda e: True)]
+    if any(f.atoms(sp.Function) - f.atoms(sigmoid) for f in unbounded):
+        # σ(a) underflows to 0 where a -> -inf, and its partner grows at most like |a| there
+        # (softplus(-a)·σ(a) of a focal gradient at z = ±inf is inf·0, the limit 0): the sigmoid
+        # decides. A sum whose terms share a sigmoid gives it up first: -y·σ(-z)σ(z) + (1-y)·σ(-z)σ(z).
+        factors = []
+        for f in new.args:
+            g = sp.factor_terms(f) if f.is_Add and f.has(sigmoid) else f
+            factors.extend(g.args if g.is_Mul and any(isinstance(a, sigmoid) for a in g.args) else (f,))
+        sigs = [f for f in factors if isinstance(f, sigmoid)]
+        if sigs:
+            rest = list(factors)
+            for f in sigs:
+                rest.remove(f)
+            out = sp.Mul(*rest)
+            for f in reversed(sigs):
+                out = mul0(f, out)
+            return out
     for f in new.args:
         # e^u is never 0 in exact arithmetic (so sympy drops Eq(e^u, 0)), but it is in floats
         if isinstance(f, sp.exp) and len(unbounded) > 1:

@@ -136,13 +136,6 @@ KNOWN = {
                                   "adversarial: 1 NaN value vs inf (z = [inf, ...]). " + _CE,
     ("cross_entropy", "float32"): "measured: value p99 4.52, z p99 5.49 (values); adversarial: 3 NaN values and "
                                   "2 NaN gradients where finite (+inf logits). " + _CE,
-    ("focal", "float64"): "measured: z 4 NaN where finite (adversarial, z = inf, y = 0.25: NaN vs 0.264). "
-                          "The value is fixed (mean 11.7 p99 62 -> 0.53 p99 1.0, bits: 1 - p_t of a soft label "
-                          "is y·σ(-z) + (1-y)·σ(z)); the gradient's softplus(z)·σ(-z) factors are inf·0 at "
-                          "z = ±inf",
-    ("focal", "float32"): "measured: z 4 NaN where finite (adversarial, z = 3.4e38, y = 1e-8: NaN vs 0.75): "
-                          "γ·a_t·softplus(z) overflows before the product with σ(-z) = 0. The value is fixed "
-                          "(mean 4.83 p99 30 -> 0.40 p99 1.8, bits)",
     ("gaussian_nll", "float64"): "measured: value/logvar mean 6.4 bits, 15 NaN where finite (bits); value NaN vs "
                                  "-372.6 at logvar=-745.13, y-mu=5e-324. (y-mu)^2 overflows/underflows and "
                                  "exp(-logvar) overflows/underflows separately: 0·inf (stable: "

@@ -204,3 +204,15 @@ def test_annihilate_masked_logit_in_an_entropy_term():
     assert masked[1][0][0, 0] == 0.0
     np.testing.assert_allclose(masked[1][0], far[1][0], rtol=1e-14)
     np.testing.assert_allclose(masked[0], far[0], rtol=1e-14)
+
+
+def test_annihilate_sigmoid_against_softplus():
+    # d/dx softplus(x)·σ(x) = σ(x)² + softplus(x)·σ(x)·σ(-x): at x = inf the second term is inf·0 = NaN
+    # (the limit is 0: the focal gradient at z = ±inf); the underflowed sigmoid decides the product
+    f = lossdsl.compile("loss w\n  input x\n  loss = softplus(x) * sigmoid(x)\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([np.inf, 800.0, -np.inf, 0.0]), reduction="none")
+    assert "annihilate" in f.rules
+    np.testing.assert_allclose(g, [1.0, 1.0, 0.0, 0.25 + np.log(2) / 4], rtol=1e-15)
+    with np.errstate(all="ignore"):
+        s, sp_ = 1 / (1 + np.exp(-np.inf)), np.log1p(np.exp(np.inf))
+        assert np.isnan(s * s + sp_ * s * (1 - s))
