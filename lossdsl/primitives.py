@@ -12,7 +12,7 @@ while the chain rule over a reduction's result (``derive``) keeps gradients smal
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "Max2", "Min2", "log1p", "expm1",
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "sqexp", "Max2", "Min2", "log1p", "expm1",
            "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
            "substitute", "naive", "expand", "Select", "mul0"]
 
@@ -117,6 +117,44 @@ class xdivy(_Elementwise):
 
     def naive(self):
         return self.args[0] / self.args[1]
+
+
+class xexp(_Elementwise):
+    """x·e^s, with e^s taken in two halves where it alone would overflow or underflow: 5e-324·e^745.13
+    is 1.99, not 0·inf; 0 where x = 0."""
+    nargs = 2
+    latex_name = "xexp"
+
+    def fdiff(self, argindex=1):
+        x, s = self.args
+        return sp.exp(s) if argindex == 1 else xexp(x, s)
+
+    @classmethod
+    def eval(cls, x, s):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[0] * sp.exp(self.args[1])
+
+
+class sqexp(_Elementwise):
+    """x²·e^s, computed as (x·e^(s/2))²: x² and e^s overflow or underflow separately (0·inf) where the
+    product is finite, e.g. the scaled residual (y - μ)²·e^(-logvar) of a Gaussian likelihood."""
+    nargs = 2
+    latex_name = "sqexp"
+
+    def fdiff(self, argindex=1):
+        x, s = self.args
+        return 2 * xexp(x, s) if argindex == 1 else sqexp(x, s)
+
+    @classmethod
+    def eval(cls, x, s):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[0] ** 2 * sp.exp(self.args[1])
 
 
 class mul0(_Elementwise):

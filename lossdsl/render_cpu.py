@@ -120,6 +120,27 @@ def _mul0(a, b):
 
 
 @HELPER
+def _xexp(x, s):
+    # x·e^s; where e^s alone overflows or loses precision (subnormal), (x·e^(s/2))·e^(s/2)
+    if x == 0 and s == s:
+        return F(0.0)
+    e = _exp(s)
+    if e < F(math.inf) and e > F(1e-30):
+        return x * e
+    h = _exp(s * F(0.5))
+    if h == 0 and x == x:
+        return F(0.0)      # s/2 below the underflow: |x|·e^s < 2^1024·e^(2·-745) for every float x
+    return x * h * h
+
+
+@HELPER
+def _sqexp(x, s):
+    # x²·e^s as (x·e^(s/2))²: x² and e^s would overflow or underflow separately (0·inf)
+    t = _xexp(x, s * F(0.5))
+    return t * t
+
+
+@HELPER
 def _xdivy(x, y):
     if x == 0 and y == y:
         return F(0.0)

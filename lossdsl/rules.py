@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, mul0, sigmoid, softplus, substitute,
-                         xdivy, xlogy)
+from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, mul0, sigmoid, softplus, sqexp,
+                         substitute, xdivy, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -124,6 +124,18 @@ def _pow_combine(node):
     return None
 
 
+def _sqexp(node):
+    # b²·e^s -> sqexp(b, s) = (b·e^(s/2))²: the square and the exponential over/underflow separately
+    if not node.is_Mul:
+        return None
+    exps = [f for f in node.args if isinstance(f, sp.exp) and f.args[0].free_symbols]
+    squares = [f for f in node.args if f.is_Pow and f.exp == 2 and f.base.free_symbols]
+    if len(exps) != 1 or not squares:
+        return None
+    rest = [f for f in node.args if f is not exps[0] and f is not squares[0]]
+    return sp.Mul(sqexp(squares[0].base, exps[0].args[0]), *rest)
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -209,6 +221,9 @@ NODE_RULES = (
          1 - sp.exp(x), -expm1(x), (1e-17,), _one_minus_exp),
     Rule("pow_combine", "γ·b^γ/b = γ·b^(γ-1), the derivative of b^γ, is 0/0 at b = 0",
          x ** y / x, x ** (y - 1), (0.0, 2.0), _pow_combine, post=True),
+    Rule("sqexp", "x²·e^y = (x·e^(y/2))²; x² underflows (or overflows) where e^y overflows (underflows): 0 vs "
+                  "1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out",
+         x ** 2 * sp.exp(y), sqexp(x, y), (1e-200, 700.0), _sqexp),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

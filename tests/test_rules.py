@@ -44,6 +44,7 @@ CASES = {
     "sigmoid_reciprocal": ("loss = 1 / (1 + exp(-x))", [-740.0], lambda v: 1 / (1 + M.exp(-v)),
                            lambda v: 1 / (1 + np.exp(-v))),
     "one_minus_exp": ("loss = 1 - exp(x)", [1e-17], lambda v: -M.expm1(v), lambda v: 1 - np.exp(v)),
+    "sqexp": ("loss = x^2 * exp(t)", [1e-200, 700.0], lambda v, t: v * v * M.exp(t), lambda v, t: v * v * np.exp(t)),
     "log1p": ("loss = log(1 + x)", [1e-17], lambda v: M.log1p(v), lambda v: np.log(1 + v)),
     "expm1": ("loss = exp(x) - 1", [1e-17], lambda v: M.expm1(v), lambda v: np.exp(v) - 1),
     "logcosh": ("loss = log(cosh(x))", [1000.0], lambda v: M.log(M.cosh(v)), lambda v: np.log(np.cosh(v))),
@@ -216,3 +217,17 @@ def test_annihilate_sigmoid_against_softplus():
     with np.errstate(all="ignore"):
         s, sp_ = 1 / (1 + np.exp(-np.inf)), np.log1p(np.exp(np.inf))
         assert np.isnan(s * s + sp_ * s * (1 - s))
+
+
+def test_sqexp_keeps_the_gaussian_nll_finite():
+    # (y - μ)²·e^(-s) at s = -745.13, y - μ = 5e-324: the square underflows, the exponential
+    # overflows (0·inf = NaN); the gradient (μ - y)·e^(-s) is inf for the same reason (truth -1.99)
+    f = lossdsl.load("gaussian_nll")
+    assert "sqexp" in f.rules
+    mu, s, y = np.array([0.0]), np.array([-745.13]), np.array([5e-324])
+    v, (gmu, gs) = f.value_and_grad(mu, s, y, reduction="none")
+    assert close(float(v[0]), truth(lambda a: a / 2 + M.mpf(5e-324) ** 2 * M.exp(-a) / 2, -745.13))
+    assert close(float(gmu[0]), truth(lambda a: -M.mpf(5e-324) * M.exp(-a), -745.13))
+    assert close(float(gs[0]), 0.5)
+    with np.errstate(all="ignore"):
+        assert np.isnan(y[0] ** 2 * np.exp(745.13)) and np.isinf(-y[0] * np.exp(745.13))
