@@ -12,7 +12,7 @@ while the chain rule over a reduction's result (``derive``) keeps gradients smal
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "sqexp", "Max2", "Min2", "log1p", "expm1",
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "sqexp", "addexp", "Max2", "Min2", "log1p", "expm1",
            "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
            "substitute", "naive", "expand", "Select", "mul0"]
 
@@ -155,6 +155,19 @@ class sqexp(_Elementwise):
 
     def naive(self):
         return self.args[0] ** 2 * sp.exp(self.args[1])
+
+
+class addexp(_Elementwise):
+    """a + b where b grows exponentially in the variable a grows linearly in (s + r²e^(-s) at s = -inf):
+    where both are infinite with opposite signs (inf - inf is NaN), b's limit wins."""
+    nargs = 2
+    latex_name = "addexp"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One
+
+    def naive(self):
+        return self.args[0] + self.args[1]
 
 
 class mul0(_Elementwise):

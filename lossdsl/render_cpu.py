@@ -141,6 +141,15 @@ def _sqexp(x, s):
 
 
 @HELPER
+def _addexp(a, b):
+    # a + b, b exponential where a is linear in the same variable: at inf - inf, b decides
+    s = a + b
+    if s != s and a == a and b == b:
+        return b
+    return s
+
+
+@HELPER
 def _xdivy(x, y):
     if x == 0 and y == y:
         return F(0.0)

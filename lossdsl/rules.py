@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, mul0, sigmoid, softplus, sqexp,
-                         substitute, xdivy, xlogy)
+from .primitives import (LogSumExp, Norm, Reduce, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid, softplus,
+                         sqexp, substitute, xdivy, xexp, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -136,6 +136,33 @@ def _sqexp(node):
     return sp.Mul(sqexp(squares[0].base, exps[0].args[0]), *rest)
 
 
+def _exp_only(e, s):
+    """e depends on s, and only through exponentials e^(k·s + ...) (k a nonzero number)."""
+    if not e.has(s):
+        return True
+    if isinstance(e, (sp.exp, expm1)) or (isinstance(e, (sqexp, xexp)) and not e.args[0].has(s)):
+        k = e.args[-1].diff(s)
+        return k.is_number and k != 0
+    if e.is_Add or e.is_Mul:
+        return all(_exp_only(a, s) for a in e.args)
+    return False
+
+
+def _linear_vs_exp(node):
+    # c·s + b(e^(k·s)) -> addexp(c·s, b): at s = ±inf the exponential term wins, not inf - inf = NaN
+    if not node.is_Add:
+        return None
+    for lin in node.args:
+        for s in sp.Mul.make_args(lin):
+            if not (s.is_Symbol or isinstance(s, sp.core.function.AppliedUndef)) or (lin / s).has(s):
+                continue
+            for t in node.args:
+                if t is not lin and t.has(s) and t.has(sp.exp, expm1, sqexp, xexp) and _exp_only(t, s):
+                    rest = [a for a in node.args if a is not lin and a is not t]
+                    return sp.Add(addexp(lin, t), *rest)
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -224,6 +251,9 @@ NODE_RULES = (
     Rule("sqexp", "x²·e^y = (x·e^(y/2))²; x² underflows (or overflows) where e^y overflows (underflows): 0 vs "
                   "1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out",
          x ** 2 * sp.exp(y), sqexp(x, y), (1e-200, 700.0), _sqexp),
+    Rule("linear_vs_exp", "c·x + b·e^(kx): at x = ∓inf the terms are ∓inf and ±inf (NaN) where the exponential "
+                          "wins (s + r²e^(-s) at s = -inf is inf)",
+         x + sp.exp(-x), addexp(x, sp.exp(-x)), (-float("inf"),), _linear_vs_exp),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",
@@ -336,7 +366,8 @@ def _annihilate(expr, excluded=frozenset()):
             rest.remove(f)
             return sp.Piecewise(*[(ex * sp.Mul(*rest) if ex != 0 else ex, c) for ex, c in f.args])
     unbounded = [f for f in new.args if _may_be_infinite(f, lambda e: True)]
-    if any(f.atoms(sp.Function) - f.atoms(sigmoid) for f in unbounded):
+    if any(f.atoms(sp.Function) - f.atoms(sigmoid) - f.atoms(sp.core.function.AppliedUndef)
+           for f in unbounded):
         # σ(a) underflows to 0 where a -> -inf, and its partner grows at most like |a| there
         # (softplus(-a)·σ(a) of a focal gradient at z = ±inf is inf·0, the limit 0): the sigmoid
         # decides. A sum whose terms share a sigmoid gives it up first: -y·σ(-z)σ(z) + (1-y)·σ(-z)σ(z).

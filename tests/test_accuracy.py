@@ -147,9 +147,6 @@ KNOWN = {
                                   "adversarial: 1 NaN value vs inf (z = [inf, ...]). " + _CE,
     ("cross_entropy", "float32"): "measured: value p99 4.52, z p99 5.49 (values); adversarial: 3 NaN values and "
                                   "2 NaN gradients where finite (+inf logits). " + _CE,
-    ("gaussian_nll", "float32"): "measured: value mean 1.10 p99 32 (adversarial), 5 NaN vs inf: logvar = -inf "
-                                 "gives -inf + inf where the exponential term wins (before sqexp: value mean 4.1 "
-                                 "bits, 17 NaN where finite, bits sampler)",
     ("kl_div", "float64"): "measured: value p99 15.5 (values), 62.9 (adversarial); z p99 61.8 (bits), 8 NaN where "
                            "finite (adversarial). One-hot p: lse - z_k cancellation as in cross_entropy "
                            "(7.4397732e-10 vs 7.4397641e-10); softmax·sum(p) - p_j cancels when sum(p) rounds "

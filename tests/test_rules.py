@@ -115,7 +115,7 @@ def test_rule_fires_on_its_template(rule):
 
 
 def test_every_rule_has_a_test():
-    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax"}
+    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -231,3 +231,15 @@ def test_sqexp_keeps_the_gaussian_nll_finite():
     assert close(float(gs[0]), 0.5)
     with np.errstate(all="ignore"):
         assert np.isnan(y[0] ** 2 * np.exp(745.13)) and np.isinf(-y[0] * np.exp(745.13))
+
+
+def test_linear_vs_exp_lets_the_exponential_win():
+    # s + r²e^(-s) at s = -inf: -inf + inf = NaN, where the limit is inf (the Gaussian NLL with a
+    # variance that underflows); at s = +inf the linear term wins by itself
+    f = lossdsl.compile("loss w\n  input x\n  target t\n  loss = x + t^2 * exp(-x)\n")["w"]
+    assert "linear_vs_exp" in f.rules
+    v, (g,) = f.value_and_grad(np.array([-np.inf, np.inf, -np.inf, 2.0]), np.array([3.0, 3.0, 0.0, 3.0]),
+                               reduction="none")
+    assert v[0] == np.inf and v[1] == np.inf and v[2] == -np.inf and close(float(v[3]), 2 + 9 * np.exp(-2.0))
+    with np.errstate(all="ignore"):
+        assert np.isnan(-np.inf + 9.0 * np.exp(np.inf))
