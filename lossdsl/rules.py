@@ -163,6 +163,23 @@ def _linear_vs_exp(node):
     return None
 
 
+def _into_piecewise(node):
+    # c·(a if cond else b) -> (c·a if cond else c·b) where c cancels in a branch: huber(δ=β)/β
+    # computes β·(|r| - β/2)/β, which overflows at the product where |r| - β/2 does not
+    if not node.is_Mul:
+        return None
+    for f in node.args:
+        if not isinstance(f, sp.Piecewise):
+            continue
+        rest = sp.Mul(*[a for a in node.args if a is not f])
+        if rest.has(sp.Piecewise) or rest.is_number:
+            continue
+        pieces = [(rest * ex, c) for ex, c in f.args]
+        if any(sp.count_ops(p) < sp.count_ops(ex) for (p, _), (ex, _) in zip(pieces, f.args)):
+            return sp.Piecewise(*pieces)
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -254,6 +271,9 @@ NODE_RULES = (
     Rule("linear_vs_exp", "c·x + b·e^(kx): at x = ∓inf the terms are ∓inf and ±inf (NaN) where the exponential "
                           "wins (s + r²e^(-s) at s = -inf is inf)",
          x + sp.exp(-x), addexp(x, sp.exp(-x)), (-float("inf"),), _linear_vs_exp),
+    Rule("into_piecewise", "c·(a if cond else b) = (c·a if cond else c·b) where c cancels in a branch: "
+                           "(y·(x - y/2))/y overflows at the product for x = 1e308, y = 4 (inf vs 1e308)",
+         None, None, (), _into_piecewise),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

@@ -165,8 +165,6 @@ KNOWN = {
     ("ntxent", "float64"): "audit: batch losses (ntxent: indexed locals s, u and their adjoints) are not "
                            "handled by the exact evaluator yet; audit() raises LossError",
     ("ntxent", "float32"): "audit: batch losses are not handled by the exact evaluator yet",
-    ("smooth_l1", "float32"): "measured: value 1 inf where finite (bits: yhat=-7.9e37, beta=10: inf vs 7.9e37): "
-                              "huber(δ=β)/β computes β·(|r| - β/2) before dividing by β, which overflows",
     ("soft_cross_entropy", "float64"): "measured: value p99 16.4 (values), 62.9 (adversarial); z p99 61.8 (bits), "
                                        "8 NaN where finite (adversarial): the causes of kl_div",
     ("soft_cross_entropy", "float32"): "measured: z p99 20.6 (bits), value mean 5.3 (adversarial), 8 NaN where "

@@ -115,7 +115,8 @@ def test_rule_fires_on_its_template(rule):
 
 
 def test_every_rule_has_a_test():
-    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp"}
+    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
+                           "into_piecewise"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -243,3 +244,15 @@ def test_linear_vs_exp_lets_the_exponential_win():
     assert v[0] == np.inf and v[1] == np.inf and v[2] == -np.inf and close(float(v[3]), 2 + 9 * np.exp(-2.0))
     with np.errstate(all="ignore"):
         assert np.isnan(-np.inf + 9.0 * np.exp(np.inf))
+
+
+def test_into_piecewise_cancels_the_scale_of_a_branch():
+    # huber(δ=β)/β: the linear branch β·(|r| - β/2) overflows before the division by β
+    f = lossdsl.compile("loss w\n  input x\n  param b = 1 : positive\n"
+                        "  loss = (0.5 * x^2 if abs(x) <= b else b * (abs(x) - 0.5 * b)) / b\n")["w"]
+    assert "into_piecewise" in f.rules
+    v, (g,) = f.value_and_grad(np.array([1e308, -1e308, 0.5]), reduction="none", b=4.0)
+    np.testing.assert_array_equal(v, [1e308 - 2, 1e308 - 2, 0.125 / 4])
+    np.testing.assert_array_equal(g, [1.0, -1.0, 0.125])
+    with np.errstate(all="ignore"):
+        assert np.isinf(4.0 * (1e308 - 2.0) / 4.0)
