@@ -14,14 +14,15 @@ import itertools
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, Select, Sum, expand, expm1,
-                         addexp, log1p, logcosh, mul0, sqexp, substitute, xdivy, xexp, xlogy)
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
+                         expm1, log1p, logcosh, mul0, sqexp, substitute, xdivy, xexp, xlogy)
 
 # sympy function -> helper or math function in the generated module
 CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
-         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", xexp: "_xexp", sqexp: "_sqexp", addexp: "_addexp", Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
+         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", xexp: "_xexp", sqexp: "_sqexp", addexp: "_addexp",
+         Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
 
 class Emitter:
@@ -249,6 +250,10 @@ class Emitter:
         self.line(f"{self.element_code(self.exp_store[r][0], kvar)} = _exp({b} - {peak[r]})")
 
     def finish(self, r, acc, peak):
+        if isinstance(r, ScaledSum):
+            # Σ_k b(k)/K stands for a mean: over nothing it is 0/0
+            self.line(f"if {self.index_code(r.size)} == 0:")
+            self.line(f"    {acc} = F(math.nan)")
         if isinstance(r, LogSumExp):
             if r in self.exp_store:
                 self.line(f"{self.exp_store[r][1]} = F(1.0) + {acc}")

@@ -12,8 +12,9 @@ while the chain rule over a reduction's result (``derive``) keeps gradients smal
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "sqexp", "addexp", "Max2", "Min2", "log1p", "expm1",
-           "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "sqexp", "addexp", "Max2", "Min2", "log1p",
+           "expm1",
+           "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
            "substitute", "naive", "expand", "Select", "mul0"]
 
 
@@ -290,6 +291,15 @@ class Sum(Reduce):
             outside = [f for f in body.args if k not in f.free_symbols]
             if outside:
                 return sp.Mul(*outside) * cls(k, size, sp.Mul(*[f for f in body.args if k in f.free_symbols]), cond)
+        return None
+
+
+class ScaledSum(Sum):
+    """Σ_k b(k)/K, a mean over K with the division kept inside the loop (Sum pulls it out): Σ b
+    overflows where Σ b/K does not. Over nothing it is NaN (0/0), as the mean is."""
+
+    @classmethod
+    def eval(cls, k, size, body, cond):
         return None
 
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid, softplus,
-                         sqexp, substitute, xdivy, xexp, xlogy)
+from .primitives import (LogSumExp, Norm, Reduce, ScaledSum, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid,
+                         softplus, sqexp, substitute, xdivy, xexp, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -180,6 +180,23 @@ def _into_piecewise(node):
     return None
 
 
+def _scale_into_sum(node):
+    # Σ_k b(k)/K -> Σ_k b(k)/K with the division inside the loop (a mean over K): the sum
+    # overflows where the scaled sum does not (mean of K logits at 1.8e308)
+    if not node.is_Mul:
+        return None
+    for r in node.args:
+        if type(r) is not Sum:
+            continue
+        # (not a number: sympy would distribute it over the terms of the body, undoing expm1 and
+        # the like)
+        scale = [f for f in node.args if f.is_Pow and f.exp == -1 and f.base == r.size]
+        if scale:
+            rest = [f for f in node.args if f is not r and f not in scale]
+            return sp.Mul(ScaledSum(r.index, r.size, sp.Mul(*scale) * r.body, r.cond), *rest)
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -245,9 +262,9 @@ NODE_RULES = (
          sp.log(1 - sigmoid(x)), -softplus(x), (40.0,)),
     Rule("one_minus_sigmoid", "1 - σ(x) = σ(-x); the subtraction cancels to 0 for x > 37",
          1 - sigmoid(x), sigmoid(-x), (40.0,), _one_minus_sigmoid),
-    Rule("one_minus_mixed_sigmoid", "1 - y·σ(x) - (1-y)·σ(-x) = y·σ(-x) + (1-y)·σ(x) (1 - p_t of a soft label); "
-                                    "the subtraction cancels to 0 when the weights round: 0 vs 1e-20 at x = -800, "
-                                    "y = 1e-20",
+    Rule("one_minus_mixed_sigmoid", "1 - y·σ(x) - (1-y)·σ(-x) = y·σ(-x) + (1-y)·σ(x) (1 - p_t of a soft "
+                                    "label); the subtraction cancels to 0 when the weights round: 0 vs 1e-20 at "
+                                    "x = -800, y = 1e-20",
          1 - y * sigmoid(x) - (1 - y) * sigmoid(-x), y * sigmoid(-x) + (1 - y) * sigmoid(x), (-800.0, 1e-20),
          _one_minus_mixed_sigmoid),
     Rule("softplus", "log(1 + e^x) = softplus(x); e^x overflows for x > 709",
@@ -274,6 +291,8 @@ NODE_RULES = (
     Rule("into_piecewise", "c·(a if cond else b) = (c·a if cond else c·b) where c cancels in a branch: "
                            "(y·(x - y/2))/y overflows at the product for x = 1e308, y = 4 (inf vs 1e308)",
          None, None, (), _into_piecewise),
+    Rule("scale_into_sum", "(Σ_k b_k)/K = Σ_k b_k/K (a mean): the sum overflows first (the mean of "
+                           "[1e308, 1e308] is inf, not 1e308)", None, None, (), _scale_into_sum),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

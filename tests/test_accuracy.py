@@ -158,10 +158,6 @@ KNOWN = {
                                      "(max - z_y)); z: a NaN logit is dropped from the gradient (0 vs NaN)",
     ("multiclass_hinge", "float32"): "measured: value p99 30 (adversarial, equal -1e30 logits: 0 vs 1); z p99 32 "
                                      "(bits/adversarial: NaN logit dropped, 0 vs NaN)",
-    ("multilabel_bce", "float64"): "measured: value 1 inf where finite (adversarial): sum over k overflows before "
-                                   "the division by K (z = 1.8e308 for all k: inf vs 1.8e308)",
-    ("multilabel_bce", "float32"): "measured: value 1 inf where finite (adversarial, z = 3.4e38: inf vs 1.65e38): "
-                                   "the sum overflows before the division by K",
     ("ntxent", "float64"): "audit: batch losses (ntxent: indexed locals s, u and their adjoints) are not "
                            "handled by the exact evaluator yet; audit() raises LossError",
     ("ntxent", "float32"): "audit: batch losses are not handled by the exact evaluator yet",

@@ -51,6 +51,8 @@ CASES = {
     "xlogy": ("loss = t * log(t) + x", [0.5, 0.0], lambda v, t: v, lambda v, t: t * np.log(t) + v),
     "logsumexp": ("loss = log(sum[k] exp(z[k]))", [np.array([1000.0, 1000.0])],
                   lambda v: 1000 + M.log(2), lambda v: np.log(np.sum(np.exp(v)))),
+    "scale_into_sum": ("loss = mean[k] z[k]", [np.array([1e308, 1e308])], lambda v: M.mpf(1e308),
+                       lambda v: np.sum(v) / len(v)),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
     "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
                  lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
