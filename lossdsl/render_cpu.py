@@ -134,6 +134,17 @@ def _xexp(x, s):
 
 
 @HELPER
+def _xexpm1(x, s):
+    # x·expm1(s); where expm1(s) alone overflows, x·e^s - x with e^s in halves
+    if x == 0 and s == s:
+        return F(0.0)
+    e = math.expm1(s)
+    if e == F(math.inf) and s < F(math.inf) and x == x:
+        return _xexp(x, s) - x
+    return x * e
+
+
+@HELPER
 def _sqexp(x, s):
     # x²·e^s as (x·e^(s/2))²: x² and e^s would overflow or underflow separately (0·inf)
     t = _xexp(x, s * F(0.5))

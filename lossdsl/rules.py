@@ -15,7 +15,7 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (LogSumExp, Norm, Reduce, ScaledSum, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid,
-                         softplus, sqexp, substitute, xdivy, xexp, xlogy)
+                         softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -197,6 +197,19 @@ def _scale_into_sum(node):
     return None
 
 
+def _scaled_expm1(node):
+    # c·expm1(s) -> xexpm1(c, s): expm1 overflows at s = 709.79 where c·(e^s - 1) with c < 1 does not
+    if not node.is_Mul:
+        return None
+    ms = [f for f in node.args if isinstance(f, expm1)]
+    if len(ms) != 1:
+        return None
+    rest = sp.Mul(*[f for f in node.args if f is not ms[0]])
+    if rest in (sp.S.One, sp.S.NegativeOne):
+        return None
+    return xexpm1(rest, ms[0].args[0])
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -293,6 +306,9 @@ NODE_RULES = (
          None, None, (), _into_piecewise),
     Rule("scale_into_sum", "(Σ_k b_k)/K = Σ_k b_k/K (a mean): the sum overflows first (the mean of "
                            "[1e308, 1e308] is inf, not 1e308)", None, None, (), _scale_into_sum),
+    Rule("scaled_expm1", "y·expm1(x) = xexpm1(y, x): expm1 overflows at x = 709.79 where the product with "
+                         "y < 1 does not (inf vs 9.05e307 for y = 1/2)",
+         y * expm1(x), xexpm1(y, x), (709.79, 0.5), _scaled_expm1),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

@@ -45,6 +45,7 @@ CASES = {
                            lambda v: 1 / (1 + np.exp(-v))),
     "one_minus_exp": ("loss = 1 - exp(x)", [1e-17], lambda v: -M.expm1(v), lambda v: 1 - np.exp(v)),
     "sqexp": ("loss = x^2 * exp(t)", [1e-200, 700.0], lambda v, t: v * v * M.exp(t), lambda v, t: v * v * np.exp(t)),
+    "scaled_expm1": ("loss = 0.5 * expm1(x)", [709.79], lambda v: M.expm1(v) / 2, lambda v: 0.5 * np.expm1(v)),
     "log1p": ("loss = log(1 + x)", [1e-17], lambda v: M.log1p(v), lambda v: np.log(1 + v)),
     "expm1": ("loss = exp(x) - 1", [1e-17], lambda v: M.expm1(v), lambda v: np.exp(v) - 1),
     "logcosh": ("loss = log(cosh(x))", [1000.0], lambda v: M.log(M.cosh(v)), lambda v: np.log(np.cosh(v))),
