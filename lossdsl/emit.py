@@ -15,13 +15,13 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
-                         expm1, log1p, logcosh, mul0, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
+                         expm1, fsum, log1p, logcosh, mul0, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
 
 # sympy function -> helper or math function in the generated module
 CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
-         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
+         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
          addexp: "_addexp",
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 

@@ -15,7 +15,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0"]
+           "substitute", "naive", "expand", "Select", "mul0", "fsum"]
 
 
 def _power(text, exp):
@@ -188,6 +188,20 @@ class addexp(_Elementwise):
 
     def naive(self):
         return self.args[0] + self.args[1]
+
+
+class fsum(_Elementwise):
+    """a + b + c computed with the rounding errors of its additions added back (TwoSum): margin -
+    z_y + max z cancels in some order whatever the order (1 + (-1e30) + 1e30 is 0 left to right,
+    2.2e-308 - 1 + 1 is 0 right to left)."""
+    nargs = 3
+    latex_name = "fsum"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One
+
+    def naive(self):
+        return sp.Add(*self.args)
 
 
 class mul0(_Elementwise):

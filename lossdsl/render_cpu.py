@@ -161,6 +161,18 @@ def _addexp(a, b):
 
 
 @HELPER
+def _fsum3(a, b, c):
+    # a + b + c with the errors of both additions (TwoSum) added back: any two may cancel
+    s = a + b
+    bs = s - a
+    e = (a - (s - bs)) + (b - bs)
+    t = s + c
+    ct = t - s
+    e += (s - (t - ct)) + (c - ct)
+    return t + e if abs(t) < F(math.inf) and abs(s) < F(math.inf) else a + b + c
+
+
+@HELPER
 def _xdivy(x, y):
     if x == 0 and y == y:
         return F(0.0)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, ScaledSum, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid,
+from .primitives import (LogSumExp, Max, Min, fsum, Norm, Reduce, ScaledSum, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid,
                          softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
@@ -210,6 +210,22 @@ def _scaled_expm1(node):
     return xexpm1(rest, ms[0].args[0])
 
 
+def _fsum_max(node):
+    # m - c + max_k b(k), c an element of the array b reads -> fsum: the terms cancel in pairs
+    # whatever the order of the additions (equal logits 1e30: 0 vs 1 left to right; z_y = 1,
+    # max = 2.2e-308, m = 1: 0 vs 2.2e-308 right to left)
+    if not node.is_Add or len(node.args) != 3:
+        return None
+    for r in node.args:
+        if not isinstance(r, (Max, Min)):
+            continue
+        arrays = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
+        if any(t is not r and r.index not in t.free_symbols and not t.has(Reduce)
+               and any(a.func in arrays for a in t.atoms(sp.core.function.AppliedUndef)) for t in node.args):
+            return fsum(*node.args)
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -309,6 +325,9 @@ NODE_RULES = (
     Rule("scaled_expm1", "y·expm1(x) = xexpm1(y, x): expm1 overflows at x = 709.79 where the product with "
                          "y < 1 does not (inf vs 9.05e307 for y = 1/2)",
          y * expm1(x), xexpm1(y, x), (709.79, 0.5), _scaled_expm1),
+    Rule("fsum_max", "m - c + max_k b_k, c an element of the same array, summed with TwoSum: two of the terms "
+                     "cancel in any order of additions (equal logits 1e30: 0 vs 1 for m = 1)",
+         None, None, (), _fsum_max),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

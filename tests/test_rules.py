@@ -119,7 +119,7 @@ def test_rule_fires_on_its_template(rule):
 
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
-                           "into_piecewise"}
+                           "into_piecewise", "fsum_max"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -259,3 +259,15 @@ def test_into_piecewise_cancels_the_scale_of_a_branch():
     np.testing.assert_array_equal(g, [1.0, -1.0, 0.125])
     with np.errstate(all="ignore"):
         assert np.isinf(4.0 * (1e308 - 2.0) / 4.0)
+
+
+def test_fsum_max_cancels_in_any_order():
+    # m - z_y + max_{j != y} z_j: at equal logits 1e30 left to right is (1 - 1e30) + 1e30 = 0 (truth 1);
+    # at z_y = 1, max = 2.2e-308 right to left is 1 + (2.2e-308 - 1) = 0 (truth 2.2e-308)
+    f = lossdsl.compile("loss w\n  input z[K]\n  target y : class(K)\n  param m = 1 : nonnegative\n"
+                        "  loss = m - z[y] + max[j != y] z[j]\n")["w"]
+    assert "fsum_max" in f.rules
+    z = np.array([[1e30, 1e30, 1e30], [1.0, -45.0, 2.2250738585072014e-308]])
+    v = f(z, np.array([0, 0]), reduction="none")
+    np.testing.assert_array_equal(v, [1.0, 2.2250738585072014e-308])
+    assert (1.0 - 1e30) + 1e30 == 0.0 and 1.0 + (2.2250738585072014e-308 - 1.0) == 0.0
