@@ -86,7 +86,10 @@ class Emitter:
             return self.pow_code(e.base, e.exp)
         if isinstance(e, sp.Piecewise):
             text = self.code(e.args[-1].expr)
-            for ex, c in reversed(e.args[:-1]):
+            for i, (ex, c) in reversed(list(enumerate(e.args[:-1]))):
+                if i == len(e.args) - 2 and e.args[-1].expr.is_number and _float_inequality(c):
+                    # [a > b]·A at a NaN a or b is NaN, not 0: the comparison is neither true nor false
+                    text = f"({text} if {self.code(c.negated)} else F(math.nan))"
                 text = f"({self.code(ex)} if {self.code(c)} else {text})"
             return text
         if isinstance(e, KroneckerDelta):
@@ -288,6 +291,10 @@ class Emitter:
             self.line(f"{self.names[sym]} = {self.code(e)}")
         for (var, _), e in zip(plain, reduced):
             self.line(f"{var} = {self.code(e)}")
+
+
+def _float_inequality(c):
+    return isinstance(c, (sp.Lt, sp.Le, sp.Gt, sp.Ge)) and not (c.lhs.is_integer and c.rhs.is_integer)
 
 
 class _Temps:

@@ -153,11 +153,10 @@ KNOWN = {
                            "to 1 (0 vs 1.6e-19); +inf logits give NaN",
     ("kl_div", "float32"): "measured: z p99 20.6 (bits), 8 NaN where finite (adversarial), value mean 4.65 "
                            "(adversarial): same causes as float64",
-    ("multiclass_hinge", "float64"): "measured: z p99 64 (adversarial): a NaN logit is dropped from the gradient "
-                                     "(0 vs NaN: [value > 0] is false at a NaN value). The value is fixed (fsum_max: "
-                                     "adversarial mean 6.07 p99 62 -> within bounds)",
-    ("multiclass_hinge", "float32"): "measured: z p99 32 (bits/adversarial: NaN logit dropped, 0 vs NaN); the value "
-                                     "is fixed (p99 30 -> within bounds)",
+    ("multiclass_hinge", "float32"): "measured: z 4 NaN where finite (adversarial, z = [inf, inf, inf, inf]: NaN vs "
+                                     "-1): max - z_y is inf - inf where the sign of the margin is known in the limit. "
+                                     "Fixed: the value (fsum_max: p99 30 -> within bounds), a NaN logit kept in the "
+                                     "gradient (0 vs NaN before)",
     ("ntxent", "float64"): "audit: batch losses (ntxent: indexed locals s, u and their adjoints) are not "
                            "handled by the exact evaluator yet; audit() raises LossError",
     ("ntxent", "float32"): "audit: batch losses are not handled by the exact evaluator yet",

@@ -271,3 +271,11 @@ def test_fsum_max_cancels_in_any_order():
     v = f(z, np.array([0, 0]), reduction="none")
     np.testing.assert_array_equal(v, [1.0, 2.2250738585072014e-308])
     assert (1.0 - 1e30) + 1e30 == 0.0 and 1.0 + (2.2250738585072014e-308 - 1.0) == 0.0
+
+
+def test_indicator_of_a_nan_comparison_is_nan():
+    # d/dx max(0, 1 - x) is -[1 - x > 0]: at x = NaN the comparison is neither true nor false, and the
+    # gradient is NaN (NaN in, NaN out), not the else branch 0 (a NaN logit dropped from a hinge gradient)
+    f = lossdsl.compile("loss w\n  input x\n  loss = max(0, 1 - x)\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([np.nan, 2.0, 0.5, 1.0]), reduction="none")
+    assert np.isnan(g[0]) and list(g[1:]) == [0.0, -1.0, 0.0]
