@@ -226,6 +226,42 @@ def _fsum_max(node):
     return None
 
 
+def _merge_sums(node):
+    # c·Σ_k a(k) - d·Σ_k b(k) -> Σ_k (c·a(k) - d·b(k)) over the same range: the terms cancel
+    # element by element (‖a - p‖² - ‖a - n‖² of a triplet loss is inf - inf where each sum overflows)
+    if not node.is_Add:
+        return None
+    sums = []
+    for t in node.args:
+        c, r = t.as_coeff_Mul()
+        if type(r) is Sum:
+            sums.append((t, c, r))
+    for i, (t1, c1, r1) in enumerate(sums):
+        for t2, c2, r2 in sums[i + 1:]:
+            if (c1 > 0) == (c2 > 0) or r1.size != r2.size:
+                continue
+            b2 = substitute(r2.body, {r2.index: r1.index})
+            if substitute(r2.cond, {r2.index: r1.index}) != r1.cond:
+                continue
+            rest = [a for a in node.args if a is not t1 and a is not t2]
+            return sp.Add(Sum(r1.index, r1.size, c1 * r1.body + c2 * b2, r1.cond), *rest)
+    return None
+
+
+def _difference_of_squares(node):
+    # x² - y² -> (x - y)(x + y): no cancellation when x ≈ y, no overflow where x² alone overflows
+    if not node.is_Add:
+        return None
+    sq = [(t, t.as_coeff_Mul()) for t in node.args]
+    sq = [(t, c, r.base) for t, (c, r) in sq if r.is_Pow and r.exp == 2 and not r.base.is_number and c in (1, -1)]
+    for t1, c1, x_ in sq:
+        for t2, c2, y_ in sq:
+            if c1 == 1 and c2 == -1:
+                rest = [a for a in node.args if a is not t1 and a is not t2]
+                return sp.Add(sp.Mul(x_ - y_, x_ + y_), *rest)
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -328,6 +364,11 @@ NODE_RULES = (
     Rule("fsum_max", "m - c + max_k b_k, c an element of the same array, summed with TwoSum: two of the terms "
                      "cancel in any order of additions (equal logits 1e30: 0 vs 1 for m = 1)",
          None, None, (), _fsum_max),
+    Rule("merge_sums", "Σ_k a_k - Σ_k b_k = Σ_k (a_k - b_k): the sums overflow (inf - inf) or cancel where the "
+                       "terms do not", None, None, (), _merge_sums),
+    Rule("difference_of_squares", "x² - y² = (x - y)(x + y): x² overflows at x = 1.5e154 (inf vs 1.25e308 for "
+                                  "y = 1e154), and cancels for x ≈ y",
+         x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",
