@@ -262,6 +262,28 @@ def _difference_of_squares(node):
     return None
 
 
+def _norm_times_unit(node):
+    # ‖b‖·xdivy(a, ‖b‖) -> a (the gradient of ‖b‖²): a/‖b‖ underflows to 0 for a small coordinate next
+    # to a huge one (3e-28 vs 0) before the product restores it; at b = 0 both are 0
+    if not node.is_Mul:
+        return None
+    for f in node.args:
+        if not (isinstance(f, xdivy) and isinstance(f.args[1], Norm)):
+            continue
+        r = f.args[1]
+        rest = list(node.args)
+        rest.remove(f)
+        if r in rest:
+            rest.remove(r)
+            return sp.Mul(f.args[0], *rest)
+        for pw in rest:
+            # (c·‖b‖ if cond else d)·xdivy(a, ‖b‖): into the branches, where the norm cancels in one
+            if isinstance(pw, sp.Piecewise) and any(r in sp.Mul.make_args(ex) for ex, _ in pw.args):
+                others = sp.Mul(*[g for g in rest if g is not pw])
+                return others * sp.Piecewise(*[(ex * f, c) for ex, c in pw.args])
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -369,6 +391,8 @@ NODE_RULES = (
     Rule("difference_of_squares", "x² - y² = (x - y)(x + y): x² overflows at x = 1.5e154 (inf vs 1.25e308 for "
                                   "y = 1e154), and cancels for x ≈ y",
          x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
+    Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
+                            "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

@@ -123,7 +123,7 @@ def test_rule_fires_on_its_template(rule):
 
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
-                           "into_piecewise", "fsum_max"}
+                           "into_piecewise", "fsum_max", "norm_times_unit"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -283,3 +283,12 @@ def test_indicator_of_a_nan_comparison_is_nan():
     f = lossdsl.compile("loss w\n  input x\n  loss = max(0, 1 - x)\n")["w"]
     _, (g,) = f.value_and_grad(np.array([np.nan, 2.0, 0.5, 1.0]), reduction="none")
     assert np.isnan(g[0]) and list(g[1:]) == [0.0, -1.0, 0.0]
+
+
+def test_norm_times_unit_keeps_small_coordinates():
+    # d ‖z‖²/dz_j = 2‖z‖·(z_j/‖z‖): z_j/‖z‖ underflows to 0 for z = [1e300, 1e-300]; 2z_j does not
+    f = lossdsl.compile("loss w\n  input z[K]\n  loss = (norm[k] z[k])^2\n")["w"]
+    assert "norm_times_unit" in f.rules
+    _, (g,) = f.value_and_grad(np.array([[1e100, 1e-300], [0.0, 0.0]]), reduction="none")
+    np.testing.assert_array_equal(g, [[2e100, 2e-300], [0.0, 0.0]])
+    assert 2 * 1e100 * (1e-300 / 1e100) == 0.0
