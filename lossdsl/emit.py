@@ -251,7 +251,8 @@ class Emitter:
             self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
 
     def store_exp(self, r, b, kvar, peak):
-        self.line(f"{self.element_code(self.exp_store[r][0], kvar)} = _exp({b} - {peak[r]})")
+        # the softmax numerators of the gradient: e^(b - m) with the rounding error of b - m put back
+        self.line(f"{self.element_code(self.exp_store[r][0], kvar)} = _expdiff({b}, {peak[r]})")
 
     def finish(self, r, acc, peak):
         if isinstance(r, ScaledSum):

@@ -120,6 +120,17 @@ def _mul0(a, b):
 
 
 @HELPER
+def _expdiff(b, m):
+    # e^(b - m) as e^d·(1 + lo), d + lo = b - m exactly (TwoSum): the rounding of d alone costs
+    # |d|·ulp/2, 5 bits of the softmax at d = -70
+    d = b - m
+    bd = d - b
+    lo = (b - (d - bd)) - (m + bd)
+    e = _exp(d)
+    return e + e * lo if abs(d) < F(math.inf) else e
+
+
+@HELPER
 def _xexp(x, s):
     # x·e^s; where e^s alone overflows or loses precision (subnormal), (x·e^(s/2))·e^(s/2)
     if x == 0 and s == s:
