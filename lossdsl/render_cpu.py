@@ -19,7 +19,7 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .emit import Emitter
-from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, substitute
+from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, mul0, substitute
 
 EXP32 = '''
 @intrinsic
@@ -414,8 +414,34 @@ def _reuse_softmax(g, j, size, grad, em, fn_array):
             em.last_terms.add(rest_sym)
             em.exp_store[r] = (grad, total, rest)
             at_arg = IsArg(r, j)
-            softmax = at_arg + Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
-            return g.xreplace({pattern: softmax})
+            small = Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
+            # a product A·softmax is A·[j = arg] + A·small, the small part added last (KL's
+            # Σp·softmax_j - p_j at the argmax of a one-hot p: A·(1 - 1e-9) rounds to A in float32)
+            g = g.replace(lambda e: isinstance(e, mul0) and e.args[0] == pattern,
+                          lambda e: mul0(at_arg, e.args[1]) + mul0(small, e.args[1]))
+            return _sum_but_own(g.xreplace({pattern: at_arg + small}), r, j)
+    return g
+
+
+def _sum_but_own(g, r, j):
+    """c·Σ_k b(k)·[j = arg] - c·b(j) is c·Σ_{k != arg} b(k) at the argmax: Σ_k p_k - p_arg of KL's
+    gradient is 0 where Σ p rounds to p_arg = 1, not the 1e-40 of the other p."""
+    if not g.is_Add:
+        return g
+    at_arg = IsArg(r, j)
+    for t1 in g.args:
+        if not (isinstance(t1, mul0) and t1.args[0] == at_arg):
+            continue
+        c, total = t1.args[1].as_coeff_Mul()
+        if type(total) is not Sum or total.cond is not sp.true:
+            continue
+        own = -c * substitute(total.body, {total.index: j})
+        for t2 in g.args:
+            if t2 is not t1 and t2 in (own, sp.piecewise_fold(own)):
+                k = total.index
+                others = Sum(k, total.size, total.body, sp.Eq(IsArg(r, k), 0))
+                rest = [a for a in g.args if a is not t1 and a is not t2]
+                return sp.Add(Select(c * others, t2, sp.Eq(at_arg, 1)), *rest)
     return g
 
 

@@ -305,3 +305,22 @@ def test_softmax_numerator_keeps_the_rounding_of_its_exponent():
     assert close(float(g[0, 0]), want, ulps=2)
     textbook = np.exp(z[0, 0] - z.max()) / np.exp(z - z.max()).sum()
     assert not close(textbook, want, ulps=16)
+
+
+def test_kl_gradient_at_the_argmax_of_a_one_hot_target():
+    # Σp·softmax_j - p_j at the argmax: Σp rounds to p_j = 1 and softmax_j to 1, so the textbook
+    # product gives 0; the kernel adds Σ_{k != arg} p_k and -Σp·rest/Σ instead
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("kl_div")
+    cases = [(np.array([3.65130722e-259, -1.45203076e-179, 3.27197307e+293, -1.99356968e-151]),
+              np.array([2.39943132e-180, 1.64316642e-186, 1.0, 1.59541967e-019]), 2, np.float64),
+             (np.array([42.64471, -34.291866, 20.58441, -40.33768]), np.array([1.0, 1e-45, 1e-45, 1e-45]), 0,
+              np.float32)]
+    for z, p, j, dt in cases:
+        z, p = z.astype(dt), p.astype(dt)
+        _, (g,) = f.value_and_grad(z[None, :], p[None, :], reduction="none")
+        truth = evaluate(f.gradient("z"), {"z": z.astype(np.float64), "p": p.astype(np.float64), "K": 4},
+                         np.dtype(dt).name, index={f.gradient_index("z")[0].name: j})
+        assert truth != 0 and abs(float(g[0, j]) - truth) <= 4 * np.spacing(dt(abs(truth))), (g[0, j], truth)
+        q = np.exp(z.astype(np.float64) - z.max()) / np.exp(z.astype(np.float64) - z.max()).sum()
+        assert dt(dt(p.sum()) * dt(q[j])) - p[j] == 0
