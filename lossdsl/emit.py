@@ -39,6 +39,7 @@ class Emitter:
         self.exp_store = {}                 # LogSumExp -> (buffer, sum variable): keep e^(b-m) per k
         self.last_terms = set()             # symbols added last in a sum (the log1p part of a logsumexp)
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
+        self.peaks = {}                     # max shift m of a logsumexp -> the arrays of its body
         self.loop_vars = {}                 # index Symbol -> loop variable name
         self.counter = itertools.count()
 
@@ -70,7 +71,16 @@ class Emitter:
             if len(coeffs) == 1 and (c := coeffs.pop()) != 1 and c.is_Rational and c != 0:
                 return f"({self.code(c)}*{self.code(sp.Add(*[a / c for a in e.args]))})"
             last = [a for a in e.args if a.free_symbols & self.last_terms]
-            parts = [self.code(a) for a in e.args if a not in last] + [self.code(a) for a in last]
+            args = list(e.args)
+            shift = next(((a, b) for a in args if -a in self.peaks for b in args
+                          if isinstance(b, sp.core.function.AppliedUndef) and b.func in self.peaks[-a]), None)
+            pair = []
+            if shift:
+                # b - m, m the max of the b: 0 where b is the max, even an infinite one (inf - inf)
+                args.remove(shift[0])
+                args.remove(shift[1])
+                pair = [f"_subpeak({self.code(shift[1])}, {self.code(-shift[0])})"]
+            parts = pair + [self.code(a) for a in args if a not in last] + [self.code(a) for a in last if a in args]
             return "(" + " + ".join(parts) + ")"
         if e.is_Mul:
             num = [a for a in e.args if not (a.is_Pow and a.exp.is_negative and a.exp.is_number)]
@@ -196,6 +206,7 @@ class Emitter:
                 # keeps l = 1e-17 where m + l would round it away
                 top = sp.Symbol("_" + peak[r], real=True)
                 self.names[top] = peak[r]
+                self.peaks[top] = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
                 self.last_terms.add(sym)
                 self.known[r] = f"({peak[r]} + {acc[r]})"
                 self.reduction_symbol[r] = top + sym

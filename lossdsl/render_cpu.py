@@ -120,6 +120,12 @@ def _mul0(a, b):
 
 
 @HELPER
+def _subpeak(b, m):
+    # b - m for m the max of the b: 0 at the max itself, also an infinite one (inf - inf is NaN)
+    return F(0.0) if b == m else b - m
+
+
+@HELPER
 def _expdiff(b, m):
     # e^(b - m) as e^d·(1 + lo), d + lo = b - m exactly (TwoSum): the rounding of d alone costs
     # |d|·ulp/2, 5 bits of the softmax at d = -70

@@ -146,12 +146,6 @@ KNOWN = {
                                 "coordinates of float64 (bits sampler fixed: mean 2.06, 3 NaN -> within bounds)",
     ("cross_entropy", "float32"): "measured: value 1 NaN where finite (adversarial, a +inf logit next to "
                                   "3.4e38: inf - inf in the max shift). " + _CE,
-    ("kl_div", "float64"): "measured: value p99 30.6 (adversarial): a +inf logit gives NaN where the value is "
-                           "inf (inf - inf in z - logsumexp). Fixed: the z gradient at the argmax (Σp·softmax - p "
-                           "as Σ_{k != arg} p - Σp·rest/Σ: bits p99 61.8 -> within bounds), lse - z_k and the "
-                           "softmax numerators (value p99 15.5 values -> within bounds)",
-    ("kl_div", "float32"): "measured: value p99 32 (adversarial): +inf logits, as float64 (z p99 20.4 bits and 29.5 "
-                           "adversarial -> within bounds)",
     ("multiclass_hinge", "float32"): "measured: z 4 NaN where finite (adversarial, z = [inf, inf, inf, inf]: NaN vs "
                                      "-1): max - z_y is inf - inf where the sign of the margin is known in the limit. "
                                      "Fixed: the value (fsum_max: p99 30 -> within bounds), a NaN logit kept in the "
@@ -159,10 +153,6 @@ KNOWN = {
     ("ntxent", "float64"): "audit: batch losses (ntxent: indexed locals s, u and their adjoints) are not "
                            "handled by the exact evaluator yet; audit() raises LossError",
     ("ntxent", "float32"): "audit: batch losses are not handled by the exact evaluator yet",
-    ("soft_cross_entropy", "float64"): "measured: value p99 28.1 (adversarial): +inf logits, the cause of kl_div "
-                                       "(z bits p99 61.8 -> within bounds)",
-    ("soft_cross_entropy", "float32"): "measured: value p99 32 (adversarial): +inf logits (z p99 20.4 -> within "
-                                       "bounds)",
     ("triplet", "float64"): "measured: value mean 11.7 bits, 6 NaN/inf where finite (bits); gradients mean 11.5 "
                             "(bits); adversarial mean 12-14 bits, 23-29 NaN gradients where finite. Where the "
                             "per-coordinate terms (n - p)(2a - n - p) themselves overflow, the sign of the margin "

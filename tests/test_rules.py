@@ -324,3 +324,16 @@ def test_kl_gradient_at_the_argmax_of_a_one_hot_target():
         assert truth != 0 and abs(float(g[0, j]) - truth) <= 4 * np.spacing(dt(abs(truth))), (g[0, j], truth)
         q = np.exp(z.astype(np.float64) - z.max()) / np.exp(z.astype(np.float64) - z.max()).sum()
         assert dt(dt(p.sum()) * dt(q[j])) - p[j] == 0
+
+
+def test_max_shift_of_an_infinite_logit_is_zero():
+    # z_k - logsumexp(z) with z_k = +inf: inf - inf = NaN in the textbook form; the max shift z_k - m
+    # is 0 at the max itself, so the KL to softmax([1, inf, 11.8, 0]) is inf (p = 1/4 each), as in the limit
+    f = lossdsl.load("kl_div")
+    z = np.array([[1.0, np.inf, 11.78, 0.0]])
+    p = np.full((1, 4), 0.25)
+    assert f(z, p, reduction="sum") == np.inf
+    g = lossdsl.load("soft_cross_entropy")
+    assert g(z, np.array([[0.0, 1.0, 0.0, 0.0]]), reduction="sum") == 0.0
+    with np.errstate(all="ignore"):
+        assert np.isnan(np.inf - (np.inf + np.log1p(np.exp(1.0 - np.inf))))
