@@ -15,13 +15,15 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
-                         expm1, fsum, log1p, logcosh, mul0, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
+                         expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
+                         xlogy)
 
 # sympy function -> helper or math function in the generated module
 CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
-         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
+         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
+         xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
          addexp: "_addexp",
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
@@ -71,16 +73,7 @@ class Emitter:
             if len(coeffs) == 1 and (c := coeffs.pop()) != 1 and c.is_Rational and c != 0:
                 return f"({self.code(c)}*{self.code(sp.Add(*[a / c for a in e.args]))})"
             last = [a for a in e.args if a.free_symbols & self.last_terms]
-            args = list(e.args)
-            shift = next(((a, b) for a in args if -a in self.peaks for b in args
-                          if isinstance(b, sp.core.function.AppliedUndef) and b.func in self.peaks[-a]), None)
-            pair = []
-            if shift:
-                # b - m, m the max of the b: 0 where b is the max, even an infinite one (inf - inf)
-                args.remove(shift[0])
-                args.remove(shift[1])
-                pair = [f"_subpeak({self.code(shift[1])}, {self.code(-shift[0])})"]
-            parts = pair + [self.code(a) for a in args if a not in last] + [self.code(a) for a in last if a in args]
+            parts = [self.code(a) for a in e.args if a not in last] + [self.code(a) for a in last]
             return "(" + " + ".join(parts) + ")"
         if e.is_Mul:
             num = [a for a in e.args if not (a.is_Pow and a.exp.is_negative and a.exp.is_number)]
@@ -280,10 +273,28 @@ class Emitter:
         elif isinstance(r, Norm):
             self.line(f"{acc} = {peak} * math.sqrt({acc}) if {peak} > 0 and {peak} < math.inf else {peak}")
 
+    def pair_peaks(self, e):
+        """±(b - m) in a sum, m the max shift of a logsumexp over the b: subpeak(b, m), which is 0 at
+        the max itself, even an infinite one (inf - inf is NaN). Before CSE, which would split it."""
+        def pair(add):
+            for sign in (1, -1):
+                for a in add.args:
+                    arrays = self.peaks.get(-sign * a)
+                    if arrays is None:
+                        continue
+                    for b in add.args:
+                        if isinstance(sign * b, sp.core.function.AppliedUndef) and (sign * b).func in arrays:
+                            rest = [t for t in add.args if t is not a and t is not b]
+                            return sp.Add(sign * subpeak(sign * b, -sign * a), *rest)
+            return add
+        if not self.peaks:
+            return e
+        return e.replace(lambda x: x.is_Add, pair)
+
     def assign(self, named):
         """Piecewise blocks first (each branch its own scope), then CSE of the rest."""
         blocks, plain = {}, []
-        named = [(var, expand(_replace_known(e, self.reduction_symbol))) for var, e in named]
+        named = [(var, self.pair_peaks(expand(_replace_known(e, self.reduction_symbol)))) for var, e in named]
         for var, e in named:
             plain.append((var, _lift_piecewise(e, blocks, self)))
         for conds, members in blocks.items():
@@ -330,7 +341,8 @@ def _lift_piecewise(e, blocks, em):
     Indicators and zero guards (a branch that is a number 0) stay inline selects: both sides
     are cheap to compute and CSE may share work with the rest.
     """
-    if isinstance(e, sp.Piecewise) and not any(ex.is_number and ex.is_zero for ex, _ in e.args) \
+    if isinstance(e, sp.Piecewise) and not any((ex.is_number and ex.is_zero) or isinstance(ex, nanflag)
+                                               for ex, _ in e.args) \
             and not all(ex.is_number for ex, _ in e.args):
         conds = tuple(c for _, c in e.args)
         var = em.fresh("pw")

@@ -15,7 +15,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0", "fsum"]
+           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak"]
 
 
 def _power(text, exp):
@@ -202,6 +202,28 @@ class fsum(_Elementwise):
 
     def naive(self):
         return sp.Add(*self.args)
+
+
+class subpeak(_Elementwise):
+    """b - m for m the max of the b (a logsumexp's shift): 0 at the max itself, also at +inf. Made by
+    the emitter only."""
+    nargs = 2
+    latex_name = "subpeak"
+
+    def naive(self):
+        return self.args[0] - self.args[1]
+
+
+class nanflag(_Elementwise):
+    """0, or NaN where x is NaN: a zero weight's guard 0·A = 0 (A = ±inf) keeps a NaN input's NaN."""
+    nargs = 1
+    latex_name = "nanflag"
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def naive(self):
+        return sp.S.Zero
 
 
 class mul0(_Elementwise):

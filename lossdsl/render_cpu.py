@@ -115,6 +115,11 @@ def _xlogy(x, y):
 
 
 @HELPER
+def _nanflag(x):
+    return F(0.0) if x == x else x
+
+
+@HELPER
 def _mul0(a, b):
     return F(0.0) if a == 0 else a * b
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Max, Min, fsum, Norm, Reduce, ScaledSum, Sum, addexp, expm1, log1p, logcosh, mul0, sigmoid,
-                         softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
+from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh, mul0,
+                         nanflag, sigmoid, softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -461,7 +461,9 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
             guard = sp.Eq(sp.Mul(*weights), 0)
             if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
-                return sp.Piecewise((sp.S.Zero, guard), (new, True))
+                # 0·A is 0 for A = ±inf, but NaN for a NaN input (NaN in, NaN out)
+                rest = sp.Mul(*[f for f in new.args if f not in weights])
+                return sp.Piecewise((nanflag(rest), guard), (new, True))
     return new
 
 

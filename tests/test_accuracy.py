@@ -161,10 +161,6 @@ KNOWN = {
     ("triplet", "float32"): "measured: value mean 7.4, 9 non-finite where finite (bits); gradients mean 7.1 (bits); "
                             "adversarial mean 7-7.5 bits, 34-38 NaN gradients: the causes of float64 (before: value "
                             "mean 26.7, 28 NaN)",
-    ("vae_elbo", "float32"): "measured: value p99 13.7 bits (adversarial, one point of 60): a NaN logvar with "
-                             "beta = 0 gives inf (the zero_weights guard 0 if beta == 0 drops the NaN; xhat = inf "
-                             "makes the rest inf) where a NaN input should give NaN. The logvar gradient's "
-                             "beta/2·expm1(logvar), which overflowed before the halving, is fixed (xexpm1)",
 }
 
 

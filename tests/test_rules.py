@@ -337,3 +337,12 @@ def test_max_shift_of_an_infinite_logit_is_zero():
     assert g(z, np.array([[0.0, 1.0, 0.0, 0.0]]), reduction="sum") == 0.0
     with np.errstate(all="ignore"):
         assert np.isnan(np.inf - (np.inf + np.log1p(np.exp(1.0 - np.inf))))
+
+
+def test_zero_weight_keeps_a_nan_input():
+    # b·e^x at b = 0 is 0 for x = inf (the limit; 0·inf is NaN), but NaN for x = NaN (NaN in, NaN out)
+    f = lossdsl.compile("loss w\n  input x\n  param b = 1 : nonnegative\n  loss = b * exp(x)\n")["w"]
+    assert "zero_weights" in f.rules
+    v, (g,) = f.value_and_grad(np.array([np.inf, np.nan, 1.0]), reduction="none", b=0.0)
+    assert v[0] == 0.0 and np.isnan(v[1]) and v[2] == 0.0
+    assert g[0] == 0.0 and g[2] == 0.0
