@@ -15,7 +15,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak"]
+           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus"]
 
 
 def _power(text, exp):
@@ -202,6 +202,22 @@ class fsum(_Elementwise):
 
     def naive(self):
         return sp.Add(*self.args)
+
+
+class lse_minus(_Elementwise):
+    """logsumexp_k b(k) - b(t), kept as one term (sympy would merge b(t) with the other terms of a sum):
+    the emitter forms (m - b(t)) + log1p(...), 0 + 0 at a +inf b(t) that is the max."""
+    nargs = 2
+    latex_name = "lse_minus"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One if argindex == 1 else sp.S.NegativeOne
+
+    def naive(self):
+        return self.args[0] - self.args[1]
+
+    def expanded(self):
+        return self.args[0] - self.args[1]
 
 
 class subpeak(_Elementwise):

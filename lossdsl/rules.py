@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh, mul0,
-                         nanflag, sigmoid, softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
+from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
+                         lse_minus, mul0, nanflag, sigmoid, softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -284,6 +284,27 @@ def _norm_times_unit(node):
     return None
 
 
+def _log_softmax_split(node):
+    # logsumexp_k b(k) + c·b(t) -> lse_minus(logsumexp, b(t)) + (1 + c)·b(t), c ≠ -1: the log-softmax
+    # difference is formed first (0 at a +inf b(t) that is the max, not inf - inf), the rest weighted
+    if not node.is_Add:
+        return None
+    for r in node.args:
+        if not isinstance(r, LogSumExp) or r.cond is not sp.true:
+            continue
+        for t in node.args:
+            parts = [f for f in sp.Mul.make_args(t) if isinstance(f, sp.core.function.AppliedUndef)]
+            if t is r or len(parts) != 1:
+                continue
+            el = parts[0]
+            c = t / el
+            if c.has(el) or not any(substitute(r.body, {r.index: a}) == el for a in el.args):
+                continue
+            rest = [a for a in node.args if a is not r and a is not t]
+            return sp.Add(lse_minus(r, el), sp.expand(c + 1) * el, *rest)
+    return None
+
+
 def _log1p(node):
     # log(1 + a) -> log1p(a), only where the sum literally holds the 1
     if isinstance(node, sp.log) and node.args[0].is_Add and sp.S.One in node.args[0].args:
@@ -393,6 +414,9 @@ NODE_RULES = (
          x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
     Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
                             "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
+    Rule("log_softmax_split", "lse_k b_k + c·b_t = (lse_k b_k - b_t) + (1 + c)·b_t: the log-softmax first "
+                              "(cross-entropy with label smoothing at a +inf target logit: 0, not inf - inf)",
+         None, None, (), _log_softmax_split),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",

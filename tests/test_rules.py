@@ -123,7 +123,8 @@ def test_rule_fires_on_its_template(rule):
 
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
-                           "into_piecewise", "fsum_max", "norm_times_unit"}
+                           "into_piecewise", "fsum_max", "norm_times_unit",
+                           "log_softmax_split"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -346,3 +347,15 @@ def test_zero_weight_keeps_a_nan_input():
     v, (g,) = f.value_and_grad(np.array([np.inf, np.nan, 1.0]), reduction="none", b=0.0)
     assert v[0] == 0.0 and np.isnan(v[1]) and v[2] == 0.0
     assert g[0] == 0.0 and g[2] == 0.0
+
+
+def test_log_softmax_split_at_an_infinite_target_logit():
+    # cross_entropy = -(1 - ls)·z_y - ls·mean z + lse: at z_y = +inf (the max) the textbook sum is
+    # -inf + inf = NaN; with lse - z_y formed first it is 0 (ls = 0), as in the limit
+    f = lossdsl.load("cross_entropy")
+    assert "log_softmax_split" in f.rules
+    z = np.array([[1.0, np.inf, -3.0], [1.0, 2.0, -np.inf]])
+    v = f(z, np.array([1, 1]), reduction="none")
+    assert v[0] == 0.0 and close(float(v[1]), float(np.log1p(np.exp(-1.0))))
+    with np.errstate(all="ignore"):
+        assert np.isnan(-np.inf + (np.inf + np.log1p(0.0)))
