@@ -114,7 +114,8 @@ class xdivy(_Elementwise):
         # where the quotient is defined as 0 (y = 0, so x = 0: a zero vector over its norm),
         # its gradient is defined as 0 too
         x, y = self.args
-        return sp.Piecewise((0, sp.Eq(y, 0)), (1 / y, True)) if argindex == 1 else -xdivy(x, y**2)
+        # d/dy is -(x/y)/y, not -x/y²: y² overflows for |y| > 1e154 where (x/y)/y does not
+        return sp.Piecewise((0, sp.Eq(y, 0)), (1 / y, True)) if argindex == 1 else -xdivy(xdivy(x, y), y)
 
     def naive(self):
         return self.args[0] / self.args[1]

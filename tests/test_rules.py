@@ -359,3 +359,16 @@ def test_log_softmax_split_at_an_infinite_target_logit():
     assert v[0] == 0.0 and close(float(v[1]), float(np.log1p(np.exp(-1.0))))
     with np.errstate(all="ignore"):
         assert np.isnan(-np.inf + (np.inf + np.log1p(0.0)))
+
+
+def test_xdivy_derivative_does_not_square_the_denominator():
+    # d/dz_j Σz/‖z‖ = 1/‖z‖ - (Σz)·z_j/‖z‖³: with the derivative of x/y written -x/y², ‖z‖² overflows at
+    # z = [1e200, 3e200] and the second term vanishes (3.2e-201 vs 1.9e-201); -(x/y)/y keeps it
+    f = lossdsl.compile("loss w\n  input z[K]\n  loss = sum[k] z[k] / norm[e] z[e]\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([[1e200, 3e200]]), reduction="sum")
+    want = [truth(lambda a, b: 1 / M.sqrt(a * a + b * b) - (a + b) * c / M.sqrt(a * a + b * b) ** 3, 1e200, 3e200)
+            for c in (M.mpf(1e200), M.mpf(3e200))]
+    assert close(float(g[0, 0]), want[0], ulps=16) and close(float(g[0, 1]), want[1], ulps=16)
+    with np.errstate(all="ignore"):
+        a, b = np.float64(1e200), np.float64(3e200)
+        assert (a + b) / (a * a + b * b) == 0.0
