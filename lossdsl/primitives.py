@@ -194,7 +194,8 @@ class addexp(_Elementwise):
 class fsum(_Elementwise):
     """a + b + c computed with the rounding errors of its additions added back (TwoSum): margin -
     z_y + max z cancels in some order whatever the order (1 + (-1e30) + 1e30 is 0 left to right,
-    2.2e-308 - 1 + 1 is 0 right to left)."""
+    2.2e-308 - 1 + 1 is 0 right to left). Made by the rule fsum_max as fsum(m, -z_y, max z): an
+    infinite z_y equal to the max cancels (0, as the max shift of a logsumexp does)."""
     nargs = 3
     latex_name = "fsum"
 

@@ -184,7 +184,10 @@ def _addexp(a, b):
 
 @HELPER
 def _fsum3(a, b, c):
-    # a + b + c with the errors of both additions (TwoSum) added back: any two may cancel
+    # a + b + c with the errors of both additions (TwoSum) added back: any two may cancel. b and c
+    # are an element and a max over its array (-z_y, max z): equal infinities there cancel to 0
+    if b == -c and abs(c) == F(math.inf):
+        return a
     s = a + b
     bs = s - a
     e = (a - (s - bs)) + (b - bs)

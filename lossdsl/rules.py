@@ -220,9 +220,11 @@ def _fsum_max(node):
         if not isinstance(r, (Max, Min)):
             continue
         arrays = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
-        if any(t is not r and r.index not in t.free_symbols and not t.has(Reduce)
-               and any(a.func in arrays for a in t.atoms(sp.core.function.AppliedUndef)) for t in node.args):
-            return fsum(*node.args)
+        for t in node.args:
+            if t is not r and r.index not in t.free_symbols and not t.has(Reduce) \
+                    and any(a.func in arrays for a in t.atoms(sp.core.function.AppliedUndef)):
+                # fsum(m, -c, max): the last two are the element and the max it is compared with
+                return fsum(next(a for a in node.args if a is not r and a is not t), t, r)
     return None
 
 

@@ -149,10 +149,6 @@ KNOWN = {
     ("cross_entropy", "float32"): "measured: value p99 32 (adversarial, 2 points of 60): with label smoothing, a "
                                   "+inf logit that is not the target gives ls·z_y - ls·mean(z) + (lse - z_y) = "
                                   "-inf + inf where the limit is inf. " + _CE,
-    ("multiclass_hinge", "float32"): "measured: z 4 NaN where finite (adversarial, z = [inf, inf, inf, inf]: NaN vs "
-                                     "-1): max - z_y is inf - inf where the sign of the margin is known in the limit. "
-                                     "Fixed: the value (fsum_max: p99 30 -> within bounds), a NaN logit kept in the "
-                                     "gradient (0 vs NaN before)",
     ("ntxent", "float64"): "measured (4 batches of 4 rows): z mean 13.5 p99 61.8 (bits), mean 1.35 (values), "
                            "adversarial p99 28.5: the gradient d_u/‖z‖ - (Σ d_u·z/‖z‖²)·z/‖z‖ (the projection "
                            "of the unit vector's adjoint) cancels, and loses small coordinates next to huge ones. "

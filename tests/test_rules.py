@@ -276,6 +276,9 @@ def test_fsum_max_cancels_in_any_order():
     v = f(z, np.array([0, 0]), reduction="none")
     np.testing.assert_array_equal(v, [1.0, 2.2250738585072014e-308])
     assert (1.0 - 1e30) + 1e30 == 0.0 and 1.0 + (2.2250738585072014e-308 - 1.0) == 0.0
+    # equal infinite logits: max - z_y is 0 (as a logsumexp's max shift), not inf - inf
+    v, (g,) = f.value_and_grad(np.array([[np.inf, np.inf, np.inf]]), np.array([0]), reduction="none")
+    assert v[0] == 1.0 and list(g[0]) == [-1.0, 1.0, 0.0]
 
 
 def test_indicator_of_a_nan_comparison_is_nan():
