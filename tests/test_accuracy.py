@@ -150,7 +150,7 @@ KNOWN = {
                                   "+inf logit that is not the target gives ls·z_y - ls·mean(z) + (lse - z_y) = "
                                   "-inf + inf where the limit is inf. " + _CE,
     ("ntxent", "float64"): "measured (4 batches of 4 rows): z mean 13.5 p99 61.8 (bits), mean 1.35 (values), "
-                           "adversarial p99 28.5: the gradient d_u/‖z‖ - (Σ d_u·z/‖z‖²)·z/‖z‖ (the projection "
+                           "adversarial p99 28.5: the gradient d_u/‖z‖ - (Σ d_u·(z/‖z‖)/‖z‖)·z/‖z‖ (the projection "
                            "of the unit vector's adjoint) cancels, and loses small coordinates next to huge ones. "
                            "The audit now handles batch losses (their locals and adjoints written out for the "
                            "exact evaluator)",
