@@ -20,14 +20,18 @@ Samplers (each respects the domains of the targets and params):
                    float32's ±88.7 and -103.9), the softplus thresholds, near ties, huge equal
                    logits, -inf masked classes, zero probabilities, labels at 0 and 1.
 """
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import sympy as sp
+from sympy.core.function import AppliedUndef
 
 from .errors import LossError
 from .exact import Evaluator
+from .primitives import Reduce, substitute
 
 SAMPLERS = ("bits", "values", "adversarial")
 _MAXBITS = {"float64": 64, "float32": 32}
@@ -340,18 +344,17 @@ def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLE
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise LossError(f"audit: dtype must be float32 or float64, got {dtype}")
-    if loss._c.definition.batch:
-        raise LossError(f"audit: loss '{loss.name}' couples the samples of a batch "
-                        f"(batch {loss._c.definition.batch}); the audit handles per-sample losses only")
+    batch = bool(loss._c.definition.batch)
     rng = np.random.default_rng(seed)
     axes = sorted({a for d in loss._inputs + loss._targets for a in d.axes}
                   | {d.domain.axis for d in loss._targets if d.domain.axis})
     sizes = {a: size for a in axes}
     sampler = _Sampler(loss, dtype, sizes, rng)
     outputs = ("value",) + loss.inputs
-    evals = {"value": Evaluator(loss.expr)}
+    inline = _inliner(loss._c) if batch else (lambda e: e)
+    evals = {"value": Evaluator(inline(loss.expr))}
     for name in loss.inputs:
-        evals[name] = Evaluator(loss.gradient(name))
+        evals[name] = Evaluator(inline(loss.gradient(name)))
     index_names = {name: [s.name for s in loss.gradient_index(name)] for name in loss.inputs}
     naive_loss = loss.naive() if naive else None
     psets = _param_sets(loss, dtype)
@@ -371,8 +374,9 @@ def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLE
             if not len(sel):
                 continue
             args = [arrays[n][sel] for n in loss.inputs + loss.targets]
-            got = _run(loss, args, params)
-            ngot = _run(naive_loss, args, params) if naive else None
+            run = _run_batches if batch else _run
+            got = run(loss, args, params)
+            ngot = run(naive_loss, args, params) if naive else None
             pvals = {k: float(dtype.type(v)) for k, v in params.items()}
             for j, i in enumerate(sel):
                 point = {n: arrays[n][i] for n in loss.inputs + loss.targets}
@@ -416,6 +420,34 @@ def _run(loss, args, params):
     for name, g in zip(loss.inputs, grads):
         out[name] = np.asarray(g)
     return out
+
+
+def _run_batches(loss, args, params):
+    """A batch loss: each point is one batch, one call (its value is one number)."""
+    runs = [_run(loss, [a[i] for a in args], params) for i in range(len(args[0]))]
+    return {o: np.stack([r[o] for r in runs]) for o in runs[0]}
+
+
+def _inliner(compiled):
+    """Batch losses keep indexed locals (and their adjoints) as arrays computed once: for the exact
+    evaluator, each element is written out as its definition (bound indices renamed apart)."""
+    counter = itertools.count()
+
+    def rename(e):
+        def fresh(r):
+            k = sp.Symbol(f"_b{next(counter)}", integer=True)
+            return r.func(k, r.size, substitute(r.body, {r.index: k}), substitute(r.cond, {r.index: k}))
+        return e.replace(lambda x: isinstance(x, Reduce), fresh)
+
+    defs = {fn: (idx, rename(body)) for _, fn, idx, _, body in compiled.locals}
+    defs.update({fn: (idx, rename(body)) for _, fn, idx, _, body in compiled.adjoints})
+
+    def inline(e):
+        while any(a.func in defs for a in e.atoms(AppliedUndef)):
+            e = e.replace(lambda x: isinstance(x, AppliedUndef) and x.func in defs,
+                          lambda x: substitute(defs[x.func][1], dict(zip(defs[x.func][0], x.args))))
+        return e
+    return inline
 
 
 def _stats(records, dtype):

@@ -78,7 +78,7 @@ class _Deriver:
         if db == 0:
             return sp.S.Zero
         weight = {Sum: sp.S.One, LogSumExp: sp.exp(body - node), Max: IsArg(node, k),
-                  Min: IsArg(node, k), Norm: xdivy(body, node)}[type(node)]
+                  Min: IsArg(node, k), Norm: xdivy(body, node)}[Sum if isinstance(node, Sum) else type(node)]
         return collapse(k, size, weight * db, cond)
 
 

@@ -14,14 +14,18 @@ import itertools
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, Select, Sum, expand, expm1,
-                         log1p, logcosh, mul0, substitute, xdivy, xlogy)
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
+                         expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
+                         xlogy)
 
 # sympy function -> helper or math function in the generated module
 CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
-         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
+         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
+         xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
+         addexp: "_addexp",
+         Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
 
 class Emitter:
@@ -37,6 +41,7 @@ class Emitter:
         self.exp_store = {}                 # LogSumExp -> (buffer, sum variable): keep e^(b-m) per k
         self.last_terms = set()             # symbols added last in a sum (the log1p part of a logsumexp)
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
+        self.peaks = {}                     # max shift m of a logsumexp -> the arrays of its body
         self.loop_vars = {}                 # index Symbol -> loop variable name
         self.counter = itertools.count()
 
@@ -84,7 +89,10 @@ class Emitter:
             return self.pow_code(e.base, e.exp)
         if isinstance(e, sp.Piecewise):
             text = self.code(e.args[-1].expr)
-            for ex, c in reversed(e.args[:-1]):
+            for i, (ex, c) in reversed(list(enumerate(e.args[:-1]))):
+                if i == len(e.args) - 2 and e.args[-1].expr.is_number and _float_inequality(c):
+                    # [a > b]·A at a NaN a or b is NaN, not 0: the comparison is neither true nor false
+                    text = f"({text} if {self.code(c.negated)} else F(math.nan))"
                 text = f"({self.code(ex)} if {self.code(c)} else {text})"
             return text
         if isinstance(e, KroneckerDelta):
@@ -191,6 +199,7 @@ class Emitter:
                 # keeps l = 1e-17 where m + l would round it away
                 top = sp.Symbol("_" + peak[r], real=True)
                 self.names[top] = peak[r]
+                self.peaks[top] = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
                 self.last_terms.add(sym)
                 self.known[r] = f"({peak[r]} + {acc[r]})"
                 self.reduction_symbol[r] = top + sym
@@ -246,9 +255,14 @@ class Emitter:
             self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
 
     def store_exp(self, r, b, kvar, peak):
-        self.line(f"{self.element_code(self.exp_store[r][0], kvar)} = _exp({b} - {peak[r]})")
+        # the softmax numerators of the gradient: e^(b - m) with the rounding error of b - m put back
+        self.line(f"{self.element_code(self.exp_store[r][0], kvar)} = _expdiff({b}, {peak[r]})")
 
     def finish(self, r, acc, peak):
+        if isinstance(r, ScaledSum):
+            # Σ_k b(k)/K stands for a mean: over nothing it is 0/0
+            self.line(f"if {self.index_code(r.size)} == 0:")
+            self.line(f"    {acc} = F(math.nan)")
         if isinstance(r, LogSumExp):
             if r in self.exp_store:
                 self.line(f"{self.exp_store[r][1]} = F(1.0) + {acc}")
@@ -259,10 +273,28 @@ class Emitter:
         elif isinstance(r, Norm):
             self.line(f"{acc} = {peak} * math.sqrt({acc}) if {peak} > 0 and {peak} < math.inf else {peak}")
 
+    def pair_peaks(self, e):
+        """±(b - m) in a sum, m the max shift of a logsumexp over the b: subpeak(b, m), which is 0 at
+        the max itself, even an infinite one (inf - inf is NaN). Before CSE, which would split it."""
+        def pair(add):
+            for sign in (1, -1):
+                for a in add.args:
+                    arrays = self.peaks.get(-sign * a)
+                    if arrays is None:
+                        continue
+                    for b in add.args:
+                        if isinstance(sign * b, sp.core.function.AppliedUndef) and (sign * b).func in arrays:
+                            rest = [t for t in add.args if t is not a and t is not b]
+                            return sp.Add(sign * subpeak(sign * b, -sign * a), *rest)
+            return add
+        if not self.peaks:
+            return e
+        return e.replace(lambda x: x.is_Add, pair)
+
     def assign(self, named):
         """Piecewise blocks first (each branch its own scope), then CSE of the rest."""
         blocks, plain = {}, []
-        named = [(var, expand(_replace_known(e, self.reduction_symbol))) for var, e in named]
+        named = [(var, self.pair_peaks(expand(_replace_known(e, self.reduction_symbol)))) for var, e in named]
         for var, e in named:
             plain.append((var, _lift_piecewise(e, blocks, self)))
         for conds, members in blocks.items():
@@ -282,6 +314,10 @@ class Emitter:
             self.line(f"{self.names[sym]} = {self.code(e)}")
         for (var, _), e in zip(plain, reduced):
             self.line(f"{var} = {self.code(e)}")
+
+
+def _float_inequality(c):
+    return isinstance(c, (sp.Lt, sp.Le, sp.Gt, sp.Ge)) and not (c.lhs.is_integer and c.rhs.is_integer)
 
 
 class _Temps:
@@ -305,7 +341,8 @@ def _lift_piecewise(e, blocks, em):
     Indicators and zero guards (a branch that is a number 0) stay inline selects: both sides
     are cheap to compute and CSE may share work with the rest.
     """
-    if isinstance(e, sp.Piecewise) and not any(ex.is_number and ex.is_zero for ex, _ in e.args) \
+    if isinstance(e, sp.Piecewise) and not any((ex.is_number and ex.is_zero) or isinstance(ex, nanflag)
+                                               for ex, _ in e.args) \
             and not all(ex.is_number for ex, _ in e.args):
         conds = tuple(c for _, c in e.args)
         var = em.fresh("pw")

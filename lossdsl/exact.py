@@ -539,6 +539,10 @@ def _h_naive(ev, e, idx, vals):
     return ev._ev(e.naive(), idx, vals)
 
 
+def _h_nanflag(ev, e, idx, vals):
+    return NAN if _probe(ev, e.args[0], idx, vals) is NAN else Fraction(0)
+
+
 def _h_heaviside(ev, e, idx, vals):
     x = ev._ev(e.args[0], idx, vals)
     if x is NAN:
@@ -567,7 +571,7 @@ _HANDLERS = {
     P.Max2: _h_max, P.Min2: _h_max, sp.Max: _h_max, sp.Min: _h_max,
     P.xlogy: _h_xlogy, P.xdivy: _h_xdivy,
     P.Sum: _h_reduce, P.LogSumExp: _h_reduce, P.Max: _h_reduce, P.Min: _h_reduce, P.Norm: _h_reduce,
-    P.IsArg: _h_isarg, sp.Heaviside: _h_heaviside,
+    P.IsArg: _h_isarg, sp.Heaviside: _h_heaviside, P.nanflag: _h_nanflag,
 }
 
 

@@ -12,9 +12,10 @@ while the chain rule over a reduction's result (``derive``) keeps gradients smal
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "Max2", "Min2", "log1p", "expm1",
-           "Reduce", "Sum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0"]
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "Max2", "Min2",
+           "log1p", "expm1",
+           "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
+           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus"]
 
 
 def _power(text, exp):
@@ -113,10 +114,134 @@ class xdivy(_Elementwise):
         # where the quotient is defined as 0 (y = 0, so x = 0: a zero vector over its norm),
         # its gradient is defined as 0 too
         x, y = self.args
-        return sp.Piecewise((0, sp.Eq(y, 0)), (1 / y, True)) if argindex == 1 else -xdivy(x, y**2)
+        # d/dy is -(x/y)/y, not -x/y²: y² overflows for |y| > 1e154 where (x/y)/y does not
+        return sp.Piecewise((0, sp.Eq(y, 0)), (1 / y, True)) if argindex == 1 else -xdivy(xdivy(x, y), y)
 
     def naive(self):
         return self.args[0] / self.args[1]
+
+
+class xexp(_Elementwise):
+    """x·e^s, with e^s taken in two halves where it alone would overflow or underflow: 5e-324·e^745.13
+    is 1.99, not 0·inf; 0 where x = 0."""
+    nargs = 2
+    latex_name = "xexp"
+
+    def fdiff(self, argindex=1):
+        x, s = self.args
+        return sp.exp(s) if argindex == 1 else xexp(x, s)
+
+    @classmethod
+    def eval(cls, x, s):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[0] * sp.exp(self.args[1])
+
+
+class xexpm1(_Elementwise):
+    """x·(e^s - 1), where expm1(s) overflows but the product does not: β/2·expm1(logvar) at
+    logvar = 709.79 is 9.05e307, not inf."""
+    nargs = 2
+    latex_name = r"x\operatorname{expm1}"
+
+    def fdiff(self, argindex=1):
+        x, s = self.args
+        return expm1(s) if argindex == 1 else xexp(x, s)
+
+    @classmethod
+    def eval(cls, x, s):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[0] * (sp.exp(self.args[1]) - 1)
+
+
+class sqexp(_Elementwise):
+    """x²·e^s, computed as (x·e^(s/2))²: x² and e^s overflow or underflow separately (0·inf) where the
+    product is finite, e.g. the scaled residual (y - μ)²·e^(-logvar) of a Gaussian likelihood."""
+    nargs = 2
+    latex_name = "sqexp"
+
+    def fdiff(self, argindex=1):
+        x, s = self.args
+        return 2 * xexp(x, s) if argindex == 1 else sqexp(x, s)
+
+    @classmethod
+    def eval(cls, x, s):
+        if x.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[0] ** 2 * sp.exp(self.args[1])
+
+
+class addexp(_Elementwise):
+    """a + b where b grows exponentially in the variable a grows linearly in (s + r²e^(-s) at s = -inf):
+    where both are infinite with opposite signs (inf - inf is NaN), b's limit wins."""
+    nargs = 2
+    latex_name = "addexp"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One
+
+    def naive(self):
+        return self.args[0] + self.args[1]
+
+
+class fsum(_Elementwise):
+    """a + b + c computed with the rounding errors of its additions added back (TwoSum): margin -
+    z_y + max z cancels in some order whatever the order (1 + (-1e30) + 1e30 is 0 left to right,
+    2.2e-308 - 1 + 1 is 0 right to left). Made by the rule fsum_max as fsum(m, -z_y, max z): an
+    infinite z_y equal to the max cancels (0, as the max shift of a logsumexp does)."""
+    nargs = 3
+    latex_name = "fsum"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One
+
+    def naive(self):
+        return sp.Add(*self.args)
+
+
+class lse_minus(_Elementwise):
+    """logsumexp_k b(k) - b(t), kept as one term (sympy would merge b(t) with the other terms of a sum):
+    the emitter forms (m - b(t)) + log1p(...), 0 + 0 at a +inf b(t) that is the max."""
+    nargs = 2
+    latex_name = "lse_minus"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One if argindex == 1 else sp.S.NegativeOne
+
+    def naive(self):
+        return self.args[0] - self.args[1]
+
+    def expanded(self):
+        return self.args[0] - self.args[1]
+
+
+class subpeak(_Elementwise):
+    """b - m for m the max of the b (a logsumexp's shift): 0 at the max itself, also at +inf. Made by
+    the emitter only."""
+    nargs = 2
+    latex_name = "subpeak"
+
+    def naive(self):
+        return self.args[0] - self.args[1]
+
+
+class nanflag(_Elementwise):
+    """0, or NaN where x is NaN: a zero weight's guard 0·A = 0 (A = ±inf) keeps a NaN input's NaN."""
+    nargs = 1
+    latex_name = "nanflag"
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def naive(self):
+        return sp.S.Zero
 
 
 class mul0(_Elementwise):
@@ -239,6 +364,15 @@ class Sum(Reduce):
             outside = [f for f in body.args if k not in f.free_symbols]
             if outside:
                 return sp.Mul(*outside) * cls(k, size, sp.Mul(*[f for f in body.args if k in f.free_symbols]), cond)
+        return None
+
+
+class ScaledSum(Sum):
+    """Σ_k b(k)/K, a mean over K with the division kept inside the loop (Sum pulls it out): Σ b
+    overflows where Σ b/K does not. Over nothing it is NaN (0/0), as the mean is."""
+
+    @classmethod
+    def eval(cls, k, size, body, cond):
         return None
 
 

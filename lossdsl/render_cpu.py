@@ -19,7 +19,7 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .emit import Emitter
-from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, substitute
+from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, mul0, substitute
 
 EXP32 = '''
 @intrinsic
@@ -115,8 +115,86 @@ def _xlogy(x, y):
 
 
 @HELPER
+def _nanflag(x):
+    return F(0.0) if x == x else x
+
+
+@HELPER
 def _mul0(a, b):
     return F(0.0) if a == 0 else a * b
+
+
+@HELPER
+def _subpeak(b, m):
+    # b - m for m the max of the b: 0 at the max itself, also an infinite one (inf - inf is NaN)
+    return F(0.0) if b == m else b - m
+
+
+@HELPER
+def _expdiff(b, m):
+    # e^(b - m) as e^d·(1 + lo), d + lo = b - m exactly (TwoSum): the rounding of d alone costs
+    # |d|·ulp/2, 5 bits of the softmax at d = -70
+    d = b - m
+    bd = d - b
+    lo = (b - (d - bd)) - (m + bd)
+    e = _exp(d)
+    return e + e * lo if abs(d) < F(math.inf) else e
+
+
+@HELPER
+def _xexp(x, s):
+    # x·e^s; where e^s alone overflows or loses precision (subnormal), (x·e^(s/2))·e^(s/2)
+    if x == 0 and s == s:
+        return F(0.0)
+    e = _exp(s)
+    if e < F(math.inf) and e > F(1e-30):
+        return x * e
+    h = _exp(s * F(0.5))
+    if h == 0 and x == x:
+        return F(0.0)      # s/2 below the underflow: |x|·e^s < 2^1024·e^(2·-745) for every float x
+    return x * h * h
+
+
+@HELPER
+def _xexpm1(x, s):
+    # x·expm1(s); where expm1(s) alone overflows, x·e^s - x with e^s in halves
+    if x == 0 and s == s:
+        return F(0.0)
+    e = math.expm1(s)
+    if e == F(math.inf) and s < F(math.inf) and x == x:
+        return _xexp(x, s) - x
+    return x * e
+
+
+@HELPER
+def _sqexp(x, s):
+    # x²·e^s as (x·e^(s/2))²: x² and e^s would overflow or underflow separately (0·inf)
+    t = _xexp(x, s * F(0.5))
+    return t * t
+
+
+@HELPER
+def _addexp(a, b):
+    # a + b, b exponential where a is linear in the same variable: at inf - inf, b decides
+    s = a + b
+    if s != s and a == a and b == b:
+        return b
+    return s
+
+
+@HELPER
+def _fsum3(a, b, c):
+    # a + b + c with the errors of both additions (TwoSum) added back: any two may cancel. b and c
+    # are an element and a max over its array (-z_y, max z): equal infinities there cancel to 0
+    if b == -c and abs(c) == F(math.inf):
+        return a
+    s = a + b
+    bs = s - a
+    e = (a - (s - bs)) + (b - bs)
+    t = s + c
+    ct = t - s
+    e += (s - (t - ct)) + (c - ct)
+    return t + e if abs(t) < F(math.inf) and abs(s) < F(math.inf) else a + b + c
 
 
 @HELPER
@@ -350,8 +428,34 @@ def _reuse_softmax(g, j, size, grad, em, fn_array):
             em.last_terms.add(rest_sym)
             em.exp_store[r] = (grad, total, rest)
             at_arg = IsArg(r, j)
-            softmax = at_arg + Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
-            return g.xreplace({pattern: softmax})
+            small = Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
+            # a product A·softmax is A·[j = arg] + A·small, the small part added last (KL's
+            # Σp·softmax_j - p_j at the argmax of a one-hot p: A·(1 - 1e-9) rounds to A in float32)
+            g = g.replace(lambda e: isinstance(e, mul0) and e.args[0] == pattern,
+                          lambda e: mul0(at_arg, e.args[1]) + mul0(small, e.args[1]))
+            return _sum_but_own(g.xreplace({pattern: at_arg + small}), r, j)
+    return g
+
+
+def _sum_but_own(g, r, j):
+    """c·Σ_k b(k)·[j = arg] - c·b(j) is c·Σ_{k != arg} b(k) at the argmax: Σ_k p_k - p_arg of KL's
+    gradient is 0 where Σ p rounds to p_arg = 1, not the 1e-40 of the other p."""
+    if not g.is_Add:
+        return g
+    at_arg = IsArg(r, j)
+    for t1 in g.args:
+        if not (isinstance(t1, mul0) and t1.args[0] == at_arg):
+            continue
+        c, total = t1.args[1].as_coeff_Mul()
+        if type(total) is not Sum or total.cond is not sp.true:
+            continue
+        own = -c * substitute(total.body, {total.index: j})
+        for t2 in g.args:
+            if t2 is not t1 and t2 in (own, sp.piecewise_fold(own)):
+                k = total.index
+                others = Sum(k, total.size, total.body, sp.Eq(IsArg(r, k), 0))
+                rest = [a for a in g.args if a is not t1 and a is not t2]
+                return sp.Add(Select(c * others, t2, sp.Eq(at_arg, 1)), *rest)
     return g
 
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Norm, Reduce, Sum, expm1, log1p, logcosh, mul0, sigmoid, softplus, substitute,
-                         xdivy, xlogy)
+from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
+                         lse_minus, mul0, nanflag, sigmoid, softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -48,6 +48,26 @@ def _one_minus_sigmoid(node):
         if isinstance(t, sp.Mul) and t.args[0] == -1 and len(t.args) == 2 and isinstance(t.args[1], sigmoid):
             rest = [a for a in node.args if a not in (sp.S.One, t)]
             return sp.Add(sigmoid(-t.args[1].args[0]), *rest)
+    return None
+
+
+def _one_minus_mixed_sigmoid(node):
+    # 1 - c·σ(a) - (1-c)·σ(-a) (possibly inside a longer sum) -> c·σ(-a) + (1-c)·σ(a):
+    # 1 - p_t of a soft label; σ(a) + σ(-a) = 1, so each weight takes the other side's sigmoid
+    if not node.is_Add or sp.S.One not in node.args:
+        return None
+    sig = {}
+    for t in node.args:
+        coef, fs = t.as_coeff_mul()
+        hits = [f for f in fs if isinstance(f, sigmoid)]
+        if len(hits) == 1:
+            sig.setdefault(hits[0].args[0], []).append((t, t / hits[0]))
+    for a, terms in sig.items():
+        for t1, c1 in terms:
+            for t2, c2 in sig.get(-a, ()):
+                if sp.expand(c1 + c2 + 1) == 0:
+                    rest = [u for u in node.args if u not in (sp.S.One, t1, t2)]
+                    return sp.Add(-c1 * sigmoid(-a), -c2 * sigmoid(a), *rest)
     return None
 
 
@@ -101,6 +121,189 @@ def _pow_combine(node):
     if any(len(es) > 1 and any(not e.is_number for e in es) for es in bases.values()):
         new = sp.powsimp(node, combine="exp", deep=False)
         return new if new != node else None
+    return None
+
+
+def _sqexp(node):
+    # b²·e^s -> sqexp(b, s) = (b·e^(s/2))²: the square and the exponential over/underflow separately
+    if not node.is_Mul:
+        return None
+    exps = [f for f in node.args if isinstance(f, sp.exp) and f.args[0].free_symbols]
+    squares = [f for f in node.args if f.is_Pow and f.exp == 2 and f.base.free_symbols]
+    if len(exps) != 1 or not squares:
+        return None
+    rest = [f for f in node.args if f is not exps[0] and f is not squares[0]]
+    return sp.Mul(sqexp(squares[0].base, exps[0].args[0]), *rest)
+
+
+def _exp_only(e, s):
+    """e depends on s, and only through exponentials e^(k·s + ...) (k a nonzero number)."""
+    if not e.has(s):
+        return True
+    if isinstance(e, (sp.exp, expm1)) or (isinstance(e, (sqexp, xexp)) and not e.args[0].has(s)):
+        k = e.args[-1].diff(s)
+        return k.is_number and k != 0
+    if e.is_Add or e.is_Mul:
+        return all(_exp_only(a, s) for a in e.args)
+    return False
+
+
+def _linear_vs_exp(node):
+    # c·s + b(e^(k·s)) -> addexp(c·s, b): at s = ±inf the exponential term wins, not inf - inf = NaN
+    if not node.is_Add:
+        return None
+    for lin in node.args:
+        for s in sp.Mul.make_args(lin):
+            if not (s.is_Symbol or isinstance(s, sp.core.function.AppliedUndef)) or (lin / s).has(s):
+                continue
+            for t in node.args:
+                if t is not lin and t.has(s) and t.has(sp.exp, expm1, sqexp, xexp) and _exp_only(t, s):
+                    rest = [a for a in node.args if a is not lin and a is not t]
+                    return sp.Add(addexp(lin, t), *rest)
+    return None
+
+
+def _into_piecewise(node):
+    # c·(a if cond else b) -> (c·a if cond else c·b) where c cancels in a branch: huber(δ=β)/β
+    # computes β·(|r| - β/2)/β, which overflows at the product where |r| - β/2 does not
+    if not node.is_Mul:
+        return None
+    for f in node.args:
+        if not isinstance(f, sp.Piecewise):
+            continue
+        rest = sp.Mul(*[a for a in node.args if a is not f])
+        if rest.has(sp.Piecewise) or rest.is_number:
+            continue
+        pieces = [(rest * ex, c) for ex, c in f.args]
+        if any(sp.count_ops(p) < sp.count_ops(ex) for (p, _), (ex, _) in zip(pieces, f.args)):
+            return sp.Piecewise(*pieces)
+    return None
+
+
+def _scale_into_sum(node):
+    # Σ_k b(k)/K -> Σ_k b(k)/K with the division inside the loop (a mean over K): the sum
+    # overflows where the scaled sum does not (mean of K logits at 1.8e308)
+    if not node.is_Mul:
+        return None
+    for r in node.args:
+        if type(r) is not Sum:
+            continue
+        # (not a number: sympy would distribute it over the terms of the body, undoing expm1 and
+        # the like)
+        scale = [f for f in node.args if f.is_Pow and f.exp == -1 and f.base == r.size]
+        if scale:
+            rest = [f for f in node.args if f is not r and f not in scale]
+            return sp.Mul(ScaledSum(r.index, r.size, sp.Mul(*scale) * r.body, r.cond), *rest)
+    return None
+
+
+def _scaled_expm1(node):
+    # c·expm1(s) -> xexpm1(c, s): expm1 overflows at s = 709.79 where c·(e^s - 1) with c < 1 does not
+    if not node.is_Mul:
+        return None
+    ms = [f for f in node.args if isinstance(f, expm1)]
+    if len(ms) != 1:
+        return None
+    rest = sp.Mul(*[f for f in node.args if f is not ms[0]])
+    if rest in (sp.S.One, sp.S.NegativeOne):
+        return None
+    return xexpm1(rest, ms[0].args[0])
+
+
+def _fsum_max(node):
+    # m - c + max_k b(k), c an element of the array b reads -> fsum: the terms cancel in pairs
+    # whatever the order of the additions (equal logits 1e30: 0 vs 1 left to right; z_y = 1,
+    # max = 2.2e-308, m = 1: 0 vs 2.2e-308 right to left)
+    if not node.is_Add or len(node.args) != 3:
+        return None
+    for r in node.args:
+        if not isinstance(r, (Max, Min)):
+            continue
+        arrays = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
+        for t in node.args:
+            if t is not r and r.index not in t.free_symbols and not t.has(Reduce) \
+                    and any(a.func in arrays for a in t.atoms(sp.core.function.AppliedUndef)):
+                # fsum(m, -c, max): the last two are the element and the max it is compared with
+                return fsum(next(a for a in node.args if a is not r and a is not t), t, r)
+    return None
+
+
+def _merge_sums(node):
+    # c·Σ_k a(k) - d·Σ_k b(k) -> Σ_k (c·a(k) - d·b(k)) over the same range: the terms cancel
+    # element by element (‖a - p‖² - ‖a - n‖² of a triplet loss is inf - inf where each sum overflows)
+    if not node.is_Add:
+        return None
+    sums = []
+    for t in node.args:
+        c, r = t.as_coeff_Mul()
+        if type(r) is Sum:
+            sums.append((t, c, r))
+    for i, (t1, c1, r1) in enumerate(sums):
+        for t2, c2, r2 in sums[i + 1:]:
+            if (c1 > 0) == (c2 > 0) or r1.size != r2.size:
+                continue
+            b2 = substitute(r2.body, {r2.index: r1.index})
+            if substitute(r2.cond, {r2.index: r1.index}) != r1.cond:
+                continue
+            rest = [a for a in node.args if a is not t1 and a is not t2]
+            return sp.Add(Sum(r1.index, r1.size, c1 * r1.body + c2 * b2, r1.cond), *rest)
+    return None
+
+
+def _difference_of_squares(node):
+    # x² - y² -> (x - y)(x + y): no cancellation when x ≈ y, no overflow where x² alone overflows
+    if not node.is_Add:
+        return None
+    sq = [(t, t.as_coeff_Mul()) for t in node.args]
+    sq = [(t, c, r.base) for t, (c, r) in sq if r.is_Pow and r.exp == 2 and not r.base.is_number and c in (1, -1)]
+    for t1, c1, x_ in sq:
+        for t2, c2, y_ in sq:
+            if c1 == 1 and c2 == -1:
+                rest = [a for a in node.args if a is not t1 and a is not t2]
+                return sp.Add(sp.Mul(x_ - y_, x_ + y_), *rest)
+    return None
+
+
+def _norm_times_unit(node):
+    # ‖b‖·xdivy(a, ‖b‖) -> a (the gradient of ‖b‖²): a/‖b‖ underflows to 0 for a small coordinate next
+    # to a huge one (3e-28 vs 0) before the product restores it; at b = 0 both are 0
+    if not node.is_Mul:
+        return None
+    for f in node.args:
+        if not (isinstance(f, xdivy) and isinstance(f.args[1], Norm)):
+            continue
+        r = f.args[1]
+        rest = list(node.args)
+        rest.remove(f)
+        if r in rest:
+            rest.remove(r)
+            return sp.Mul(f.args[0], *rest)
+        for pw in rest:
+            # (c·‖b‖ if cond else d)·xdivy(a, ‖b‖): into the branches, where the norm cancels in one
+            if isinstance(pw, sp.Piecewise) and any(r in sp.Mul.make_args(ex) for ex, _ in pw.args):
+                others = sp.Mul(*[g for g in rest if g is not pw])
+                return others * sp.Piecewise(*[(ex * f, c) for ex, c in pw.args])
+    return None
+
+
+def _log_softmax_split(node):
+    # logsumexp_k b(k) + c·b(t) -> lse_minus(logsumexp, b(t)) + (1 + c)·b(t), c ≠ -1: the log-softmax
+    # difference is formed first (0 at a +inf b(t) that is the max, not inf - inf), the rest weighted
+    if not node.is_Add:
+        return None
+    for r in node.args:
+        if not isinstance(r, LogSumExp) or r.cond is not sp.true:
+            continue
+        for t in node.args:
+            parts = [f for f in sp.Mul.make_args(t) if isinstance(f, sp.core.function.AppliedUndef)]
+            if t is r or len(parts) != 1:
+                continue
+            el = parts[0]
+            c = t / el
+            if c.has(el) or not any(substitute(r.body, {r.index: a}) == el for a in el.args):
+                continue
+            rest = [a for a in node.args if a is not r and a is not t]
+            return sp.Add(lse_minus(r, el), sp.expand(c + 1) * el, *rest)
     return None
 
 
@@ -169,6 +372,11 @@ NODE_RULES = (
          sp.log(1 - sigmoid(x)), -softplus(x), (40.0,)),
     Rule("one_minus_sigmoid", "1 - σ(x) = σ(-x); the subtraction cancels to 0 for x > 37",
          1 - sigmoid(x), sigmoid(-x), (40.0,), _one_minus_sigmoid),
+    Rule("one_minus_mixed_sigmoid", "1 - y·σ(x) - (1-y)·σ(-x) = y·σ(-x) + (1-y)·σ(x) (1 - p_t of a soft "
+                                    "label); the subtraction cancels to 0 when the weights round: 0 vs 1e-20 at "
+                                    "x = -800, y = 1e-20",
+         1 - y * sigmoid(x) - (1 - y) * sigmoid(-x), y * sigmoid(-x) + (1 - y) * sigmoid(x), (-800.0, 1e-20),
+         _one_minus_mixed_sigmoid),
     Rule("softplus", "log(1 + e^x) = softplus(x); e^x overflows for x > 709",
          sp.log(1 + sp.exp(x)), softplus(x), (800.0,)),
     Rule("softplus_log1p", "log1p(e^x) = softplus(x); e^x overflows for x > 709",
@@ -184,6 +392,33 @@ NODE_RULES = (
          1 - sp.exp(x), -expm1(x), (1e-17,), _one_minus_exp),
     Rule("pow_combine", "γ·b^γ/b = γ·b^(γ-1), the derivative of b^γ, is 0/0 at b = 0",
          x ** y / x, x ** (y - 1), (0.0, 2.0), _pow_combine, post=True),
+    Rule("sqexp", "x²·e^y = (x·e^(y/2))²; x² underflows (or overflows) where e^y overflows (underflows): 0 vs "
+                  "1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out",
+         x ** 2 * sp.exp(y), sqexp(x, y), (1e-200, 700.0), _sqexp),
+    Rule("linear_vs_exp", "c·x + b·e^(kx): at x = ∓inf the terms are ∓inf and ±inf (NaN) where the exponential "
+                          "wins (s + r²e^(-s) at s = -inf is inf)",
+         x + sp.exp(-x), addexp(x, sp.exp(-x)), (-float("inf"),), _linear_vs_exp),
+    Rule("into_piecewise", "c·(a if cond else b) = (c·a if cond else c·b) where c cancels in a branch: "
+                           "(y·(x - y/2))/y overflows at the product for x = 1e308, y = 4 (inf vs 1e308)",
+         None, None, (), _into_piecewise),
+    Rule("scale_into_sum", "(Σ_k b_k)/K = Σ_k b_k/K (a mean): the sum overflows first (the mean of "
+                           "[1e308, 1e308] is inf, not 1e308)", None, None, (), _scale_into_sum),
+    Rule("scaled_expm1", "y·expm1(x) = xexpm1(y, x): expm1 overflows at x = 709.79 where the product with "
+                         "y < 1 does not (inf vs 9.05e307 for y = 1/2)",
+         y * expm1(x), xexpm1(y, x), (709.79, 0.5), _scaled_expm1),
+    Rule("fsum_max", "m - c + max_k b_k, c an element of the same array, summed with TwoSum: two of the terms "
+                     "cancel in any order of additions (equal logits 1e30: 0 vs 1 for m = 1)",
+         None, None, (), _fsum_max),
+    Rule("merge_sums", "Σ_k a_k - Σ_k b_k = Σ_k (a_k - b_k): the sums overflow (inf - inf) or cancel where the "
+                       "terms do not", None, None, (), _merge_sums),
+    Rule("difference_of_squares", "x² - y² = (x - y)(x + y): x² overflows at x = 1.5e154 (inf vs 1.25e308 for "
+                                  "y = 1e154), and cancels for x ≈ y",
+         x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
+    Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
+                            "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
+    Rule("log_softmax_split", "lse_k b_k + c·b_t = (lse_k b_k - b_t) + (1 + c)·b_t: the log-softmax first "
+                              "(cross-entropy with label smoothing at a +inf target logit: 0, not inf - inf)",
+         None, None, (), _log_softmax_split),
     Rule("log1p", "log(1 + x) = log1p(x); 1 + x rounds to 1 for |x| < 1e-16",
          sp.log(1 + x), log1p(x), (1e-17,), _log1p),
     Rule("expm1", "e^x - 1 = expm1(x); cancels to 0 for |x| < 1e-16",
@@ -252,7 +487,9 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
             guard = sp.Eq(sp.Mul(*weights), 0)
             if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
-                return sp.Piecewise((sp.S.Zero, guard), (new, True))
+                # 0·A is 0 for A = ±inf, but NaN for a NaN input (NaN in, NaN out)
+                rest = sp.Mul(*[f for f in new.args if f not in weights])
+                return sp.Piecewise((nanflag(rest), guard), (new, True))
     return new
 
 
@@ -296,6 +533,24 @@ def _annihilate(expr, excluded=frozenset()):
             rest.remove(f)
             return sp.Piecewise(*[(ex * sp.Mul(*rest) if ex != 0 else ex, c) for ex, c in f.args])
     unbounded = [f for f in new.args if _may_be_infinite(f, lambda e: True)]
+    if any(f.atoms(sp.Function) - f.atoms(sigmoid) - f.atoms(sp.core.function.AppliedUndef)
+           for f in unbounded):
+        # σ(a) underflows to 0 where a -> -inf, and its partner grows at most like |a| there
+        # (softplus(-a)·σ(a) of a focal gradient at z = ±inf is inf·0, the limit 0): the sigmoid
+        # decides. A sum whose terms share a sigmoid gives it up first: -y·σ(-z)σ(z) + (1-y)·σ(-z)σ(z).
+        factors = []
+        for f in new.args:
+            g = sp.factor_terms(f) if f.is_Add and f.has(sigmoid) else f
+            factors.extend(g.args if g.is_Mul and any(isinstance(a, sigmoid) for a in g.args) else (f,))
+        sigs = [f for f in factors if isinstance(f, sigmoid)]
+        if sigs:
+            rest = list(factors)
+            for f in sigs:
+                rest.remove(f)
+            out = sp.Mul(*rest)
+            for f in reversed(sigs):
+                out = mul0(f, out)
+            return out
     for f in new.args:
         # e^u is never 0 in exact arithmetic (so sympy drops Eq(e^u, 0)), but it is in floats
         if isinstance(f, sp.exp) and len(unbounded) > 1:

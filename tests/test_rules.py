@@ -33,6 +33,9 @@ CASES = {
                       lambda v: np.log(1 - 1 / (1 + np.exp(-v)))),
     "one_minus_sigmoid": ("loss = 1 - sigmoid(x)", [40.0], lambda v: 1 / (1 + M.exp(v)),
                           lambda v: 1 - 1 / (1 + np.exp(-v))),
+    "one_minus_mixed_sigmoid": ("loss = 1 - t*sigmoid(x) - (1 - t)*sigmoid(-x)", [-800.0, 1e-20],
+                                lambda v, t: t / (1 + M.exp(v)) + (1 - t) / (1 + M.exp(-v)),
+                                lambda v, t: 1 - t / (1 + np.exp(-v)) - (1 - t) / (1 + np.exp(v))),
     "softplus": ("loss = log(1 + exp(x))", [800.0], lambda v: M.log1p(M.exp(v)), lambda v: np.log(1 + np.exp(v))),
     "softplus_log1p": ("loss = log1p(exp(x))", [800.0], lambda v: M.log1p(M.exp(v)),
                        lambda v: np.log1p(np.exp(v))),
@@ -41,12 +44,20 @@ CASES = {
     "sigmoid_reciprocal": ("loss = 1 / (1 + exp(-x))", [-740.0], lambda v: 1 / (1 + M.exp(-v)),
                            lambda v: 1 / (1 + np.exp(-v))),
     "one_minus_exp": ("loss = 1 - exp(x)", [1e-17], lambda v: -M.expm1(v), lambda v: 1 - np.exp(v)),
+    "sqexp": ("loss = x^2 * exp(t)", [1e-200, 700.0], lambda v, t: v * v * M.exp(t), lambda v, t: v * v * np.exp(t)),
+    "scaled_expm1": ("loss = 0.5 * expm1(x)", [709.79], lambda v: M.expm1(v) / 2, lambda v: 0.5 * np.expm1(v)),
     "log1p": ("loss = log(1 + x)", [1e-17], lambda v: M.log1p(v), lambda v: np.log(1 + v)),
     "expm1": ("loss = exp(x) - 1", [1e-17], lambda v: M.expm1(v), lambda v: np.exp(v) - 1),
     "logcosh": ("loss = log(cosh(x))", [1000.0], lambda v: M.log(M.cosh(v)), lambda v: np.log(np.cosh(v))),
     "xlogy": ("loss = t * log(t) + x", [0.5, 0.0], lambda v, t: v, lambda v, t: t * np.log(t) + v),
     "logsumexp": ("loss = log(sum[k] exp(z[k]))", [np.array([1000.0, 1000.0])],
                   lambda v: 1000 + M.log(2), lambda v: np.log(np.sum(np.exp(v)))),
+    "scale_into_sum": ("loss = mean[k] z[k]", [np.array([1e308, 1e308])], lambda v: M.mpf(1e308),
+                       lambda v: np.sum(v) / len(v)),
+    "merge_sums": ("loss = sum[k] (z[k] + 1) - sum[k] z[k]", [np.array([1e308, 1e308])], lambda v: M.mpf(2),
+                   lambda v: np.sum(v + 1) - np.sum(v)),
+    "difference_of_squares": ("loss = x^2 - t^2", [1.5e154, 1e154], lambda v, t: v * v - t * t,
+                              lambda v, t: v * v - t * t),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
     "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
                  lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
@@ -111,7 +122,9 @@ def test_rule_fires_on_its_template(rule):
 
 
 def test_every_rule_has_a_test():
-    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax"}
+    tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
+                           "into_piecewise", "fsum_max", "norm_times_unit",
+                           "log_softmax_split"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -201,3 +214,164 @@ def test_annihilate_masked_logit_in_an_entropy_term():
     assert masked[1][0][0, 0] == 0.0
     np.testing.assert_allclose(masked[1][0], far[1][0], rtol=1e-14)
     np.testing.assert_allclose(masked[0], far[0], rtol=1e-14)
+
+
+def test_annihilate_sigmoid_against_softplus():
+    # d/dx softplus(x)·σ(x) = σ(x)² + softplus(x)·σ(x)·σ(-x): at x = inf the second term is inf·0 = NaN
+    # (the limit is 0: the focal gradient at z = ±inf); the underflowed sigmoid decides the product
+    f = lossdsl.compile("loss w\n  input x\n  loss = softplus(x) * sigmoid(x)\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([np.inf, 800.0, -np.inf, 0.0]), reduction="none")
+    assert "annihilate" in f.rules
+    np.testing.assert_allclose(g, [1.0, 1.0, 0.0, 0.25 + np.log(2) / 4], rtol=1e-15)
+    with np.errstate(all="ignore"):
+        s, sp_ = 1 / (1 + np.exp(-np.inf)), np.log1p(np.exp(np.inf))
+        assert np.isnan(s * s + sp_ * s * (1 - s))
+
+
+def test_sqexp_keeps_the_gaussian_nll_finite():
+    # (y - μ)²·e^(-s) at s = -745.13, y - μ = 5e-324: the square underflows, the exponential
+    # overflows (0·inf = NaN); the gradient (μ - y)·e^(-s) is inf for the same reason (truth -1.99)
+    f = lossdsl.load("gaussian_nll")
+    assert "sqexp" in f.rules
+    mu, s, y = np.array([0.0]), np.array([-745.13]), np.array([5e-324])
+    v, (gmu, gs) = f.value_and_grad(mu, s, y, reduction="none")
+    assert close(float(v[0]), truth(lambda a: a / 2 + M.mpf(5e-324) ** 2 * M.exp(-a) / 2, -745.13))
+    assert close(float(gmu[0]), truth(lambda a: -M.mpf(5e-324) * M.exp(-a), -745.13))
+    assert close(float(gs[0]), 0.5)
+    with np.errstate(all="ignore"):
+        assert np.isnan(y[0] ** 2 * np.exp(745.13)) and np.isinf(-y[0] * np.exp(745.13))
+
+
+def test_linear_vs_exp_lets_the_exponential_win():
+    # s + r²e^(-s) at s = -inf: -inf + inf = NaN, where the limit is inf (the Gaussian NLL with a
+    # variance that underflows); at s = +inf the linear term wins by itself
+    f = lossdsl.compile("loss w\n  input x\n  target t\n  loss = x + t^2 * exp(-x)\n")["w"]
+    assert "linear_vs_exp" in f.rules
+    v, (g,) = f.value_and_grad(np.array([-np.inf, np.inf, -np.inf, 2.0]), np.array([3.0, 3.0, 0.0, 3.0]),
+                               reduction="none")
+    assert v[0] == np.inf and v[1] == np.inf and v[2] == -np.inf and close(float(v[3]), 2 + 9 * np.exp(-2.0))
+    with np.errstate(all="ignore"):
+        assert np.isnan(-np.inf + 9.0 * np.exp(np.inf))
+
+
+def test_into_piecewise_cancels_the_scale_of_a_branch():
+    # huber(δ=β)/β: the linear branch β·(|r| - β/2) overflows before the division by β
+    f = lossdsl.compile("loss w\n  input x\n  param b = 1 : positive\n"
+                        "  loss = (0.5 * x^2 if abs(x) <= b else b * (abs(x) - 0.5 * b)) / b\n")["w"]
+    assert "into_piecewise" in f.rules
+    v, (g,) = f.value_and_grad(np.array([1e308, -1e308, 0.5]), reduction="none", b=4.0)
+    np.testing.assert_array_equal(v, [1e308 - 2, 1e308 - 2, 0.125 / 4])
+    np.testing.assert_array_equal(g, [1.0, -1.0, 0.125])
+    with np.errstate(all="ignore"):
+        assert np.isinf(4.0 * (1e308 - 2.0) / 4.0)
+
+
+def test_fsum_max_cancels_in_any_order():
+    # m - z_y + max_{j != y} z_j: at equal logits 1e30 left to right is (1 - 1e30) + 1e30 = 0 (truth 1);
+    # at z_y = 1, max = 2.2e-308 right to left is 1 + (2.2e-308 - 1) = 0 (truth 2.2e-308)
+    f = lossdsl.compile("loss w\n  input z[K]\n  target y : class(K)\n  param m = 1 : nonnegative\n"
+                        "  loss = m - z[y] + max[j != y] z[j]\n")["w"]
+    assert "fsum_max" in f.rules
+    z = np.array([[1e30, 1e30, 1e30], [1.0, -45.0, 2.2250738585072014e-308]])
+    v = f(z, np.array([0, 0]), reduction="none")
+    np.testing.assert_array_equal(v, [1.0, 2.2250738585072014e-308])
+    assert (1.0 - 1e30) + 1e30 == 0.0 and 1.0 + (2.2250738585072014e-308 - 1.0) == 0.0
+    # equal infinite logits: max - z_y is 0 (as a logsumexp's max shift), not inf - inf
+    v, (g,) = f.value_and_grad(np.array([[np.inf, np.inf, np.inf]]), np.array([0]), reduction="none")
+    assert v[0] == 1.0 and list(g[0]) == [-1.0, 1.0, 0.0]
+
+
+def test_indicator_of_a_nan_comparison_is_nan():
+    # d/dx max(0, 1 - x) is -[1 - x > 0]: at x = NaN the comparison is neither true nor false, and the
+    # gradient is NaN (NaN in, NaN out), not the else branch 0 (a NaN logit dropped from a hinge gradient)
+    f = lossdsl.compile("loss w\n  input x\n  loss = max(0, 1 - x)\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([np.nan, 2.0, 0.5, 1.0]), reduction="none")
+    assert np.isnan(g[0]) and list(g[1:]) == [0.0, -1.0, 0.0]
+
+
+def test_norm_times_unit_keeps_small_coordinates():
+    # d ‖z‖²/dz_j = 2‖z‖·(z_j/‖z‖): z_j/‖z‖ underflows to 0 for z = [1e300, 1e-300]; 2z_j does not
+    f = lossdsl.compile("loss w\n  input z[K]\n  loss = (norm[k] z[k])^2\n")["w"]
+    assert "norm_times_unit" in f.rules
+    _, (g,) = f.value_and_grad(np.array([[1e100, 1e-300], [0.0, 0.0]]), reduction="none")
+    np.testing.assert_array_equal(g, [[2e100, 2e-300], [0.0, 0.0]])
+    assert 2 * 1e100 * (1e-300 / 1e100) == 0.0
+
+
+def test_softmax_numerator_keeps_the_rounding_of_its_exponent():
+    # e^(z_j - m): the rounding of z_j - m (-67.4 here) alone costs |z_j - m|·ulp/2, 58 ulps of the
+    # softmax; the stored numerator puts the rounding error back (TwoSum), 1 ulp
+    ce = lossdsl.load("cross_entropy")
+    z = np.array([[-42.21652549, 25.14186205, -3.8375203, -25.98418036]])
+    _, (g,) = ce.value_and_grad(z, np.array([1]), reduction="sum")
+    zs = [M.mpf(float(v)) for v in z[0]]
+    want = float(M.exp(zs[0]) / sum(M.exp(v) for v in zs))
+    assert close(float(g[0, 0]), want, ulps=2)
+    textbook = np.exp(z[0, 0] - z.max()) / np.exp(z - z.max()).sum()
+    assert not close(textbook, want, ulps=16)
+
+
+def test_kl_gradient_at_the_argmax_of_a_one_hot_target():
+    # Σp·softmax_j - p_j at the argmax: Σp rounds to p_j = 1 and softmax_j to 1, so the textbook
+    # product gives 0; the kernel adds Σ_{k != arg} p_k and -Σp·rest/Σ instead
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("kl_div")
+    cases = [(np.array([3.65130722e-259, -1.45203076e-179, 3.27197307e+293, -1.99356968e-151]),
+              np.array([2.39943132e-180, 1.64316642e-186, 1.0, 1.59541967e-019]), 2, np.float64),
+             (np.array([42.64471, -34.291866, 20.58441, -40.33768]), np.array([1.0, 1e-45, 1e-45, 1e-45]), 0,
+              np.float32)]
+    for z, p, j, dt in cases:
+        z, p = z.astype(dt), p.astype(dt)
+        _, (g,) = f.value_and_grad(z[None, :], p[None, :], reduction="none")
+        truth = evaluate(f.gradient("z"), {"z": z.astype(np.float64), "p": p.astype(np.float64), "K": 4},
+                         np.dtype(dt).name, index={f.gradient_index("z")[0].name: j})
+        assert truth != 0 and abs(float(g[0, j]) - truth) <= 4 * np.spacing(dt(abs(truth))), (g[0, j], truth)
+        q = np.exp(z.astype(np.float64) - z.max()) / np.exp(z.astype(np.float64) - z.max()).sum()
+        assert dt(dt(p.sum()) * dt(q[j])) - p[j] == 0
+
+
+def test_max_shift_of_an_infinite_logit_is_zero():
+    # z_k - logsumexp(z) with z_k = +inf: inf - inf = NaN in the textbook form; the max shift z_k - m
+    # is 0 at the max itself, so the KL to softmax([1, inf, 11.8, 0]) is inf (p = 1/4 each), as in the limit
+    f = lossdsl.load("kl_div")
+    z = np.array([[1.0, np.inf, 11.78, 0.0]])
+    p = np.full((1, 4), 0.25)
+    assert f(z, p, reduction="sum") == np.inf
+    g = lossdsl.load("soft_cross_entropy")
+    assert g(z, np.array([[0.0, 1.0, 0.0, 0.0]]), reduction="sum") == 0.0
+    with np.errstate(all="ignore"):
+        assert np.isnan(np.inf - (np.inf + np.log1p(np.exp(1.0 - np.inf))))
+
+
+def test_zero_weight_keeps_a_nan_input():
+    # b·e^x at b = 0 is 0 for x = inf (the limit; 0·inf is NaN), but NaN for x = NaN (NaN in, NaN out)
+    f = lossdsl.compile("loss w\n  input x\n  param b = 1 : nonnegative\n  loss = b * exp(x)\n")["w"]
+    assert "zero_weights" in f.rules
+    v, (g,) = f.value_and_grad(np.array([np.inf, np.nan, 1.0]), reduction="none", b=0.0)
+    assert v[0] == 0.0 and np.isnan(v[1]) and v[2] == 0.0
+    assert g[0] == 0.0 and g[2] == 0.0
+
+
+def test_log_softmax_split_at_an_infinite_target_logit():
+    # cross_entropy = -(1 - ls)·z_y - ls·mean z + lse: at z_y = +inf (the max) the textbook sum is
+    # -inf + inf = NaN; with lse - z_y formed first it is 0 (ls = 0), as in the limit
+    f = lossdsl.load("cross_entropy")
+    assert "log_softmax_split" in f.rules
+    z = np.array([[1.0, np.inf, -3.0], [1.0, 2.0, -np.inf]])
+    v = f(z, np.array([1, 1]), reduction="none")
+    assert v[0] == 0.0 and close(float(v[1]), float(np.log1p(np.exp(-1.0))))
+    with np.errstate(all="ignore"):
+        assert np.isnan(-np.inf + (np.inf + np.log1p(0.0)))
+
+
+def test_xdivy_derivative_does_not_square_the_denominator():
+    # d/dz_j Σz/‖z‖ = 1/‖z‖ - (Σz)·z_j/‖z‖³: with the derivative of x/y written -x/y², ‖z‖² overflows at
+    # z = [1e200, 3e200] and the second term vanishes (3.2e-201 vs 1.9e-201); -(x/y)/y keeps it
+    f = lossdsl.compile("loss w\n  input z[K]\n  loss = sum[k] z[k] / norm[e] z[e]\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([[1e200, 3e200]]), reduction="sum")
+    want = [truth(lambda a, b: 1 / M.sqrt(a * a + b * b) - (a + b) * c / M.sqrt(a * a + b * b) ** 3, 1e200, 3e200)
+            for c in (M.mpf(1e200), M.mpf(3e200))]
+    assert close(float(g[0, 0]), want[0], ulps=16) and close(float(g[0, 1]), want[1], ulps=16)
+    with np.errstate(all="ignore"):
+        a, b = np.float64(1e200), np.float64(3e200)
+        assert (a + b) / (a * a + b * b) == 0.0
