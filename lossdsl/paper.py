@@ -5,6 +5,8 @@ The kernel's expression carries branches that exist only to get edge cases exact
 ``mul0``/``xdivy``/``xlogy`` are products and quotients that are 0 where a factor vanishes.
 For reading, ``paper()`` takes a display copy of the expression and
 
+* writes the stable primitives that have no paper name (fsum, xexp, xexpm1, sqexp, addexp,
+  lse_minus, nanflag, a ScaledSum's mean, ...) as their naive formulas (``primitives.naive``),
 * keeps the general branch of each Piecewise whose condition is an equality (a zero
   parameter, a hard label in a vanishing term, a zero norm) and lists the others as edge cases,
 * shows hard-label specializations (``y = 1``, ``y = 0``) and genuine regions (``|r| <= delta``)
@@ -23,7 +25,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import ITE, Boolean
 
-from .primitives import LogSumExp, Max2, Reduce, Sum, mul0, xdivy, xlogy
+from .primitives import LogSumExp, Max2, Min2, Reduce, ScaledSum, Sum, logcosh, mul0, sigmoid, softplus, xdivy, xlogy
 
 HARD = {"binary", "unit", "sign"}        # target domains whose values ±1, 0, 1 are hard labels
 
@@ -97,6 +99,28 @@ class Context:
         return 0 if names & self.input_names else 1 if names & self.target_names else 2
 
 
+# --------------------------------------------------------------------------- naive display
+
+# Primitives with a paper name of their own (σ, softplus, log(cosh), max, min), and the guarded
+# products and quotients the splitter turns into edge cases. Every other stable primitive
+# (fsum, xexp, xexpm1, sqexp, addexp, lse_minus, subpeak, nanflag, ...) is shown through its
+# naive formula, the textbook form it computes accurately.
+NAMED = (sigmoid, softplus, logcosh, Max2, Min2, mul0, xdivy, xlogy)
+
+
+def _naive_display(e):
+    """Stable primitives without a paper name written as their naive formulas; a ScaledSum (a mean
+    with 1/K inside the loop) as the Sum it is on paper (1/K back outside)."""
+    if e.is_Atom:
+        return e
+    args = [_naive_display(a) for a in e.args]
+    if isinstance(e, ScaledSum):
+        return Sum(*args)
+    if isinstance(e, sp.Function) and hasattr(e, "naive") and not isinstance(e, NAMED + (Reduce,)):
+        return e.func(*args, evaluate=False).naive() if args != list(e.args) else e.naive()
+    return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+
+
 # --------------------------------------------------------------------------- splitting
 
 def _is_edge(cond):
@@ -120,15 +144,23 @@ class _Splitter:
             return e
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e, path, whole)
+        if isinstance(e, (mul0, xdivy)) and isinstance(e.args[0], e.func):
+            # (a/b)/c, 0 where a/b is 0, which is where a is: one edge, a/(b·c) with a = 0
+            (a, b), c = e.args[0].args, e.args[1]
+            return self.general(e.func(a, b * c), path, whole)
         if isinstance(e, (mul0, xdivy, xlogy)):     # a·b, a/b, a·log(b), but 0 where a = 0
             a, b = (self.general(x, path, False) for x in e.args)
             value = {mul0: a * b, xdivy: a / b, xlogy: a * sp.log(b)}[e.func]
-            if not (a.is_number and a != 0):
+            # σ(x) is never 0 on paper: mul0(σ(x), b) guards its underflow only, where the product's
+            # limit is 0 (annihilate), the formula's value as written; no edge case
+            if not (a.is_number and a != 0) and not (e.func is mul0 and isinstance(a, sigmoid)):
                 self.edges.append(Edge(path + (sp.Eq(a, 0, evaluate=False),), e.func.__name__, value, other=b))
             return value
         if isinstance(e, Reduce):
             k, size, body, cond = e.args
             return e.func(k, size, self.general(body, path, False), cond)
+        if e.is_Mul and any(isinstance(f, sp.Piecewise) or f.is_Add and f.has(sp.Piecewise) for f in e.args):
+            return self._product(e, path, whole)
         if isinstance(e, ITE):                      # a branch inside a condition
             c, a, b = e.args
             if _is_edge(c):
@@ -137,6 +169,34 @@ class _Splitter:
         if isinstance(e, (sp.core.relational.Relational, sp.And, sp.Or, sp.Not)) or not isinstance(e, Boolean):
             return e.func(*[self.general(a, path, False) for a in e.args])
         return e
+
+    def _product(self, e, path, whole):
+        """A guarded factor (``(0 if β = 0 else β/2)·(e^s - 1)``) zeroes the whole product: its edge
+        names the product (or the gradient), not the factor. A guarded summand inside a factor
+        (``((0 if ε = 0 else ε) - 1)·[j = y]``, a guard kept from the loss) is folded where the
+        general branch is a parameter term that the condition makes exactly 0: it is not a term of
+        the printed sum, and the printed formula gives the kernel's value there."""
+        factors, owned, nested = [], [], []
+        for f in e.args:
+            start = len(self.edges)
+            factors.append(self.general(f, path, False))
+            made = self.edges[start:]
+            if isinstance(f, sp.Piecewise):
+                owned += [x for x in made if x.kind == "zero"]
+            elif f.is_Add:
+                direct = {a for a in f.args if isinstance(a, sp.Piecewise)}
+                nested += [x for x in made if x.kind == "zero" and x.term is not None
+                           and any(x.conds[-1] in (c for _, c in a.args) for a in direct)
+                           and self._vanishes(x.term, x.conds[-1])]
+        value = sp.Mul(*factors)
+        for x in owned:
+            x.term = None if whole else value
+        self.edges = [x for x in self.edges if not any(x is y for y in nested)]
+        return value
+
+    def _vanishes(self, term, cond):
+        """``term`` holds parameters only (it is finite) and is exactly 0 where ``cond`` holds."""
+        return isinstance(cond, sp.Eq) and self.ctx.rank(term) == 2 and term.subs(cond.lhs, cond.rhs) == 0
 
     def _piecewise(self, e, path, whole):
         pairs = list(e.args)
@@ -209,6 +269,9 @@ def _named(e):
         if isinstance(x, Reduce):
             k, size, body, cond = x.args
             body = visit(body)
+            squares = _squares_of(x.func, k, size, body, cond)
+            if squares is not None:
+                return visit(squares)
             if x.func.__name__ == "Norm" and cond is sp.true and _vectorial(body, k):
                 return NormOf(_drop_index(body, k))
             if isinstance(x, Sum) and cond is sp.true and isinstance(body, sp.Pow) and body.exp == 2 \
@@ -219,6 +282,25 @@ def _named(e):
             return x
         return x.func(*[visit(a) for a in x.args])
     return visit(e)
+
+
+def _squares_of(func, k, size, body, cond):
+    """Σ_k (x - y)(x + y) for vectors x, y (a difference of squares the rules formed so that the
+    squared norms do not overflow or cancel) as Σ_k x² - Σ_k y², written ‖x‖² - ‖y‖²; else None."""
+    if func is not Sum or cond is not sp.true or not body.is_Mul:
+        return None
+    c, factors = body.as_coeff_mul()
+    if len(factors) != 2 or not all(f.is_Add for f in factors):
+        return None
+    u, v = factors
+    halves = []
+    for h in (sp.expand((u + v) / 2), sp.expand((u - v) / 2)):
+        if not (h.is_Add and _vectorial(h, k) and all(t.as_coeff_Mul()[0].is_Integer for t in h.args)):
+            return None
+        first = min(h.args, key=lambda t: sp.default_sort_key(t.as_coeff_Mul()[1]))
+        halves.append(-h if first.could_extract_minus_sign() else h)
+    x, y = halves
+    return c * Sum(k, size, x ** 2, cond) - c * Sum(k, size, y ** 2, cond)
 
 
 def _vectorial(body, k):
@@ -251,6 +333,11 @@ def tidy(e):
         out = sp.factor_terms(sp.expand_power_exp(e))
     except Exception:  # noqa: BLE001 - display only: fall back to the expression as it is
         return e
+    if out.is_Mul and out.could_extract_minus_sign():          # -c·(y - mu) written c·(mu - y)
+        sums = [f for f in out.args if f.is_Add]
+        if len(sums) == 1 and any(t.could_extract_minus_sign() for t in sums[0].args):
+            rest = [f for f in out.args if f is not sums[0]]
+            out = sp.Mul(-sp.Mul(*rest), sp.Add(*[-t for t in sums[0].args]))
     return out if sp.count_ops(out) <= sp.count_ops(e) else e
 
 
@@ -309,19 +396,26 @@ def definition_names(loss):
             continue
         alone = replace(d, loss=replace(d.loss, expr=ir.Name(st.span, st.name)))
         try:
-            e = tidy(_named(stabilize(to_sympy(alone, loss._lookup).expr)))
+            raw = stabilize(to_sympy(alone, loss._lookup).expr)
+            e = tidy(_named(_naive_display(raw)))
+            # 1 - p as the rules write it (1 - y·σ(z) - (1 - y)·σ(-z) is y·σ(-z) + (1 - y)·σ(z))
+            rest = _named(_naive_display(stabilize(1 - raw)))
         except Exception:  # noqa: BLE001 - display only: this name is simply not used
             continue
         if e.is_Add:
-            out.append((sp.Symbol(st.name, real=True), e))
+            out.append((sp.Symbol(st.name, real=True), e, rest))
     return out
 
 
 def _with_names(e, names):
-    """``e`` with the definition's names substituted where they shorten it; the names used."""
+    """``e`` with the definition's names substituted where they shorten it; the names used.
+    ``names``: (Symbol, value) or (Symbol, value, 1 - value as the rules write it)."""
     used = []
-    for sym, value in names:
+    for sym, value, *rest in names:
         new = e.subs(value, sym).subs(1 - value, 1 - sym)
+        for r in rest:
+            if r != 1 - value:
+                new = new.subs(r, 1 - sym)
         if sp.count_ops(new) < sp.count_ops(e):
             e = new
             used.append((sym, value))
@@ -332,7 +426,7 @@ def paper(expr, loss=None, ctx=None) -> Form:
     """The paper form of a loss or gradient expression: cases, edge cases, notes."""
     ctx = ctx or Context(loss)
     split = _Splitter(ctx)
-    general = _fold(_conditions(_max_ind(_named(split.general(expr)))))
+    general = _fold(_conditions(_max_ind(_named(split.general(_naive_display(expr))))))
     notes = []
     simple = _simplex_sums(general, ctx)
     if simple != general:

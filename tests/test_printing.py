@@ -29,8 +29,7 @@ def test_cross_entropy(capsys):
     assert grad(capsys, "cross_entropy") == (
         "d loss / d z[j] = softmax(z)[j] - (1 - label_smoothing)·[j = y] - label_smoothing/K\n"
         "  edge cases:\n"
-        "    label_smoothing = 0: the term label_smoothing/K is 0\n"
-        "    label_smoothing = 1: the term (1 - label_smoothing)·[j = y] is 0\n")
+        "    label_smoothing = 0: the term label_smoothing/K is 0\n")
 
 
 def test_cross_entropy_ascii(capsys):
