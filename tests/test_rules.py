@@ -124,7 +124,7 @@ def test_rule_fires_on_its_template(rule):
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
-                           "log_softmax_split"}
+                           "log_softmax_split", "norm_difference"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -375,3 +375,16 @@ def test_xdivy_derivative_does_not_square_the_denominator():
     with np.errstate(all="ignore"):
         a, b = np.float64(1e200), np.float64(3e200)
         assert (a + b) / (a * a + b * b) == 0.0
+
+
+def test_norm_difference_with_a_shared_infinite_coordinate():
+    # ‖z1 - z2‖ where z1_0 = z2_0 = -inf and z1_1 = -inf alone: the distance is inf (the second
+    # coordinate), not NaN (inf - inf in the first), so the contrastive loss of a dissimilar pair is 0
+    f = lossdsl.load("contrastive")
+    assert "norm_difference" in f.rules
+    z1 = np.array([[-np.inf, -np.inf, 1.0]])
+    z2 = np.array([[-np.inf, 2.0, 3.0]])
+    v, (g1, g2) = f.value_and_grad(z1, z2, np.array([0.0]), reduction="none")
+    assert v[0] == 0.0 and np.all(g1 == 0.0) and np.all(g2 == 0.0)
+    with np.errstate(all="ignore"):
+        assert np.isnan(np.sqrt(np.sum((z1 - z2) ** 2)))
