@@ -240,6 +240,11 @@ def test_sqexp_keeps_the_gaussian_nll_finite():
     assert close(float(gs[0]), 0.5)
     with np.errstate(all="ignore"):
         assert np.isnan(y[0] ** 2 * np.exp(745.13)) and np.isinf(-y[0] * np.exp(745.13))
+    # an infinite residual: inf at a moderate variance (even where e^(-s/2) underflows in float32), 0
+    # against e^(-1.8e308)
+    v, (gmu, gs) = f.value_and_grad(np.array([0.0, 0.0], np.float32), np.array([433.5, 3e38], np.float32),
+                                    np.array([np.inf, np.inf], np.float32), reduction="none")
+    assert v[0] == np.inf and gmu[0] == -np.inf and v[1] == np.float32(1.5e38) and gmu[1] == 0.0
 
 
 def test_linear_vs_exp_lets_the_exponential_win():
