@@ -501,10 +501,24 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
             guard = sp.Eq(sp.Mul(*weights), 0)
             if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
-                # 0·A is 0 for A = ±inf, but NaN for a NaN input (NaN in, NaN out)
+                # 0·A is 0 for A = ±inf (or inf - inf), but NaN for a NaN input (NaN in, NaN out)
                 rest = sp.Mul(*[f for f in new.args if f not in weights])
-                return sp.Piecewise((nanflag(rest), guard), (new, True))
+                return sp.Piecewise((_nan_of(rest, is_input), guard), (new, True))
     return new
+
+
+def _nan_of(e, is_input):
+    """0, or NaN where an input that e reads is NaN: nanflag of each input leaf, reductions kept."""
+    if isinstance(e, Reduce):
+        k, size, body, cond = e.args
+        inner = _nan_of(body, is_input)
+        return Sum(k, size, inner, cond) if inner != 0 else sp.S.Zero
+    if e.is_Symbol or isinstance(e, sp.core.function.AppliedUndef):
+        return nanflag(e) if is_input(e) else sp.S.Zero
+    if e.is_Atom or isinstance(e, sp.logic.boolalg.Boolean):
+        return sp.S.Zero
+    args = [a.expr if isinstance(a, sp.functions.elementary.piecewise.ExprCondPair) else a for a in e.args]
+    return sp.Add(*{_nan_of(a, is_input) for a in args})
 
 
 def _may_be_infinite(e, is_input):

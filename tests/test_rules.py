@@ -355,6 +355,11 @@ def test_zero_weight_keeps_a_nan_input():
     v, (g,) = f.value_and_grad(np.array([np.inf, np.nan, 1.0]), reduction="none", b=0.0)
     assert v[0] == 0.0 and np.isnan(v[1]) and v[2] == 0.0
     assert g[0] == 0.0 and g[2] == 0.0
+    # the flag reads the inputs, not the weighted term: label_smoothing = 0 times mean(z) of a row
+    # with +inf and -inf logits (inf - inf) is still 0, so cross_entropy is inf there, not NaN
+    ce = lossdsl.load("cross_entropy")
+    assert ce(np.array([[np.inf, -87.0, -88.0, -np.inf]]), np.array([1]), reduction="sum") == np.inf
+    assert np.isnan(ce(np.array([[np.nan, -87.0, -88.0, 1.0]]), np.array([1]), reduction="sum"))
 
 
 def test_log_softmax_split_at_an_infinite_target_logit():
