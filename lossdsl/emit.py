@@ -316,6 +316,12 @@ class Emitter:
             self.line(f"{var} = {self.code(e)}")
 
 
+def _nan_guard(e):
+    """A zero weight's branch: nanflags of the inputs (0, or NaN for a NaN input), maybe summed."""
+    return e.has(nanflag) and all(isinstance(f, (nanflag, Sum, sp.core.function.AppliedUndef))
+                                  for f in e.atoms(sp.Function))
+
+
 def _float_inequality(c):
     return isinstance(c, (sp.Lt, sp.Le, sp.Gt, sp.Ge)) and not (c.lhs.is_integer and c.rhs.is_integer)
 
@@ -341,8 +347,7 @@ def _lift_piecewise(e, blocks, em):
     Indicators and zero guards (a branch that is a number 0) stay inline selects: both sides
     are cheap to compute and CSE may share work with the rest.
     """
-    if isinstance(e, sp.Piecewise) and not any((ex.is_number and ex.is_zero) or isinstance(ex, nanflag)
-                                               for ex, _ in e.args) \
+    if isinstance(e, sp.Piecewise) and not any((ex.is_number and ex.is_zero) or _nan_guard(ex) for ex, _ in e.args) \
             and not all(ex.is_number for ex, _ in e.args):
         conds = tuple(c for _, c in e.args)
         var = em.fresh("pw")

@@ -223,10 +223,13 @@ class lse_minus(_Elementwise):
 
 
 class subpeak(_Elementwise):
-    """b - m for m the max of the b (a logsumexp's shift): 0 at the max itself, also at +inf. Made by
-    the emitter only."""
+    """b - m, 0 where b equals m, also an infinite m (inf - inf is NaN): the max shift of a logsumexp
+    (made by the emitter), and the coordinates of a distance whose points share an infinite one."""
     nargs = 2
     latex_name = "subpeak"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One if argindex == 1 else sp.S.NegativeOne
 
     def naive(self):
         return self.args[0] - self.args[1]

@@ -146,6 +146,10 @@ def _xexp(x, s):
     # x·e^s; where e^s alone overflows or loses precision (subnormal), (x·e^(s/2))·e^(s/2)
     if x == 0 and s == s:
         return F(0.0)
+    if abs(x) == F(math.inf) and s == s:
+        # an infinite x as an unboundedly large one against e^s: inf unless s is far below any
+        # float's logarithm (e^-1100·|x| is 0 for |x| up to 2^1500), where the exponential wins
+        return x if s > F(-1100.0) else F(0.0)
     e = _exp(s)
     if e < F(math.inf) and e > F(1e-30):
         return x * e

@@ -15,7 +15,7 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
-                         lse_minus, mul0, nanflag, sigmoid, softplus, sqexp, substitute, xdivy, xexp, xexpm1, xlogy)
+                         lse_minus, mul0, nanflag, sigmoid, softplus, sqexp, subpeak, substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -355,6 +355,18 @@ def _norm(node):
     return None
 
 
+def _norm_difference(node):
+    # norm_k (a(k) - b(k)) -> norm_k subpeak(a(k), b(k)): a coordinate where both points are the same
+    # infinity contributes 0, not NaN, so the other (infinite) coordinates decide the distance
+    if isinstance(node, Norm) and node.body.is_Add and len(node.body.args) == 2:
+        element = sp.core.function.AppliedUndef
+        pos = [t for t in node.body.args if isinstance(t, element)]
+        neg = [-t for t in node.body.args if isinstance(-t, element)]
+        if len(pos) == 1 and len(neg) == 1:
+            return Norm(node.index, node.size, subpeak(pos[0], neg[0]), node.cond)
+    return None
+
+
 def _div_norm(node):
     # a / norm_k b -> xdivy(a, norm): a zero vector divided by its norm is 0, not 0/0
     if not node.is_Mul:
@@ -436,6 +448,8 @@ NODE_RULES = (
     Rule("norm", "sqrt(Σ b²) = m·sqrt(Σ (b/m)²); b² overflows for |b| > 1e154, and the gradient "
                  "b/sqrt(Σ b²) is 0/0 at b = 0 where the convention is 0",
          None, None, (), _norm),
+    Rule("norm_difference", "‖a - b‖ with the coordinates a_k - b_k taken as 0 where both are the same infinity "
+                            "(inf - inf is NaN; the other coordinates decide)", None, None, (), _norm_difference),
     Rule("div_norm", "a / ‖b‖ = xdivy(a, ‖b‖): normalizing a zero vector gives 0 (and gradient 0), not 0/0",
          None, None, (), _div_norm, post=True),
 )
@@ -487,10 +501,24 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
             guard = sp.Eq(sp.Mul(*weights), 0)
             if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
-                # 0·A is 0 for A = ±inf, but NaN for a NaN input (NaN in, NaN out)
+                # 0·A is 0 for A = ±inf (or inf - inf), but NaN for a NaN input (NaN in, NaN out)
                 rest = sp.Mul(*[f for f in new.args if f not in weights])
-                return sp.Piecewise((nanflag(rest), guard), (new, True))
+                return sp.Piecewise((_nan_of(rest, is_input), guard), (new, True))
     return new
+
+
+def _nan_of(e, is_input):
+    """0, or NaN where an input that e reads is NaN: nanflag of each input leaf, reductions kept."""
+    if isinstance(e, Reduce):
+        k, size, body, cond = e.args
+        inner = _nan_of(body, is_input)
+        return Sum(k, size, inner, cond) if inner != 0 else sp.S.Zero
+    if e.is_Symbol or isinstance(e, sp.core.function.AppliedUndef):
+        return nanflag(e) if is_input(e) else sp.S.Zero
+    if e.is_Atom or isinstance(e, sp.logic.boolalg.Boolean):
+        return sp.S.Zero
+    args = [a.expr if isinstance(a, sp.functions.elementary.piecewise.ExprCondPair) else a for a in e.args]
+    return sp.Add(*{_nan_of(a, is_input) for a in args})
 
 
 def _may_be_infinite(e, is_input):

@@ -139,13 +139,6 @@ _CE = ("No longer: a +inf target logit (lse - z_y is formed first, 0 - 0 at the 
        "[j = argmax] + (-rest/sum), the small part added last), nor the rounding of z_j - max in the softmax "
        "numerators (float64 z p99 5.9 -> within bounds)")
 KNOWN = {
-    ("contrastive", "float64"): "measured: value 1 and z1/z2 4 NaN where the truth is finite (adversarial): a "
-                                "coordinate that is -inf in both z1 and z2 gives inf - inf = NaN, which poisons the "
-                                "norm where the other coordinates make it infinite anyway. Fixed by norm_times_unit: "
-                                "the y = 1 gradient 2‖d‖·d_j/‖d‖ is 2d_j (bits mean 3.7 p99 61.7 -> within bounds, "
-                                "adversarial NaN 63 -> 4)",
-    ("contrastive", "float32"): "measured: value 3 and z1/z2 12 NaN where finite (adversarial): the -inf - -inf "
-                                "coordinates of float64 (bits sampler fixed: mean 2.06, 3 NaN -> within bounds)",
     ("cross_entropy", "float32"): "measured: value p99 32 (adversarial, 2 points of 60): with label smoothing, a "
                                   "+inf logit that is not the target gives ls·z_y - ls·mean(z) + (lse - z_y) = "
                                   "-inf + inf where the limit is inf. " + _CE,

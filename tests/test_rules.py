@@ -124,7 +124,7 @@ def test_rule_fires_on_its_template(rule):
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
-                           "log_softmax_split"}
+                           "log_softmax_split", "norm_difference"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -240,6 +240,11 @@ def test_sqexp_keeps_the_gaussian_nll_finite():
     assert close(float(gs[0]), 0.5)
     with np.errstate(all="ignore"):
         assert np.isnan(y[0] ** 2 * np.exp(745.13)) and np.isinf(-y[0] * np.exp(745.13))
+    # an infinite residual: inf at a moderate variance (even where e^(-s/2) underflows in float32), 0
+    # against e^(-1.8e308)
+    v, (gmu, gs) = f.value_and_grad(np.array([0.0, 0.0], np.float32), np.array([433.5, 3e38], np.float32),
+                                    np.array([np.inf, np.inf], np.float32), reduction="none")
+    assert v[0] == np.inf and gmu[0] == -np.inf and v[1] == np.float32(1.5e38) and gmu[1] == 0.0
 
 
 def test_linear_vs_exp_lets_the_exponential_win():
@@ -350,6 +355,11 @@ def test_zero_weight_keeps_a_nan_input():
     v, (g,) = f.value_and_grad(np.array([np.inf, np.nan, 1.0]), reduction="none", b=0.0)
     assert v[0] == 0.0 and np.isnan(v[1]) and v[2] == 0.0
     assert g[0] == 0.0 and g[2] == 0.0
+    # the flag reads the inputs, not the weighted term: label_smoothing = 0 times mean(z) of a row
+    # with +inf and -inf logits (inf - inf) is still 0, so cross_entropy is inf there, not NaN
+    ce = lossdsl.load("cross_entropy")
+    assert ce(np.array([[np.inf, -87.0, -88.0, -np.inf]]), np.array([1]), reduction="sum") == np.inf
+    assert np.isnan(ce(np.array([[np.nan, -87.0, -88.0, 1.0]]), np.array([1]), reduction="sum"))
 
 
 def test_log_softmax_split_at_an_infinite_target_logit():
@@ -375,3 +385,16 @@ def test_xdivy_derivative_does_not_square_the_denominator():
     with np.errstate(all="ignore"):
         a, b = np.float64(1e200), np.float64(3e200)
         assert (a + b) / (a * a + b * b) == 0.0
+
+
+def test_norm_difference_with_a_shared_infinite_coordinate():
+    # ‖z1 - z2‖ where z1_0 = z2_0 = -inf and z1_1 = -inf alone: the distance is inf (the second
+    # coordinate), not NaN (inf - inf in the first), so the contrastive loss of a dissimilar pair is 0
+    f = lossdsl.load("contrastive")
+    assert "norm_difference" in f.rules
+    z1 = np.array([[-np.inf, -np.inf, 1.0]])
+    z2 = np.array([[-np.inf, 2.0, 3.0]])
+    v, (g1, g2) = f.value_and_grad(z1, z2, np.array([0.0]), reduction="none")
+    assert v[0] == 0.0 and np.all(g1 == 0.0) and np.all(g2 == 0.0)
+    with np.errstate(all="ignore"):
+        assert np.isnan(np.sqrt(np.sum((z1 - z2) ** 2)))
