@@ -114,6 +114,8 @@ def _naive_display(e):
     if e.is_Atom:
         return e
     args = [_naive_display(a) for a in e.args]
+    if isinstance(e, (Sum, ScaledSum)) and e.args[2] != 0 and args[2] == 0:
+        return sp.S.Zero        # a sum of zeros (a NaN flag per element, 0 on paper)
     if isinstance(e, ScaledSum):
         return Sum(*args)
     if isinstance(e, sp.Function) and hasattr(e, "naive") and not isinstance(e, NAMED + (Reduce,)):
