@@ -74,9 +74,28 @@ def compile(text, file="<string>"):  # noqa: A001 - the API name of LANGUAGE.md
     return out
 
 
-def _compile(defn, lookup, stable=True):
+def _compile(defn, lookup, stable=True, fixed=()):
     from .compiler import compile_definition
-    return compile_definition(defn, lookup, stable)
+    return compile_definition(defn, lookup, stable, fixed)
+
+
+def _exponent_params(defn):
+    """The definition's params that appear in an exponent (``(1 - p_t)^gamma``): a call with a
+    small integer value for one gets a kernel with that value compiled in (call.Call.fixed)."""
+    params = {d.name for d in defn.of_kind("param")}
+
+    def names(node):
+        if isinstance(node, ir.Name):
+            yield node.id
+        for child in _children(node):
+            yield from names(child)
+
+    def exponents(node):
+        if isinstance(node, ir.Binary) and node.op == "^":
+            yield from (n for n in names(node.b) if n in params)
+        for child in _children(node):
+            yield from exponents(child)
+    return tuple(sorted(set(exponents(defn))))
 
 
 def compile_file(path):
@@ -103,13 +122,17 @@ def _texts(defn, lookup, seen=None):
 def _called(node):
     if isinstance(node, ir.Call):
         yield node.fn
-    children = vars(node).values() if hasattr(node, "__dict__") else ()
-    for v in children:
+    for child in _children(node):
+        yield from _called(child)
+
+
+def _children(node):
+    """The IR nodes directly under ``node`` (a definition, statement or expression)."""
+    for v in (vars(node).values() if hasattr(node, "__dict__") else ()):
         for item in (v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else [v]):
-            if isinstance(item, tuple):
-                item = item[0]
+            item = item[0] if isinstance(item, tuple) else item
             if isinstance(item, (ir.Expr, ir.Stmt)):
-                yield from _called(item)
+                yield item
 
 
 class Loss:
@@ -128,6 +151,8 @@ class Loss:
         self.shapes = {x.name: x.axes for x in self._inputs + self._targets}
         self._kernels = {}
         self._calls = {}            # checked call signatures (call.checked)
+        self._specialized = {}      # fixed params -> the symbolic pipeline's result for them
+        self.exponent_params = _exponent_params(d)
 
     @property
     def _c(self):
@@ -176,14 +201,24 @@ class Loss:
         return f"{self.name} = {printing.to_text(self.expr)}"
 
     # --- numeric side ----------------------------------------------------------------------
-    def kernel(self, dtype):
-        if dtype not in self._kernels:
-            key = ("cpu", dtype, self._stable, *_texts(self._defn, self._lookup))
+    def kernel(self, dtype, fixed=()):
+        """The CPU kernel for ``dtype``; with ``fixed`` ((param, value) pairs), the one with those
+        values compiled in."""
+        if (dtype, fixed) not in self._kernels:
+            key = ("cpu", dtype, self._stable, *_texts(self._defn, self._lookup)) + ((fixed,) if fixed else ())
             module = jit.load_indexed(key)
             if module is None:
-                module = jit.load_module(self.source("cpu", dtype), key)
-            self._kernels[dtype] = module.kernel
-        return self._kernels[dtype]
+                from . import render_cpu
+                module = jit.load_module(render_cpu.render(self._compiled_for(fixed), dtype), key)
+            self._kernels[dtype, fixed] = module.kernel
+        return self._kernels[dtype, fixed]
+
+    def _compiled_for(self, fixed):
+        if not fixed:
+            return self._c
+        if fixed not in self._specialized:
+            self._specialized[fixed] = _compile(self._defn, self._lookup, self._stable, fixed)
+        return self._specialized[fixed]
 
     def __call__(self, *args, reduction="mean", weight=None, ignore_index=None, **params):
         return self._run(args, reduction, weight, ignore_index, params, grad=False)[0]
@@ -215,7 +250,7 @@ def _run_host(loss, call, arrays, weight, grad):
     denominator = call.n_samples
     if call.ignore_given:
         denominator = int(np.count_nonzero(targets[call.class_target_index()] != call.ignore))
-    k = loss.kernel(call.dtype_name)
+    k = loss.kernel(call.dtype_name, call.fixed)
     grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
     out = np.empty(call.n_samples, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)

@@ -12,6 +12,7 @@ from .lower import in_domain
 
 REDUCTIONS = ("mean", "sum", "none")
 NO_IGNORE = np.iinfo(np.int64).min          # the kernel's "no ignore_index" sentinel
+SPECIALIZED_EXPONENTS = (0, 1, 2, 3, 4)     # param values compiled into a kernel of their own
 
 
 def check_reduction(loss, reduction):
@@ -200,7 +201,11 @@ class Call:
         self.axis_size = {a: int(s[0]) for a, s in sizes.items()}
 
     def _params(self, params):
-        self.param_values = [self.dtype.type(v) for v in param_values(self.loss, params)]
+        values = param_values(self.loss, params)
+        self.param_values = [self.dtype.type(v) for v in values]
+        # small integer exponents get a kernel of their own (a product, not a powf per element)
+        self.fixed = tuple((p.name, int(v)) for p, v in zip(self.loss._params, values)
+                           if p.name in self.loss.exponent_params and v in SPECIALIZED_EXPONENTS)
 
     def raise_bad_targets(self, targets):
         """The kernel counted bad targets: find the first in ``targets`` (host arrays, kernel

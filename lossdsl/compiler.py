@@ -37,14 +37,21 @@ def input_test(low):
     return is_input
 
 
-def compile_definition(defn, lookup, stable=True):
+def compile_definition(defn, lookup, stable=True, fixed=()):
     """The definition's loss and gradients; ``stable=False`` gives the textbook lowering
     (every primitive replaced by its naive formula, no rules), to show what the rules buy.
+    ``fixed``: (param, value) pairs compiled in as constants (a kernel specialized for the values
+    a call passes, e.g. γ = 2: the power becomes a product instead of a powf per element); the
+    kernel still takes those params as arguments, and ignores them.
 
     Batch losses keep their indexed locals as buffers and differentiate in reverse: the
     adjoint of a local X is d(loss + Σ_Y Σ Ȳ·Y)/dX over the locals Y computed from X.
     """
     low = to_sympy(defn, lookup)
+    if fixed:
+        consts = {low.scalars[name]: sp.Integer(v) for name, v in fixed}
+        low.expr = low.expr.subs(consts)
+        low.locals = [(n, fn, idx, axes, body.subs(consts)) for n, fn, idx, axes, body in low.locals]
     facts = {low.scalars[d.name]: d.domain.name for d in defn.of_kind("target") if not d.axes}
     is_input = input_test(low)
     fired = set()
