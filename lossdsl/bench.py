@@ -485,16 +485,16 @@ def jax_nn():
 
 # ---------------------------------------------------------------------------------------- timing
 
-def timeit(fn, repeat, budget=0.02, warmup=0.3):
-    """(best seconds per call, first result): warm-up calls for ``warmup`` seconds (at least two:
-    right after torch or jax is imported, their background start-up slows the next few calls
-    down by 3x), then the best of ``repeat`` samples, each looping the call enough times to last
-    ``budget`` seconds (fast calls are averaged)."""
+def timeit(fn, repeat, budget=0.02, warmup=0.5, warmup_calls=6):
+    """(best seconds per call, first result): warm-up calls for ``warmup`` seconds and at least
+    ``warmup_calls`` (with torch imported, the first four or five large calls of a parallel numba
+    kernel run 3x slower, then settle), then the best of ``repeat`` samples, each looping the call
+    enough times to last ``budget`` seconds (fast calls are averaged)."""
     start = t = time.perf_counter()
     out = fn()
     once = time.perf_counter() - t
     calls = 1
-    while calls < 2 or time.perf_counter() - start < warmup:
+    while calls < warmup_calls or time.perf_counter() - start < warmup:
         fn()
         calls += 1
     inner = max(1, min(10000, int(budget / max(once, 1e-7))))
