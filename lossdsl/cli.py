@@ -4,7 +4,7 @@
     lossdsl show NAME [--latex|--ascii] [--exact]   definition, loss, gradients, rules
     lossdsl grad NAME [--wrt Z] [--latex|--ascii] [--exact]   the gradients alone
     lossdsl plot NAME [--wrt Z] [--param gamma=0,0.5,1,2,5] [--range LO:HI] [-o FILE.png] [--csv FILE]
-    lossdsl docs [-o DIR] [--no-plots]     Markdown catalog of the library (docs/)
+    lossdsl docs [-o DIR] [--no-plots] [--no-accuracy]   Markdown catalog of the library (docs/)
     lossdsl source NAME [--target cpu|cuda]
     lossdsl compile FILE.loss              parse, check and compile a user's file
     lossdsl check NAME|--all [--dtype float32|float64] [--points N]   accuracy audit
@@ -286,7 +286,7 @@ def cmd_docs(args) -> int:
             print('lossdsl docs: matplotlib is not installed (pip install "lossdsl[plot]"): '
                   "writing the Markdown without the plots", file=sys.stderr)
             plots = False
-    written = docs.write(args.output, plots=plots)
+    written = docs.write(args.output, plots=plots, accuracy=not args.no_accuracy)
     print(f"wrote {len(written)} files to {args.output}")
     return 0
 
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("docs", help="a Markdown catalog of the library, one page per loss")
     s.add_argument("-o", "--output", metavar="DIR", default="docs", help="where to write it (default docs/)")
     s.add_argument("--no-plots", action="store_true", help="the Markdown alone, no PNG plots")
+    s.add_argument("--no-accuracy", action="store_true",
+                   help="leave out the audit's accuracy figures (they take about a minute)")
     s.set_defaults(func=cmd_docs)
 
     s = sub.add_parser("source", help="the generated kernel source")

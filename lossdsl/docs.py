@@ -3,9 +3,11 @@
 Each page: the description and the header comment of ``library/NAME.loss``, its definition,
 inputs/targets/params with domains and defaults, the loss and its gradients as on paper
 (``printing.paper_lines``, edge cases included), the rules that fired with why, the reference,
-and a plot (``NAME.png``, from ``plot.curves``, written when matplotlib is installed).
-The Markdown depends only on the library and the compiler, so a test can check that the
-committed ``docs/`` is not stale.
+its accuracy figures from the audit (``lossdsl check``), and a plot (``NAME.png``, from
+``plot.curves``, written when matplotlib is installed). Apart from the accuracy section (the
+audit runs the kernels, whose last bits may differ between processors), the Markdown depends
+only on the library and the compiler, so a test can check that the committed ``docs/`` is not
+stale.
 """
 from __future__ import annotations
 
@@ -38,8 +40,40 @@ def _decl_rows(f):
     return rows
 
 
-def page(f, with_plot=True) -> str:
-    """The Markdown page of one loss."""
+ACCURACY_POINTS = 40        # per sampler and dtype: the audit of every loss takes about a minute
+ACCURACY_HEAD = "## Accuracy"
+
+
+def accuracy_section(f, points=ACCURACY_POINTS):
+    """Bits of error of the kernels against exact arithmetic, float64 and float32 (lossdsl.audit)."""
+    from .audit import audit
+    reports = {dt: audit(f, dt, points=points, seed=0, naive=False) for dt in ("float64", "float32")}
+    out = [ACCURACY_HEAD, "",
+           f"Bits of error against exact arithmetic over three samplers (bit patterns, realistic values, "
+           f"adversarial edges), {points} points each, seed 0 (`lossdsl check {f.name} --points {points} "
+           f"--seed 0`): mean, 99th percentile, max, and results that are not finite where the truth is. "
+           f"Cancellation inherent in the data (a soft target next to the prediction) counts here; "
+           f"tests/test_accuracy.py leaves it out and holds each loss to its bounds.", "",
+           "| output | dtype | mean | p99 | max | non-finite |", "|---|---|---|---|---|---|"]
+    for dt, rep in reports.items():
+        for name in rep.outputs:
+            s = rep.overall[name]
+            out.append(f"| {name} | {dt} | {s.mean:.2f} | {s.p99:.2f} | {s.max:.2f} | {s.nonfinite} |")
+    return out + [""]
+
+
+def without_accuracy(text):
+    """A page without its accuracy section (what the staleness test compares)."""
+    lines = text.split("\n")
+    if ACCURACY_HEAD not in lines:
+        return text
+    start = lines.index(ACCURACY_HEAD)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[:start] + lines[end:])
+
+
+def page(f, with_plot=True, accuracy=False) -> str:
+    """The Markdown page of one loss (``accuracy``: with the audit's figures)."""
     why = {r.name: r.why for r in NODE_RULES + ROOT_RULES}
     lines, refs = _header(f.name)
     out = [f"# {f.name}", "", f.doc or "", ""]
@@ -60,6 +94,8 @@ def page(f, with_plot=True) -> str:
     out += [""]
     if refs:
         out += ["## Reference", "", *refs, ""]
+    if accuracy:
+        out += accuracy_section(f)
     if with_plot and not f._defn.batch:
         out += ["## Plot", "", f"`lossdsl plot {f.name}`: loss and gradient from the compiled kernel.", "",
                 f"![{f.name}]({f.name}.png)", ""]
@@ -78,20 +114,20 @@ def index(losses) -> str:
     return "\n".join(out) + "\n"
 
 
-def catalog() -> dict:
+def catalog(accuracy=False) -> dict:
     """{file name: Markdown text} for the whole library."""
     losses = [lossdsl.load(n) for n in lossdsl.names()]
-    pages = {f"{f.name}.md": page(f) for f in losses}
+    pages = {f"{f.name}.md": page(f, accuracy=accuracy) for f in losses}
     return {"README.md": index(losses), **pages}
 
 
-def write(out_dir, plots=True) -> list:
+def write(out_dir, plots=True, accuracy=True) -> list:
     """Write the catalog (and, with matplotlib, the plots) under out_dir; the paths written."""
     from . import plot
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in catalog().items():
+    for name, text in catalog(accuracy).items():
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
     if plots:
