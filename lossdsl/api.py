@@ -83,19 +83,8 @@ def _exponent_params(defn):
     """The definition's params that appear in an exponent (``(1 - p_t)^gamma``): a call with a
     small integer value for one gets a kernel with that value compiled in (call.Call.fixed)."""
     params = {d.name for d in defn.of_kind("param")}
-
-    def names(node):
-        if isinstance(node, ir.Name):
-            yield node.id
-        for child in _children(node):
-            yield from names(child)
-
-    def exponents(node):
-        if isinstance(node, ir.Binary) and node.op == "^":
-            yield from (n for n in names(node.b) if n in params)
-        for child in _children(node):
-            yield from exponents(child)
-    return tuple(sorted(set(exponents(defn))))
+    return tuple(sorted({n.id for e in ir.walk(defn) if isinstance(e, ir.Binary) and e.op == "^"
+                         for n in ir.walk(e.b) if isinstance(n, ir.Name) and n.id in params}))
 
 
 def compile_file(path):
@@ -114,25 +103,9 @@ def _texts(defn, lookup, seen=None):
         return []
     seen.add(defn.name)
     out = [defn.text]
-    for name in sorted(_called(defn)):
+    for name in sorted({e.fn for e in ir.walk(defn) if isinstance(e, ir.Call)}):
         out += _texts(lookup(name), lookup, seen)
     return out
-
-
-def _called(node):
-    if isinstance(node, ir.Call):
-        yield node.fn
-    for child in _children(node):
-        yield from _called(child)
-
-
-def _children(node):
-    """The IR nodes directly under ``node`` (a definition, statement or expression)."""
-    for v in (vars(node).values() if hasattr(node, "__dict__") else ()):
-        for item in (v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else [v]):
-            item = item[0] if isinstance(item, tuple) else item
-            if isinstance(item, (ir.Expr, ir.Stmt)):
-                yield item
 
 
 class Loss:

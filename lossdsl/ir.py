@@ -114,3 +114,13 @@ class Definition:
                 if a not in out:
                     out.append(a)
         return out
+
+
+def walk(node):
+    """``node`` and every IR node under it (a definition, statement or expression), depth first."""
+    yield node
+    for v in (vars(node).values() if hasattr(node, "__dict__") else ()):
+        for item in (v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else [v]):
+            item = item[0] if isinstance(item, tuple) else item
+            if isinstance(item, (Expr, Stmt)):
+                yield from walk(item)
