@@ -20,7 +20,7 @@ from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, S
 
 # sympy function -> helper or math function in the generated module
 CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
-         sp.tanh: "math.tanh", sp.cosh: "math.cosh", sp.sinh: "math.sinh", sp.Abs: "abs",
+         sp.tanh: "_tanh", sp.cosh: "math.cosh", sp.sinh: "_sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",

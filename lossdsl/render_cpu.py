@@ -79,6 +79,32 @@ def _log1p(x):
     if not (x > F(-1.0)):      # below -1, and NaN
         return F(math.nan)
     return x if x == F(math.inf) else r
+
+
+@numba.njit(error_model="numpy")
+def _tanh(x):
+    # Cephes tanhf, branch-free so LLVM vectorizes it (libm's tanhf is a scalar call): x + x z P(z),
+    # z = x^2, for |x| < 0.625, else sign(x) (1 - 2/(e^(2|x|) + 1)); within 2 ulp.
+    a = abs(x)
+    z = x * x
+    p = ((((F(-5.70498872745E-3) * z + F(2.06390887954E-2)) * z - F(5.37397155531E-2)) * z
+          + F(1.33314422036E-1)) * z - F(3.33332819422E-1)) * z * x + x
+    q = F(1.0) - F(2.0) / (_exp(F(2.0) * min(a, F(44.0))) + F(1.0))     # tanh is 1 from |x| = 9 on
+    q = q if x >= F(0.0) else -q
+    return p if a < F(0.625) else (q if x == x else x)
+
+
+@numba.njit(error_model="numpy")
+def _sinh(x):
+    # Cephes sinhf, vectorizable: x + x z P(z) for |x| <= 1, else sign(x) (e^|x|/2 - e^-|x|/2) with
+    # e^|x|/2 as (e^(|x|/2)/2) e^(|x|/2), which overflows only where sinh does.
+    a = abs(x)
+    z = x * x
+    p = ((F(2.03721912945E-4) * z + F(8.33028376239E-3)) * z + F(1.66667160211E-1)) * z * x + x
+    h = _exp(F(0.5) * a)
+    q = (F(0.5) * h) * h - F(0.5) / (h * h)
+    q = q if x >= F(0.0) else -q
+    return p if a <= F(1.0) else (q if x == x else x)
 '''
 
 EXP64 = '''
@@ -90,6 +116,16 @@ def _exp(x):
 @numba.njit(error_model="numpy")
 def _log1p(x):
     return math.log1p(x)
+
+
+@numba.njit(error_model="numpy")
+def _tanh(x):
+    return math.tanh(x)
+
+
+@numba.njit(error_model="numpy")
+def _sinh(x):
+    return math.sinh(x)
 '''
 
 # Helpers are separate numba functions: LLVM inlines them into the kernel all the same (so the
@@ -102,7 +138,7 @@ def _logcosh(x):
     # log cosh x = log1p(2 sinh^2(x/2)) near 0 (keeps relative accuracy), else |x| + log1p(e^-2|x|) - log 2
     a = abs(x)
     if a < F(0.5):
-        s = math.sinh(a * F(0.5))
+        s = _sinh(a * F(0.5))
         return _log1p(F(2.0) * s * s)
     return a + _log1p(_exp(F(-2.0) * a)) - F(0.6931471805599453)
 
