@@ -485,17 +485,22 @@ def jax_nn():
 
 # ---------------------------------------------------------------------------------------- timing
 
-def timeit(fn, repeat, budget=0.02, warmup=0.5, warmup_calls=6):
+def timeit(fn, repeat, budget=0.02, warmup=0.5, warmup_calls=6, settle=3.0):
     """(best seconds per call, first result): warm-up calls for ``warmup`` seconds and at least
-    ``warmup_calls`` (with torch imported, the first four or five large calls of a parallel numba
-    kernel run 3x slower, then settle), then the best of ``repeat`` samples, each looping the call
-    enough times to last ``budget`` seconds (fast calls are averaged)."""
+    ``warmup_calls``, and on (for at most ``settle`` seconds) while the latest call is still 30%
+    slower than the fastest so far (with torch imported, the first several large calls of a
+    parallel numba kernel run 3x slower, then settle); then the best of ``repeat`` samples, each
+    looping the call enough times to last ``budget`` seconds (fast calls are averaged)."""
     start = t = time.perf_counter()
     out = fn()
-    once = time.perf_counter() - t
+    once = fastest = last = time.perf_counter() - t
     calls = 1
-    while calls < warmup_calls or time.perf_counter() - start < warmup:
+    while (calls < warmup_calls or time.perf_counter() - start < warmup
+           or (last > 1.3 * fastest and time.perf_counter() - start < settle)):
+        t = time.perf_counter()
         fn()
+        last = time.perf_counter() - t
+        fastest = min(fastest, last)
         calls += 1
     inner = max(1, min(10000, int(budget / max(once, 1e-7))))
     times = []
