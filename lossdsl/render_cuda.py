@@ -37,7 +37,7 @@ import re
 import numpy as np
 
 from .emit import Emitter
-from .primitives import LogSumExp, Max, Min, Norm
+from .primitives import LogSumExp, Max, Min
 from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature, gradient_plan
 
 MAXT = 256          # the most threads per block a generated kernel supports (a power of two)
