@@ -107,26 +107,13 @@ def _sinh(x):
     return p if a <= F(1.0) else (q if x == x else x)
 '''
 
-EXP64 = '''
+# float64: the helpers EXP32 writes as polynomials are libm calls (accurate, and fast enough in double)
+EXP64 = "".join(f'''
 @numba.njit(error_model="numpy")
-def _exp(x):
-    return math.exp(x)
+def _{name}(x):
+    return math.{name}(x)
 
-
-@numba.njit(error_model="numpy")
-def _log1p(x):
-    return math.log1p(x)
-
-
-@numba.njit(error_model="numpy")
-def _tanh(x):
-    return math.tanh(x)
-
-
-@numba.njit(error_model="numpy")
-def _sinh(x):
-    return math.sinh(x)
-'''
+''' for name in ("exp", "log1p", "tanh", "sinh"))
 
 # Helpers are separate numba functions: LLVM inlines them into the kernel all the same (so the
 # loops still vectorize), and numba compiles twice as fast as with inline="always".
