@@ -18,6 +18,7 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
+from .contract import index_sizes, products
 from .emit import Emitter
 from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, mul0, substitute
 
@@ -362,11 +363,14 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
     def shape(axes):
         return "(" + "".join(f"{size_var[low.sizes[a]]}, " for a in axes) + ")"
 
+    gemm = _Products(em, compiled, sig, fn_array, size_var, buffers)
     for name, fn, idx, axes, body in compiled.locals:
-        em.line(f"{buffers[fn]} = np.empty({shape(axes)}, F)    # {name}")
+        body = gemm.lower(body, idx, axes)
+        em.line(f"{buffers[fn]} = {gemm.reusable(body, idx) or f'np.empty({shape(axes)}, F)'}    # {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
-    scalar_grads = [(f"d_{sig.grad_of[d.name]}", compiled.grads[d.name][0]) for d in sig.inputs if not d.axes]
-    em.scope([("val", compiled.expr)], set())
+    scalar_grads = [(f"d_{sig.grad_of[d.name]}", gemm.lower(compiled.grads[d.name][0]))
+                    for d in sig.inputs if not d.axes]
+    em.scope([("val", gemm.lower(compiled.expr))], set())
     em.line("out[0] = val")
     if not sig.inputs:
         return
@@ -375,20 +379,85 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
     forward = {name: fn for name, fn, *_ in compiled.locals}
     later = [e for *_, e in compiled.adjoints] + [g for g, _ in compiled.grads.values()]
     for i, (name, fn, idx, axes, expr) in enumerate(compiled.adjoints):
-        if _overwritable(forward[name], expr, idx, later[i + 1:]):
+        overwrite = _overwritable(forward[name], expr, idx, later[i + 1:])
+        expr = gemm.lower(expr, idx, axes)
+        if overwrite:
             em.line(f"{buffers[fn]} = {buffers[forward[name]]}    # d loss / d {name}, in place of {name}")
         else:
-            em.line(f"{buffers[fn]} = np.empty({shape(axes)}, F)    # d loss / d {name}")
+            em.line(f"{buffers[fn]} = {gemm.reusable(expr, idx) or f'np.empty({shape(axes)}, F)'}"
+                    f"    # d loss / d {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", expr, idx, axes, size_var, low, True)
     if scalar_grads:
         em.scope(scalar_grads, set())
     for d in sig.inputs:
         g, idx = compiled.grads[d.name]
         if d.axes:
+            g = gemm.lower(g, idx, d.axes)
             _map_loop(em, f"{sig.grad_of[d.name]}[{{}}]", "scale * ", g, idx, d.axes, size_var, low, True)
         else:
             em.line(f"{sig.grad_of[d.name]}[0] = scale * d_{sig.grad_of[d.name]}")
     em.depth -= 1
+
+
+class _Products:
+    """The contractions of a batch kernel as matrix products (contract.py): np.dot, which numba
+    hands to BLAS, each computed once before its first use and then read like a buffer."""
+
+    def __init__(self, em, compiled, sig, fn_array, size_var, buffers):
+        self.em, self.low, self.fn_array, self.size_var, self.buffers = em, compiled.lowered, fn_array, size_var, buffers
+        # 2-D arrays of the kernel's float type, usable as BLAS operands as they are
+        self.matrices = {fn for _, fn, _, axes, _ in compiled.locals + compiled.adjoints if len(axes) == 2}
+        self.matrices |= {self.low.arrays[d.name][0] for d in sig.inputs if len(d.axes) == 2}
+        self.axis_of = {size: a for a, size in self.low.sizes.items()}
+        self.done = {}          # Sum -> the Function reading its product
+
+    def lower(self, e, idx=(), axes=()):
+        """``e`` (a map over ``idx``) with its contractions read from products computed here."""
+        sizes = index_sizes(e, idx, [self.low.sizes[a] for a in axes])
+        found = {}
+        for prod in products(e, lambda s: s not in self.em.names, tuple(idx)):
+            fn = self.done.get(prod.total) or self._emit(prod, sizes)
+            if fn is not None:
+                found[prod.total] = fn(prod.p, prod.q)
+        return e.xreplace(found)
+
+    def reusable(self, e, idx):
+        """The product a map over ``idx`` may be written over (it reads only one, only at its own
+        element: s[i, j] = T[i, j]/τ), or None. The product is not reused after that."""
+        reads = [a for a in e.atoms(AppliedUndef) if a.func in self.done.values()]
+        if len({a.func for a in reads}) != 1 or any(a.args != tuple(idx) for a in reads):
+            return None
+        fn = reads[0].func
+        self.done = {r: f for r, f in self.done.items() if f != fn}
+        return self.buffers[fn]
+
+    def _emit(self, prod, sizes):
+        k = prod.total.index
+        axes = {prod.p: self.axis_of.get(sizes.get(prod.p)), prod.q: self.axis_of.get(sizes.get(prod.q)),
+                k: self.axis_of.get(prod.total.size)}
+        if None in axes.values():
+            return None
+        left = self._operand(prod.left, prod.p, k, axes)
+        right = self._operand(prod.right, k, prod.q, axes)
+        name = self.em.fresh("T")
+        self.em.line(f"{name} = np.dot({left}, {right})")
+        fn = sp.Function("_" + name, real=True)
+        self.buffers[fn] = name
+        self.done[prod.total] = fn
+        return fn
+
+    def _operand(self, f, rows, cols, axes):
+        """Code for the matrix f[rows, cols]: an array as it is (or transposed), else a buffer
+        filled by a parallel map, laid out as f's arrays are read (their last index innermost)."""
+        if isinstance(f, AppliedUndef) and f.func in self.matrices and set(f.args) == {rows, cols}:
+            name = self.buffers.get(f.func) or self.fn_array[f.func]
+            return name if f.args == (rows, cols) else name + ".T"
+        last = [a.args[-1] for a in f.atoms(AppliedUndef) if a.args and a.args[-1] in (rows, cols)]
+        order = (cols, rows) if last and last[0] == rows else (rows, cols)
+        name = self.em.fresh("P")
+        self.em.line(f"{name} = np.empty(({', '.join(self.size_var[self.low.sizes[axes[s]]] for s in order)}), F)")
+        _map_loop(self.em, f"{name}[{{}}]", "", f, order, [axes[s] for s in order], self.size_var, self.low, True)
+        return name if order == (rows, cols) else name + ".T"
 
 
 def _checks(em, sig, low, scalar_vars, size_var):

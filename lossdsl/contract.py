@@ -1,0 +1,64 @@
+"""Contractions as matrix products: Σ_k P(p, k)·Q(k, q) over two free indices p, q.
+
+A sum whose body splits into a factor of (p, k) and a factor of (k, q) is element (p, q) of the
+product P·Q. A batch kernel computes the whole product once through BLAS (np.dot, blocked for
+the cache) rather than as a scalar triple loop per element: ntxent's similarities u·uᵀ/τ, and
+the adjoint forms reverse mode gives them, d_sᵀ·u/τ and d_s·u/τ.
+"""
+from dataclasses import dataclass
+
+import sympy as sp
+
+from .primitives import Reduce, Sum
+
+
+@dataclass(frozen=True)
+class Product:
+    total: Sum          # the sum it replaces, Σ_k left·right
+    p: sp.Symbol        # row index of the result
+    q: sp.Symbol        # column index
+    left: sp.Expr       # P(p, k): every factor free of q
+    right: sp.Expr      # Q(k, q): every factor free of p
+
+
+def products(e, is_index, order=()):
+    """The contractions in ``e``, each once, outer before inner. ``is_index(s)``: is Symbol s a
+    loop index (not a param or a size)? Rows follow ``order`` (the map's own indices) where it
+    names them, so that a product read as X[i, j] in a loop over (i, j) is laid out that way."""
+    found = {}
+    for node in sp.preorder_traversal(e):
+        if type(node) is Sum and node not in found:
+            prod = _split(node, is_index, order)
+            if prod is not None:
+                found[node] = prod
+    return list(found.values())
+
+
+def _split(r, is_index, order):
+    if r.cond is not sp.true or not r.body.is_Mul or r.body.atoms(Reduce):
+        return None
+    free = sorted((s for s in r.free_symbols if is_index(s)),
+                  key=lambda s: (order.index(s) if s in order else len(order), s.name))
+    if len(free) != 2:
+        return None
+    p, q = free
+    left, right = [], []
+    for f in r.body.args:
+        used = f.free_symbols
+        if p in used and q in used:
+            return None
+        (right if q in used else left).append(f)
+    left, right = sp.Mul(*left), sp.Mul(*right)
+    if r.index not in left.free_symbols or r.index not in right.free_symbols:
+        return None
+    return Product(r, p, q, left, right)
+
+
+def index_sizes(e, idx=(), sizes=()):
+    """The size each index symbol of ``e`` ranges over: the map's own, then each reduction's
+    (None for an index two reductions use over different sizes)."""
+    out = dict(zip(idx, sizes))
+    for node in sp.preorder_traversal(e):
+        if isinstance(node, Reduce) and out.setdefault(node.index, node.size) != node.size:
+            out[node.index] = None
+    return out

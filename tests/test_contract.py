@@ -1,0 +1,133 @@
+"""Contractions lowered to matrix products (contract.py): Σ_k P(p, k)·Q(k, q) in a batch loss, in
+its forward and in the adjoints reverse mode derives, becomes np.dot in the CPU kernel.
+
+The recognizer is checked on sympy forms; the kernels that take the path (ntxent, a user's
+InfoNCE of N queries against M keys, so non-square products) against numpy references with
+gradients derived by hand, on shapes down to N = 1 and D = 1, in float32 and float64; and a
+kernel calling np.dot loads from the disk cache in a later process without compiling.
+"""
+import sys
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import lossdsl
+from lossdsl import api, jit
+from lossdsl.contract import products
+from lossdsl.primitives import Sum
+from test_embedding_losses import ref_ntxent
+
+i, j, d, m = (sp.Symbol(n, integer=True) for n in "ijdm")
+N, D = sp.Symbol("N", integer=True, positive=True), sp.Symbol("D", integer=True, positive=True)
+u, ds, a, b = (sp.Function(n, real=True) for n in ("u", "ds", "a", "b"))
+tau = sp.Symbol("tau", positive=True)
+
+
+def found(e, order=()):
+    return [(p.p, p.q, p.left, p.right) for p in products(e, lambda s: s.is_integer and s not in (N, D), order)]
+
+
+def test_recognizes_products_and_their_adjoint_forms():
+    # s[i, j] = Σ_d u[i, d]·u[j, d]/τ: the 1/τ is outside the sum, the product u·uᵀ inside
+    assert found(Sum(d, D, u(i, d) * u(j, d), sp.true) / tau, (i, j)) == [(i, j, u(i, d), u(j, d))]
+    # the adjoint Σ_i d_s[i, m]·u[i, d] (d_sᵀ·u), rows in the order of the map's indices
+    assert found(Sum(i, N, ds(i, m) * u(i, d), sp.true), (m, d)) == [(m, d, ds(i, m), u(i, d))]
+    # elementwise factors of one side stay with that side: (a[i, d] - 1)·b[j, d]²
+    assert found(Sum(d, D, (a(i, d) - 1) * b(j, d) ** 2, sp.true), (i, j)) == [(i, j, a(i, d) - 1, b(j, d) ** 2)]
+
+
+@pytest.mark.parametrize("e", [
+    Sum(d, D, a(i, d) * b(i, d), sp.true),                      # one free index: a row reduction
+    Sum(d, D, a(i, j, d) * b(j, d), sp.true),                   # a factor of both free indices
+    Sum(d, D, a(i, d) * b(j, d), sp.Ne(d, i)),                  # a filtered sum
+    Sum(d, D, a(i, d) + b(j, d), sp.true),                      # not a product
+], ids=["row", "coupled", "filtered", "sum"])
+def test_rejects_what_is_not_a_matrix_product(e):
+    assert found(e) == []
+
+
+CROSS_NCE = """
+loss cross_nce "InfoNCE of N queries against M keys"
+  batch  N
+  input  q[N, D], k[M, D]
+  target pos[N] : class(M)
+  param  tau = 0.2 : positive
+  s[i, j] = sum[d] q[i, d] * k[j, d] / tau
+  loss = mean[i] (logsumexp[j] s[i, j] - s[i, pos[i]])
+"""
+
+
+def ref_cross_nce(q, k, pos, tau=0.2):
+    """mean_i (logsumexp_j s_ij - s_i,pos_i), s = q·kᵀ/τ; dL/ds = (softmax - onehot)/N by hand."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    n = q.shape[0]
+    s = q @ k.T / tau
+    mx = s.max(1, keepdims=True)
+    e = np.exp(s - mx)
+    loss = np.mean(mx[:, 0] + np.log(e.sum(1)) - s[np.arange(n), pos])
+    g = e / e.sum(1, keepdims=True)
+    g[np.arange(n), pos] -= 1
+    g /= n
+    return loss, (g @ k / tau, g.T @ q / tau)
+
+
+@pytest.fixture(scope="module")
+def cross_nce():
+    return lossdsl.compile(CROSS_NCE)["cross_nce"]
+
+
+def close(got, want, dtype):
+    rtol, atol = (2e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-14)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+
+
+def test_kernels_take_the_gemm_path(cross_nce):
+    # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q; ntxent: u·uᵀ, d_sᵀ·u and d_s·u: no triple loop left
+    for f in (cross_nce, lossdsl.load("ntxent")):
+        src = f.source(dtype="float64")
+        assert src.count("np.dot(") == 3, src
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n,mk,dim", [(1, 1, 1), (1, 3, 2), (4, 2, 1), (5, 7, 3), (9, 4, 6)])
+def test_cross_nce_matches_numpy(cross_nce, dtype, n, mk, dim):
+    rng = np.random.default_rng(n * 100 + mk * 10 + dim)
+    q, k = rng.normal(size=(n, dim)).astype(dtype), rng.normal(size=(mk, dim)).astype(dtype)
+    pos = rng.integers(0, mk, n)
+    v, (gq, gk) = cross_nce.value_and_grad(q, k, pos, tau=0.7)
+    want, (wq, wk) = ref_cross_nce(q, k, pos, tau=0.7)
+    assert gq.dtype == dtype and gk.shape == k.shape
+    close(v, want, dtype)
+    close(gq, wq, dtype)
+    close(gk, wk, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n,dim", [(2, 1), (2, 3), (3, 1), (7, 5), (16, 3)])
+def test_ntxent_matches_numpy(dtype, n, dim):
+    rng = np.random.default_rng(n * 10 + dim)
+    z = rng.normal(size=(n, dim)).astype(dtype)
+    pos = (np.arange(n) + rng.integers(1, n, n)) % n
+    v, (g,) = lossdsl.load("ntxent").value_and_grad(z, pos, tau=0.3)
+    want, (wg,) = ref_ntxent(z, pos, tau=0.3)
+    close(v, want, dtype)
+    close(g, wg, dtype)
+
+
+def test_kernel_calling_np_dot_loads_from_the_disk_cache(cross_nce):
+    """A kernel calling BLAS through np.dot is cached by numba like any other: after this process
+    forgets it, the next call loads it from disk and compiles nothing."""
+    q, k, pos = np.ones((2, 3)), np.eye(4, 3), np.array([1, 3])
+    f = cross_nce
+    for _ in range(2):
+        v, _ = f.value_and_grad(q, k, pos)
+        close(v, ref_cross_nce(q, k, pos)[0], np.float64)
+        jit._loaded.clear()
+        api._load_cached.cache_clear()
+        for name in [m for m in sys.modules if m.startswith("lossdsl_kernels.")]:
+            del sys.modules[name]
+        f = lossdsl.compile(CROSS_NCE)["cross_nce"]
+    f.value_and_grad(q, k, pos)
+    stats = f.kernel("float64").stats
+    assert (sum(stats.cache_hits.values()), sum(stats.cache_misses.values())) == (1, 0)
