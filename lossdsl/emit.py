@@ -28,6 +28,10 @@ CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
 
+LANES = 16          # a vector of float32 in AVX-512
+ROW = sp.Symbol("_row", integer=True)     # a row reduction's free index, in the keys of Emitter.shared
+
+
 class Emitter:
     """Writes indented lines; ``names`` maps sympy atoms (symbols, elements) to code."""
 
@@ -43,7 +47,12 @@ class Emitter:
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
         self.peaks = {}                     # max shift m of a logsumexp -> the arrays of its body
         self.loop_vars = {}                 # index Symbol -> loop variable name
+        self.lanes = False                  # logsumexps as lane_loops (in store_row's passes)
+        self.parts = {}                     # Reduce -> (variable of its value, of its peak or None)
         self.counter = itertools.count()
+        self.parallel_depth = None          # sum-only reduction loops at this depth run as numba.prange
+        self.shared = {}                    # row reduction, its free index as ROW -> (value, peak, argmax)
+                                            # arrays it was stored in: read, not computed again
 
     def fresh(self, stem):
         return f"{stem}{next(self.counter)}"
@@ -147,7 +156,7 @@ class Emitter:
         self.assign(named)
 
     def reductions(self, exprs, bound):
-        todo = _computable(exprs, bound, self)
+        todo = [r for r in _computable(exprs, bound, self) if not self.load_shared(r)]
         levels = {}
         for r in todo:
             levels[r] = _level(r, todo, levels)
@@ -160,6 +169,8 @@ class Emitter:
                 self.reduction_loops(size, group, bound)
 
     def reduction_loops(self, size, group, bound):
+        if self.lanes and all(isinstance(r, LogSumExp) and r not in self.exp_store for r in group):
+            return self.lane_loops(size, group, bound)
         k = sp.Symbol(self.fresh("_k"), integer=True)
         kvar = self.fresh("k")
         self.loop_vars[k] = kvar
@@ -187,28 +198,165 @@ class Emitter:
         if summed:                                      # pass 2: sums (shifted by the peak)
             for r in summed:
                 self.line(f"{acc[r]} = F(0.0)")
-            self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
+            # a batch loss's mean over rows: each row's inner reductions are private to its iteration
+            kind = "numba.prange" if self.depth == self.parallel_depth and not shifted else "range"
+            self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak), kind)
         for r in group:
             self.finish(r, acc[r], peak.get(r))
-            sym = sp.Symbol("_" + acc[r], real=True)     # CSE must see a reduction as one atom
-            self.names[sym] = acc[r]
-            self.known[r] = acc[r]
-            self.reduction_symbol[r] = sym
-            if isinstance(r, LogSumExp):
-                # m + l, printed so that l is added last: logsumexp(z) - z_y is (m - z_y) + l, which
-                # keeps l = 1e-17 where m + l would round it away
-                top = sp.Symbol("_" + peak[r], real=True)
-                self.names[top] = peak[r]
-                self.peaks[top] = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
-                self.last_terms.add(sym)
-                self.known[r] = f"({peak[r]} + {acc[r]})"
-                self.reduction_symbol[r] = top + sym
-                self.argvar[top + sym] = self.argvar[r]
-            if r in self.argvar:
-                self.argvar[sym] = self.argvar[r]
+            self.register(r, acc[r], peak.get(r))
 
-    def loop(self, kvar, size, group, bodies, conds, bound, step, state):
-        self.line(f"for {kvar} in range({self.index_code(size)}):")
+    def lane_loops(self, size, group, bound):
+        """Logsumexps computed in LANES interleaved lanes, so that LLVM vectorizes both passes (the
+        kernels have no reassociation to do it for a plain reduction): each lane's max and argmax
+        by selects, merged in index order (as the one-lane pass: the first index of the max wins,
+        the last NaN); then e^(b - m) stored to a row, which is summed by lanes."""
+        k = sp.Symbol(self.fresh("_k"), integer=True)
+        kvar, kb, lane = self.fresh("k"), self.fresh("kb"), self.fresh("l")
+        self.loop_vars[k] = kvar
+        n = self.index_code(size)
+        bodies = {r: substitute(r.body, {r.index: k}) for r in group}
+        conds = {r: substitute(r.cond, {r.index: k}) for r in group}
+        peak = {r: self.fresh("m") for r in group}
+        acc = {r: self.fresh("r") for r in group}
+        top = {r: (self.fresh("mx"), self.fresh("ag")) for r in group}
+        for mx, ag in top.values():
+            self.line(f"{mx} = np.full({LANES}, -np.inf, F)")
+            self.line(f"{ag} = np.full({LANES}, -1, np.int64)")
+
+        def lanes(step):
+            self.line(f"for {kb} in range(0, {n}, {LANES}):")
+            self.line(f"    for {lane} in range(min({LANES}, {n} - {kb})):")
+            self.line(f"        {kvar} = {kb} + {lane}")
+            self.depth += 2
+            named = [(self.fresh("b"), bodies[r]) for r in group]
+            conds_named = [(self.fresh("c"), conds[r]) for r in group]
+            saved = dict(self.known), dict(self.reduction_symbol)
+            self.scope(named + conds_named, bound | {k})
+            self.known, self.reduction_symbol = saved
+            for r, (b, _), (c, _) in zip(group, named, conds_named):
+                step(r, b, c)
+            self.depth -= 2
+
+        def track(r, b, c):
+            mx, ag = (f"{a}[{lane}]" for a in top[r])
+            t = self.fresh("t")
+            self.line(f"{t} = {c} and ({b} > {mx} or {b} != {b} or {ag} < 0)")
+            self.line(f"{mx} = {b} if {t} else {mx}")
+            self.line(f"{ag} = {kvar} if {t} else {ag}")
+        lanes(track)
+        for r in group:
+            m, arg, (mx, ag) = peak[r], self.fresh("arg"), top[r]
+            self.argvar[r] = arg
+            self.line(f"{m} = F(-math.inf)")
+            self.line(f"{arg} = -1")
+            self.line(f"for {lane} in range({LANES}):")
+            self.line(f"    if {ag}[{lane}] >= 0 and ({arg} < 0 or ({mx}[{lane}] != {mx}[{lane}] and ({m} == {m} or "
+                      f"{ag}[{lane}] > {arg})) or ({m} == {m} and ({mx}[{lane}] > {m} or ({mx}[{lane}] == {m} and "
+                      f"{ag}[{lane}] < {arg})))):")
+            self.line(f"        {m} = {mx}[{lane}]")
+            self.line(f"        {arg} = {ag}[{lane}]")
+        rows = {r: self.fresh("e") for r in group}
+        for r in group:
+            self.line(f"{rows[r]} = np.empty({n}, F)")
+        self.line(f"for {kvar} in range({n}):")
+        self.depth += 1
+        named = [(self.fresh("b"), bodies[r]) for r in group]
+        conds_named = [(self.fresh("c"), conds[r]) for r in group]
+        saved = dict(self.known), dict(self.reduction_symbol)
+        self.scope(named + conds_named, bound | {k})
+        self.known, self.reduction_symbol = saved
+        for r, (b, _), (c, _) in zip(group, named, conds_named):
+            # Σ_{k != argmax} e^(b - m), as accumulate()
+            self.line(f"{rows[r]}[{kvar}] = _exp({b} - {peak[r]}) if {c} and {kvar} != {self.argvar[r]} else F(0.0)")
+        self.depth -= 1
+        for r in group:
+            part = self.fresh("s")
+            self.line(f"{part} = np.zeros({LANES}, F)")
+            self.line(f"for {kb} in range(0, {n}, {LANES}):")
+            self.line(f"    for {lane} in range(min({LANES}, {n} - {kb})):")
+            self.line(f"        {part}[{lane}] += {rows[r]}[{kb} + {lane}]")
+            self.line(f"{acc[r]} = F(0.0)")
+            self.line(f"for {lane} in range({LANES}):")
+            self.line(f"    {acc[r]} += {part}[{lane}]")
+            self.finish(r, acc[r], peak[r])
+            self.register(r, acc[r], peak[r])
+
+    def register(self, r, acc, peak):
+        """Reduction r is computed: its value in acc (a logsumexp's log1p part; its max in peak)."""
+        self.parts[r] = (acc, peak)
+        sym = sp.Symbol("_" + acc, real=True)     # CSE must see a reduction as one atom
+        self.names[sym] = acc
+        self.known[r] = acc
+        self.reduction_symbol[r] = sym
+        if isinstance(r, LogSumExp):
+            # m + l, printed so that l is added last: logsumexp(z) - z_y is (m - z_y) + l, which
+            # keeps l = 1e-17 where m + l would round it away
+            top = sp.Symbol("_" + peak, real=True)
+            self.names[top] = peak
+            self.peaks[top] = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
+            self.last_terms.add(sym)
+            self.known[r] = f"({peak} + {acc})"
+            self.reduction_symbol[r] = top + sym
+            self.argvar[top + sym] = self.argvar[r]
+        if r in self.argvar:
+            self.argvar[sym] = self.argvar[r]
+
+    def row_index(self, r):
+        """The one index a reduction depends on (its row), or None."""
+        free = [s for s in r.free_symbols if s not in self.names]
+        return free[0] if len(free) == 1 else None
+
+    def load_shared(self, r):
+        """Read a row reduction stored by an earlier pass (store_row) instead of computing it."""
+        row = self.row_index(r) if self.shared else None
+        arrays = row is not None and self.shared.get(substitute(r, {row: ROW}))
+        if not arrays:
+            return False
+        at = self.index_code(row)
+        acc = self.fresh("r")
+        self.line(f"{acc} = {arrays[0]}[{at}]")
+        peak = None
+        if arrays[1]:
+            peak = self.fresh("m")
+            self.line(f"{peak} = {arrays[1]}[{at}]")
+        if arrays[2]:
+            self.argvar[r] = self.fresh("arg")
+            self.line(f"{self.argvar[r]} = {arrays[2]}[{at}]")
+        self.register(r, acc, peak)
+        return True
+
+    def store_row(self, r, row, size):
+        """A parallel pass computing r for every value of its row index into arrays, which later
+        reads of r (with the row index renamed) load instead of computing r again."""
+        n = self.index_code(size)
+        value, peak, arg = self.fresh("R"), None, None
+        self.line(f"{value} = np.empty({n}, F)")
+        if isinstance(r, LogSumExp):
+            peak = self.fresh("RM")
+            self.line(f"{peak} = np.empty({n}, F)")
+        if isinstance(r, (Max, Min, LogSumExp)):
+            arg = self.fresh("RA")
+            self.line(f"{arg} = np.empty({n}, np.int64)")
+        jvar = self.fresh("j")
+        self.loop_vars[row] = jvar
+        self.line(f"for {jvar} in numba.prange({n}):")
+        self.depth += 1
+        saved = dict(self.known), dict(self.reduction_symbol)
+        self.lanes = True
+        self.reductions([r], {row})
+        self.lanes = False
+        acc, top = self.parts[r]
+        self.line(f"{value}[{jvar}] = {acc}")
+        if peak:
+            self.line(f"{peak}[{jvar}] = {top}")
+        if arg:
+            self.line(f"{arg}[{jvar}] = {self.argvar[r]}")
+        self.known, self.reduction_symbol = saved
+        self.depth -= 1
+        self.shared[substitute(r, {row: ROW})] = (value, peak, arg)
+
+    def loop(self, kvar, size, group, bodies, conds, bound, step, state, kind="range"):
+        self.line(f"for {kvar} in {kind}({self.index_code(size)}):")
         self.depth += 1
         named = [(self.fresh("b"), bodies[r]) for r in group]
         conds_named = [(self.fresh("c"), conds[r]) for r in group if conds[r] is not sp.true]

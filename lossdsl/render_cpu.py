@@ -19,7 +19,7 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .contract import index_sizes, products
-from .emit import Emitter
+from .emit import ROW, Emitter
 from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, mul0, substitute
 
 EXP32 = '''
@@ -364,13 +364,25 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         return "(" + "".join(f"{size_var[low.sizes[a]]}, " for a in axes) + ")"
 
     gemm = _Products(em, compiled, sig, fn_array, size_var, buffers)
-    for name, fn, idx, axes, body in compiled.locals:
-        body = gemm.lower(body, idx, axes)
+    vector_grads = [(sig.grad_of[d.name], *compiled.grads[d.name], d.axes) for d in sig.inputs if d.axes]
+    stages = [(body, idx, axes) for _, _, idx, axes, body in compiled.locals] + [(compiled.expr, (), ())]
+    stages += [(e, idx, axes) for *_, idx, axes, e in compiled.adjoints] + [g[1:] for g in vector_grads]
+    stages += [(compiled.grads[d.name][0], (), ()) for d in sig.inputs if not d.axes]
+    shared = _shared_rows(em, low, stages)
+
+    def lower(n, e, idx=(), axes=()):
+        for r, row, size in shared.get(n, ()):
+            em.store_row(gemm.lower(r), row, size)
+        return gemm.lower(e, idx, axes)
+
+    for n, (name, fn, idx, axes, body) in enumerate(compiled.locals):
+        body = lower(n, body, idx, axes)
         em.line(f"{buffers[fn]} = {gemm.reusable(body, idx) or f'np.empty({shape(axes)}, F)'}    # {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
-    scalar_grads = [(f"d_{sig.grad_of[d.name]}", gemm.lower(compiled.grads[d.name][0]))
-                    for d in sig.inputs if not d.axes]
-    em.scope([("val", gemm.lower(compiled.expr))], set())
+    n = len(compiled.locals)
+    em.parallel_depth = em.depth
+    em.scope([("val", lower(n, compiled.expr))], set())
+    em.parallel_depth = None
     em.line("out[0] = val")
     if not sig.inputs:
         return
@@ -379,24 +391,47 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
     forward = {name: fn for name, fn, *_ in compiled.locals}
     later = [e for *_, e in compiled.adjoints] + [g for g, _ in compiled.grads.values()]
     for i, (name, fn, idx, axes, expr) in enumerate(compiled.adjoints):
+        n += 1
         overwrite = _overwritable(forward[name], expr, idx, later[i + 1:])
-        expr = gemm.lower(expr, idx, axes)
+        expr = lower(n, expr, idx, axes)
         if overwrite:
             em.line(f"{buffers[fn]} = {buffers[forward[name]]}    # d loss / d {name}, in place of {name}")
         else:
             em.line(f"{buffers[fn]} = {gemm.reusable(expr, idx) or f'np.empty({shape(axes)}, F)'}"
                     f"    # d loss / d {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", expr, idx, axes, size_var, low, True)
+    for grad, g, idx, axes in vector_grads:
+        n += 1
+        g = lower(n, g, idx, axes)
+        _map_loop(em, f"{grad}[{{}}]", "scale * ", g, idx, axes, size_var, low, True)
+    scalar_grads = [(f"d_{sig.grad_of[d.name]}", lower(n + 1 + k, compiled.grads[d.name][0]))
+                    for k, d in enumerate(d for d in sig.inputs if not d.axes)]
     if scalar_grads:
         em.scope(scalar_grads, set())
     for d in sig.inputs:
-        g, idx = compiled.grads[d.name]
-        if d.axes:
-            g = gemm.lower(g, idx, d.axes)
-            _map_loop(em, f"{sig.grad_of[d.name]}[{{}}]", "scale * ", g, idx, d.axes, size_var, low, True)
-        else:
+        if not d.axes:
             em.line(f"{sig.grad_of[d.name]}[0] = scale * d_{sig.grad_of[d.name]}")
     em.depth -= 1
+
+
+def _shared_rows(em, low, stages):
+    """{stage number: [(r, row index, size)]}: the row reductions (one free index, none nested)
+    that two stages or more read, to be stored by a pass of their own before the first of them:
+    ntxent's logsumexp over each row of s, in the value and again in its adjoint."""
+    uses = {}
+    for n, (e, idx, axes) in enumerate(stages):
+        sizes = index_sizes(e, idx, [low.sizes[a] for a in axes])
+        for r in e.atoms(Reduce):
+            row = em.row_index(r)
+            if row is None or r.body.atoms(Reduce) or r.has(IsArg) or sizes.get(row) is None:
+                continue
+            uses.setdefault(substitute(r, {row: ROW}), {}).setdefault(n, (r, row, sizes[row]))
+    out = {}
+    for at in uses.values():
+        if len(at) > 1:
+            first = min(at)
+            out.setdefault(first, []).append(at[first])
+    return out
 
 
 class _Products:

@@ -90,7 +90,7 @@ def test_kernels_take_the_gemm_path(cross_nce):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("n,mk,dim", [(1, 1, 1), (1, 3, 2), (4, 2, 1), (5, 7, 3), (9, 4, 6)])
+@pytest.mark.parametrize("n,mk,dim", [(1, 1, 1), (1, 3, 2), (4, 2, 1), (5, 7, 3), (9, 4, 6), (3, 37, 2)])
 def test_cross_nce_matches_numpy(cross_nce, dtype, n, mk, dim):
     rng = np.random.default_rng(n * 100 + mk * 10 + dim)
     q, k = rng.normal(size=(n, dim)).astype(dtype), rng.normal(size=(mk, dim)).astype(dtype)
@@ -103,8 +103,24 @@ def test_cross_nce_matches_numpy(cross_nce, dtype, n, mk, dim):
     close(gk, wk, dtype)
 
 
+def test_cross_nce_ties_and_nan(cross_nce):
+    """The row logsumexps run in 16 lanes (emit.lane_loops): equal maxima spread over lanes and a
+    row longer than the lanes give the reference; a NaN input gives a NaN value."""
+    rng = np.random.default_rng(5)
+    q, k = rng.normal(size=(3, 2)), np.tile(rng.normal(size=(1, 2)), (41, 1))
+    k[[3, 20, 35]] = 2 * k[0]                  # three equal maxima (or minima) in lanes 3, 4 and 3
+    pos = np.array([0, 20, 40])
+    v, (gq, gk) = cross_nce.value_and_grad(q, k, pos)
+    want, (wq, wk) = ref_cross_nce(q, k, pos)
+    close(v, want, np.float64)
+    close(gq, wq, np.float64)
+    close(gk, wk, np.float64)
+    q[1, 0] = np.nan
+    assert np.isnan(cross_nce(q, k, pos))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("n,dim", [(2, 1), (2, 3), (3, 1), (7, 5), (16, 3)])
+@pytest.mark.parametrize("n,dim", [(2, 1), (2, 3), (3, 1), (7, 5), (16, 3), (35, 2)])
 def test_ntxent_matches_numpy(dtype, n, dim):
     rng = np.random.default_rng(n * 10 + dim)
     z = rng.normal(size=(n, dim)).astype(dtype)
