@@ -359,7 +359,9 @@ def gradient_plan(em, compiled, sig, reuse=None):
 
 
 def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
-    """A batch loss: locals into buffers, the value, then adjoints in reverse, each a parallel map."""
+    """A batch loss: locals into buffers, the value, then adjoints in reverse, each a parallel map.
+    Contractions are matrix products (_Products); a row reduction that two of these stages read is
+    stored by a pass of its own before the first (_shared_rows, Emitter.store_row)."""
     def shape(axes):
         return "(" + "".join(f"{size_var[low.sizes[a]]}, " for a in axes) + ")"
 
