@@ -51,6 +51,7 @@ class Emitter:
         self.parts = {}                     # Reduce -> (variable of its value, of its peak or None)
         self.counter = itertools.count()
         self.parallel_depth = None          # sum-only reduction loops at this depth run as numba.prange
+        self.loop_kind = "range"            # of the next loop()
         self.shared = {}                    # row reduction, its free index as ROW -> (value, peak, argmax)
                                             # arrays it was stored in: read, not computed again
 
@@ -199,8 +200,9 @@ class Emitter:
             for r in summed:
                 self.line(f"{acc[r]} = F(0.0)")
             # a batch loss's mean over rows: each row's inner reductions are private to its iteration
-            kind = "numba.prange" if self.depth == self.parallel_depth and not shifted else "range"
-            self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak), kind)
+            if self.depth == self.parallel_depth and not shifted:
+                self.loop_kind = "numba.prange"
+            self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
         for r in group:
             self.finish(r, acc[r], peak.get(r))
             self.register(r, acc[r], peak.get(r))
@@ -355,7 +357,8 @@ class Emitter:
         self.depth -= 1
         self.shared[substitute(r, {row: ROW})] = (value, peak, arg)
 
-    def loop(self, kvar, size, group, bodies, conds, bound, step, state, kind="range"):
+    def loop(self, kvar, size, group, bodies, conds, bound, step, state):
+        kind, self.loop_kind = self.loop_kind, "range"      # the loops inside it are plain
         self.line(f"for {kvar} in {kind}({self.index_code(size)}):")
         self.depth += 1
         named = [(self.fresh("b"), bodies[r]) for r in group]
