@@ -94,3 +94,117 @@ def test_bad_target_values_are_reported_when_the_kernel_runs():
     f = lj.function("cross_entropy")
     with pytest.raises(Exception, match=r"loss 'cross_entropy': target 'y' must hold a class index in \[0, 7\)"):
         jax.block_until_ready(jax.jit(f)(LOGITS, LABELS + 7))
+
+
+# --------------------------------------------------------------------------------------
+# The CPU path: an XLA FFI custom call on XLA's own buffers (lossdsl/xla_ffi.py)
+# --------------------------------------------------------------------------------------
+
+def test_kernel_reads_and_writes_xlas_buffers(monkeypatch):
+    """No copy either way: the kernel reads the logits where XLA holds them, and the gradient
+    jax returns is the buffer the kernel wrote."""
+    seen = []
+    run_host = lossdsl.api._run_host
+
+    def spy(loss, call, arrays, weight, grad, out=None):
+        seen.append((arrays[0].ctypes.data, [o.ctypes.data for o in out]))
+        return run_host(loss, call, arrays, weight, grad, out)
+    monkeypatch.setattr(lossdsl.api, "_run_host", spy)
+    ce = lj.function("cross_entropy")
+    z = jnp.asarray(RNG.normal(0, 2, (256, 7)).astype(np.float32))
+    v, g = jax.jit(jax.value_and_grad(lambda z: ce(z, LABELS.repeat(16))))(z)
+    (z_in, (_, g_out)), = seen
+    assert z_in == z.unsafe_buffer_pointer() and g_out == g.unsafe_buffer_pointer()
+    rv, rg = jax.value_and_grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, LABELS.repeat(16)).mean())(z)
+    np.testing.assert_allclose(v, rv, rtol=2e-6)
+    np.testing.assert_allclose(g, rg, rtol=2e-5, atol=1e-7)
+
+
+def _optax_ce(z, y, reduction, w, ignore):
+    """torch's semantics written with optax: ignored samples count 0 and leave the mean."""
+    keep = y != ignore
+    per = optax.softmax_cross_entropy_with_integer_labels(z, jnp.where(keep, y, 0)) * keep * w
+    return {"none": per, "sum": per.sum(), "mean": per.sum() / keep.sum()}[reduction]
+
+
+@pytest.mark.parametrize("reduction,shape", [("mean", (16, 7)), ("sum", (16, 7)), ("none", (16, 7)),
+                                             ("none", (1, 7)), ("mean", (7,))])
+def test_reductions_weight_and_ignore_index_match_optax(reduction, shape):
+    ce = lj.function("cross_entropy")
+    z = jnp.asarray(RNG.normal(0, 2, shape).astype(np.float32))
+    y = jnp.asarray(RNG.integers(0, 7, shape[:-1]))
+    if len(shape) == 2 and shape[0] > 1:
+        y = y.at[0].set(-1)         # an ignored sample (one sample ignored would leave 0 / 0)
+    w = jnp.asarray(RNG.uniform(0, 2, shape[:-1]).astype(np.float32))
+    up = jnp.asarray(RNG.uniform(-1, 2, shape[:-1]).astype(np.float32))
+    ours = jax.jit(lambda z: ce(z, y, reduction=reduction, weight=w, ignore_index=-1))(z)
+    np.testing.assert_allclose(ours, _optax_ce(z, y, reduction, w, -1), rtol=2e-6, atol=1e-6)
+    scalar = (lambda v: (v * up).sum()) if reduction == "none" else (lambda v: 3.0 * v)
+    both(lambda z: scalar(ce(z, y, reduction=reduction, weight=w, ignore_index=-1)),
+         lambda z: scalar(_optax_ce(z, y, reduction, w, -1)), z)
+
+
+def test_vmap_of_grad_runs_the_kernel_per_batch_element():
+    huber = lj.function("huber")
+    t = jnp.asarray(RNG.normal(0, 1, 64).astype(np.float32))
+    batch = jnp.stack([Z, 0.5 * Z, -Z])
+    g = jax.jit(jax.vmap(jax.grad(lambda p: huber(p, t, delta=1.5, reduction="sum"))))(batch)
+    rg = jax.vmap(jax.grad(lambda p: optax.huber_loss(p, t, delta=1.5).sum()))(batch)
+    np.testing.assert_allclose(g, rg, rtol=2e-6, atol=1e-7)
+
+
+def test_user_loss_compiled_from_text():
+    from test_user_losses import QUANTILE
+    f = lj.function(lossdsl.compile(QUANTILE)["quantile"])
+    y = jnp.asarray(RNG.normal(0, 1, (4, 3)).astype(np.float32))
+    yhat = jnp.asarray(RNG.normal(0, 1, (4, 3)).astype(np.float32))
+    v, g = jax.jit(jax.value_and_grad(lambda a, q: f(a, y, q=q, reduction="sum")))(yhat, 0.7)
+    r = np.asarray(y, np.float64) - np.asarray(yhat)
+    np.testing.assert_allclose(v, np.maximum(0.7 * r, -0.3 * r).sum(), rtol=1e-6)
+    np.testing.assert_allclose(g, np.where(r > 0, -0.7, 0.3), rtol=1e-6)
+
+
+def test_errors_raised_inside_the_kernel_call_are_jax_runtime_errors():
+    focal = lj.function("focal")
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"loss 'focal': param 'gamma' = -1 is outside its domain"):
+        jax.block_until_ready(jax.jit(lambda z, g: focal(z, Y_HARD, gamma=g))(Z, -1.0))
+
+
+def test_an_unexpected_exception_in_a_handler_is_an_error_not_a_crash():
+    from lossdsl import xla_ffi
+
+    def broken(args, rets):
+        raise ZeroDivisionError("on purpose")
+    xla_ffi.register("lossdsl_test_broken", broken)
+    call = jax.ffi.ffi_call("lossdsl_test_broken", jax.ShapeDtypeStruct((), jnp.float32))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: lossdsl_test_broken: ZeroDivisionError: on purpose"):
+        jax.block_until_ready(jax.jit(call)(Z))
+
+
+def test_calls_from_several_threads():
+    """XLA calls the handler on the caller's thread; the parallel kernel (above the serial
+    threshold) must neither deadlock nor mix up buffers when two threads call at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    bce = lj.function("bce")
+    zs = [jnp.asarray(RNG.normal(0, 3, 40000).astype(np.float32)) for _ in range(4)]
+    y = jnp.asarray((RNG.uniform(0, 1, 40000) > 0.5).astype(np.float32))
+    vg = jax.jit(jax.value_and_grad(lambda z: bce(z, y)))
+    rvg = jax.jit(jax.value_and_grad(lambda z: optax.sigmoid_binary_cross_entropy(z, y).mean()))
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda z: [vg(z) for _ in range(5)][-1], zs))
+    for z, (v, g) in zip(zs, got):
+        rv, rg = rvg(z)
+        np.testing.assert_allclose(v, rv, rtol=2e-6)
+        np.testing.assert_allclose(g, rg, rtol=2e-5, atol=1e-10)
+
+
+def test_other_platforms_take_the_callback(monkeypatch):
+    """Where the FFI target is not registered (a GPU), a pure_callback runs the same kernel."""
+    monkeypatch.setattr(lj, "IN_PLACE", ())
+    ce = lj.function("cross_entropy")
+    fn = jax.jit(jax.value_and_grad(lambda z: (ce(z, LABELS, reduction="none") * UPSTREAM).sum()))
+    assert "lossdsl_" not in fn.lower(LOGITS).as_text()
+    v, g = fn(LOGITS)
+    rv, rg = jax.value_and_grad(lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, LABELS) * UPSTREAM).sum())(LOGITS)
+    np.testing.assert_allclose(v, rv, rtol=2e-6)
+    np.testing.assert_allclose(g, rg, rtol=2e-5, atol=1e-7)
