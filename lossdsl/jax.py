@@ -114,7 +114,7 @@ def function(name_or_loss):
         static = tuple((p, v) for p, v in zip(loss.params, checked) if p not in traced)
         operands = [_computed(a) for a in arrays]
         if weight is not None:
-            operands.append(jnp.asarray(weight))
+            operands.append(_computed(jnp.asarray(weight)))
         operands += [jnp.asarray(params[k], jnp.float32) for k in traced]
         fn = _vjp(loss, reduction, ignore_index, weight is not None, static, traced)
         value = fn(*operands)

@@ -8,8 +8,14 @@ C callback.
 
 The structs are those of jaxlib's ``xla/ffi/api/c_api.h`` (API version 0.3), declared with
 ctypes; the handler is a ``ctypes.CFUNCTYPE``, which takes the GIL on whatever thread XLA calls it.
+
+Large result buffers are advised to use huge pages before ``fn`` writes them, as numpy does for
+its own large arrays: XLA's fresh buffers otherwise take one page fault per 4 KiB on first
+write (16k faults for 64 MiB of gradients, 15-40% of a large loss call; measured).
 """
 import ctypes
+import mmap
+import sys
 import threading
 import traceback
 
@@ -116,6 +122,22 @@ def _array(buf):
     return np.frombuffer((ctypes.c_char * n).from_address(b.data), dtype).reshape(shape)
 
 
+_HUGE = 1 << 22         # bytes from which numpy madvises huge pages (numpy/_core/src/multiarray/alloc.c)
+_madvise = None
+if sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE"):
+    _madvise = ctypes.CDLL(None).madvise
+    _madvise.argtypes, _madvise.restype = (_p, _size, ctypes.c_int), ctypes.c_int
+
+
+def _result(buf):
+    """A result buffer, advised to take huge pages when large (a hint: failure changes nothing)."""
+    a = _array(buf)
+    if _madvise is not None and a.nbytes >= _HUGE:
+        start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+        _madvise(start, (a.ctypes.data + a.nbytes - start) // mmap.PAGESIZE * mmap.PAGESIZE, mmap.MADV_HUGEPAGE)
+    return a
+
+
 def _error(frame, code, message):
     """An XLA_FFI_Error made by XLA's own Error_Create (XLA owns and frees it)."""
     args = ErrorCreateArgs(ErrorCreateArgs.size_up_to("errc"), None, message.encode(errors="replace"), code)
@@ -146,7 +168,7 @@ def _handler(name, fn):
             if f.stage != _EXECUTE:
                 raise FfiError(f"execution stage {f.stage}: only the execute stage is handled")
             fn([_array(f.args.args[i]) for i in range(f.args.size)],
-               [_array(f.rets.args[i]) for i in range(f.rets.size)])
+               [_result(f.rets.args[i]) for i in range(f.rets.size)])
             return None
         except LossError as e:
             return _error(frame, _INVALID_ARGUMENT, str(e))

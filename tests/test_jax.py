@@ -66,9 +66,11 @@ def test_vmap_and_half_precision():
     batch = jnp.stack([Z, -Z])
     v = jax.vmap(lambda z: bce(z, Y_HARD))(batch)
     np.testing.assert_allclose(v, [optax.sigmoid_binary_cross_entropy(z, Y_HARD).mean() for z in batch], rtol=2e-6)
-    vh, gh = jax.value_and_grad(lambda z: bce(z, Y_HARD))(Z.astype(jnp.bfloat16))
+    w = jnp.linspace(0, 2, 64, dtype=jnp.bfloat16)      # half-precision weights and targets too
+    vh, gh = jax.value_and_grad(lambda z: bce(z, Y_HARD.astype(jnp.float16), weight=w))(Z.astype(jnp.bfloat16))
     assert vh.dtype == jnp.bfloat16 and gh.dtype == jnp.bfloat16
-    np.testing.assert_allclose(float(vh), float(optax.sigmoid_binary_cross_entropy(Z, Y_HARD).mean()), rtol=1e-2)
+    want = (optax.sigmoid_binary_cross_entropy(Z, Y_HARD) * w.astype(jnp.float32)).mean()
+    np.testing.assert_allclose(float(vh), float(want), rtol=1e-2)
 
 
 BAD = [
@@ -182,8 +184,8 @@ def test_an_unexpected_exception_in_a_handler_is_an_error_not_a_crash():
 
 
 def test_calls_from_several_threads():
-    """XLA calls the handler on the caller's thread; the parallel kernel (above the serial
-    threshold) must neither deadlock nor mix up buffers when two threads call at once."""
+    """XLA may call the handler on any thread: the parallel kernel (above the serial threshold)
+    must neither deadlock nor mix up buffers when two threads call at once."""
     from concurrent.futures import ThreadPoolExecutor
     bce = lj.function("bce")
     zs = [jnp.asarray(RNG.normal(0, 3, 40000).astype(np.float32)) for _ in range(4)]
