@@ -110,8 +110,8 @@ def function(name_or_loss):
         arrays = [jnp.asarray(a) for a in args]
         traced = tuple(sorted(k for k, v in params.items() if _is_traced(v)))
         # names, and the values known now, checked while tracing; traced values when the kernel runs
-        checked = param_values(loss, {k: (loss.params.get(k) if k in traced else v) for k, v in params.items()})
-        static = tuple((p, v) for p, v in zip(loss.params, checked) if p not in traced)
+        values = param_values(loss, {k: (loss.params.get(k) if k in traced else v) for k, v in params.items()})
+        static = tuple((p, v) for p, v in zip(loss.params, values) if p not in traced)
         operands = [_computed(a) for a in arrays]
         if weight is not None:
             operands.append(_computed(jnp.asarray(weight)))
