@@ -145,15 +145,19 @@ def _error(frame, code, message):
 
 
 def _metadata(frame):
-    """Answer XLA's registration-time query: the API version these structs follow, no traits."""
+    """Answer XLA's registration-time query: the API version these structs follow (or XLA's own
+    when older: the fields read here are in every version), no traits, no state."""
     ext = ctypes.cast(frame.contents.extension_start, ctypes.POINTER(MetadataExtension)).contents
     if ext.extension_base.struct_size < MetadataExtension.size_up_to("metadata") or \
             ext.metadata.contents.struct_size < Metadata.size_up_to("traits"):
         return _error(frame, _INVALID_ARGUMENT, "lossdsl FFI handler: XLA_FFI_Metadata is smaller than expected")
     m = ext.metadata.contents
-    m.api_version = ApiVersion(ApiVersion.size_up_to("minor_version"), None, *API_VERSION)
+    xla = frame.contents.api.contents.api_version
+    version = min(API_VERSION, (xla.major_version, xla.minor_version))
+    m.api_version = ApiVersion(ApiVersion.size_up_to("minor_version"), None, *version)
     m.traits = 0
-    m.state_type_id = 0     # XLA_FFI_UNKNOWN_TYPE_ID: no state
+    if m.struct_size >= Metadata.size_up_to("state_type_id"):      # older XLAs have no such field
+        m.state_type_id = 0     # XLA_FFI_UNKNOWN_TYPE_ID
     return None
 
 
