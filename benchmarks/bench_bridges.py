@@ -1,6 +1,6 @@
 """Cost of the framework bridges (lossdsl.torch, lossdsl.jax) over calling the kernel directly.
 
-    python benchmarks/bench_bridges.py [--quick] [--only torch|jax] [--out benchmarks/BRIDGES.md]
+    python benchmarks/bench_bridges.py [--quick | --repeat N] [--only torch|jax] [--out benchmarks/BRIDGES.md]
 
 1. Per-call overhead on a tiny batch (cross_entropy 8 x 10, float32), forward + backward:
    lossdsl.torch against F.cross_entropy, and the direct numpy call (Loss.value_and_grad);
@@ -125,11 +125,11 @@ def large(repeat):
     return rows
 
 
-def report(tiny_rows, large_rows):
+def report(tiny_rows, large_rows, flags=""):
     ms = lambda s: f"{s * 1e3:.1f}"            # noqa: E731
     us = lambda s: f"{s * 1e6:.1f}"            # noqa: E731
     out = ["# Framework bridges: overhead and throughput", "",
-           f"Produced by `python benchmarks/bench_bridges.py` on {time.strftime('%Y-%m-%d')}.", "",
+           f"Produced by `python benchmarks/bench_bridges.py{flags}` on {time.strftime('%Y-%m-%d')}.", "",
            f"- machine: {platform.machine()}, {numba.config.NUMBA_NUM_THREADS} cores, "
            f"{numba.get_num_threads()} threads for numba" + (f" and {torch.get_num_threads()} for torch" if torch else ""),
            f"- python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
@@ -158,6 +158,7 @@ def report(tiny_rows, large_rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--repeat", type=int, help="runs of each call (default 7, 3 with --quick)")
     ap.add_argument("--only", choices=("torch", "jax"), help="measure this bridge alone")
     ap.add_argument("--out", help="write the Markdown report here")
     args = ap.parse_args()
@@ -166,8 +167,10 @@ def main():
         jax = None
     elif args.only == "jax":
         torch = None
-    repeat = 3 if args.quick else 7
-    text = report(tiny(repeat), large(repeat))
+    repeat = args.repeat or (3 if args.quick else 7)
+    flags = (" --quick" if args.quick else "") + (f" --repeat {args.repeat}" if args.repeat else "") \
+        + (f" --only {args.only}" if args.only else "")
+    text = report(tiny(repeat), large(repeat), flags)
     print(text)
     if args.out:
         with open(args.out, "w") as fh:
