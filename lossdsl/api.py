@@ -212,10 +212,10 @@ class Loss:
 SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
 
 
-def _run_host(loss, call, arrays, weight, grad, out=None):
+def _run_host(loss, call, arrays, weight, grad, results=None):
     """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce.
 
-    ``out``: (value, *gradients) C-contiguous arrays of the results' shapes and dtype (a
+    ``results``: (value, *gradients) C-contiguous arrays of the results' shapes and dtype (a
     framework's result buffers) that the kernel writes into, in place of new arrays."""
     dtype, n_in = call.dtype, len(loss._inputs)
     inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
@@ -227,13 +227,13 @@ def _run_host(loss, call, arrays, weight, grad, out=None):
     if call.ignore_given:
         denominator = int(np.count_nonzero(targets[call.class_target_index()] != call.ignore))
     k = loss.kernel(call.dtype_name, call.fixed)
-    if out is None:
+    if results is None:
         grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
-        per_sample = np.empty(call.n_samples, dtype)
+        out = np.empty(call.n_samples, dtype)
     else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
-        grads = [g.reshape(a.shape) for g, a in zip(out[1:], inputs)] if grad else \
+        grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else \
             [np.empty((0,) * a.ndim, dtype) for a in inputs]
-        per_sample = out[0].reshape(call.n_samples) if call.reduction == "none" else np.empty(call.n_samples, dtype)
+        out = results[0].reshape(call.n_samples) if call.reduction == "none" else np.empty(call.n_samples, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
     # Small calls run on the calling thread: a parallel launch costs tens of microseconds, more
     # while a framework's own thread pool (torch's OpenMP) still spins on the same cores.
@@ -242,7 +242,7 @@ def _run_host(loss, call, arrays, weight, grad, out=None):
     if serial:
         numba.set_num_threads(1)
     try:
-        bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, per_sample,
+        bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
                 *grads, scale, call.ignore, weight is not None, grad)
     finally:
         if serial:
@@ -250,14 +250,14 @@ def _run_host(loss, call, arrays, weight, grad, out=None):
     if bad:
         call.raise_bad_targets(targets)
     if call.reduction == "none":
-        value = per_sample.reshape(call.sample_shape)
+        value = out.reshape(call.sample_shape)
     else:
-        total = per_sample.sum(dtype=np.float64)
+        total = out.sum(dtype=np.float64)
         if call.reduction == "mean":
             total = total / denominator if denominator else np.nan
         value = dtype.type(total)
-        if out is not None:
-            out[0][()] = value
+        if results is not None:
+            results[0][()] = value
     if not grad:
         return value, None
     return value, tuple(g.reshape(s) for g, s in zip(grads, call.input_shapes))

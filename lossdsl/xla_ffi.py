@@ -171,8 +171,8 @@ def _handler(name, fn):
                 raise FfiError(f"XLA_FFI_CallFrame of {f.struct_size} bytes, expected at least {_FRAME_SIZE}")
             if f.stage != _EXECUTE:
                 raise FfiError(f"execution stage {f.stage}: only the execute stage is handled")
-            fn([_array(f.args.args[i]) for i in range(f.args.size)],
-               [_result(f.rets.args[i]) for i in range(f.rets.size)])
+            args, rets = f.args, f.rets
+            fn([_array(args.args[i]) for i in range(args.size)], [_result(rets.args[i]) for i in range(rets.size)])
             return None
         except LossError as e:
             return _error(frame, _INVALID_ARGUMENT, str(e))

@@ -108,9 +108,9 @@ def test_kernel_reads_and_writes_xlas_buffers(monkeypatch):
     seen = []
     run_host = lossdsl.api._run_host
 
-    def spy(loss, call, arrays, weight, grad, out=None):
-        seen.append((arrays[0].ctypes.data, [o.ctypes.data for o in out]))
-        return run_host(loss, call, arrays, weight, grad, out)
+    def spy(loss, call, arrays, weight, grad, results=None):
+        seen.append((arrays[0].ctypes.data, [r.ctypes.data for r in results]))
+        return run_host(loss, call, arrays, weight, grad, results)
     monkeypatch.setattr(lossdsl.api, "_run_host", spy)
     ce = lj.function("cross_entropy")
     z = jnp.asarray(RNG.normal(0, 2, (256, 7)).astype(np.float32))
