@@ -115,7 +115,9 @@ def function(name_or_loss):
         operands = [_computed(a) for a in arrays]
         if weight is not None:
             operands.append(_computed(jnp.asarray(weight)))
-        operands += [jnp.asarray(params[k], jnp.float32) for k in traced]
+        # traced params in the dtype the kernel computes in (float64 ones stay float64 under x64)
+        computed = operands[0].dtype if n_in and jnp.issubdtype(operands[0].dtype, jnp.floating) else jnp.float32
+        operands += [jnp.asarray(params[k], computed) for k in traced]
         fn = _vjp(loss, reduction, ignore_index, weight is not None, static, traced)
         value = fn(*operands)
         return value.astype(arrays[0].dtype) if n_in and arrays[0].dtype in _HALF else value

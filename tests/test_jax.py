@@ -61,6 +61,18 @@ def test_params_may_be_traced():
     np.testing.assert_allclose(v, optax.huber_loss(Z, t, delta=0.5).mean(), rtol=2e-6)
 
 
+def test_float64_under_x64_with_a_traced_param():
+    """A traced param is passed in the inputs' dtype: a float32 delta would be off by 1e-8."""
+    huber = lj.function("huber")
+    with jax.enable_x64(True):
+        p, t = jnp.asarray(np.asarray(Z, np.float64) / 3), jnp.zeros(64)
+        v, g = jax.jit(jax.value_and_grad(lambda p, d: huber(p, t, delta=d, reduction="sum")))(p, 0.7)
+        rv, rg = jax.value_and_grad(lambda p: optax.huber_loss(p, t, delta=0.7).sum())(p)
+        assert v.dtype == jnp.float64
+        np.testing.assert_allclose(v, rv, rtol=1e-12)
+        np.testing.assert_allclose(g, rg, rtol=1e-12, atol=1e-15)
+
+
 def test_vmap_and_half_precision():
     bce = lj.function("bce")
     batch = jnp.stack([Z, -Z])
