@@ -28,10 +28,10 @@ API_VERSION = (0, 3)    # the c_api.h these structs transcribe
 _METADATA = 1           # XLA_FFI_Extension_Metadata
 _EXECUTE = 3            # XLA_FFI_ExecutionStage_EXECUTE
 _INVALID_ARGUMENT, _INTERNAL = 3, 13    # XLA_FFI_Error_Code
-# XLA_FFI_DataType -> numpy (bfloat16 and float16 never reach a handler: the bridge computes in float32)
-_DTYPES = {1: np.bool_, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.uint8, 7: np.uint16,
-           8: np.uint32, 9: np.uint64, 10: np.float16, 11: np.float32, 12: np.float64}
-_DTYPES = {k: np.dtype(v) for k, v in _DTYPES.items()}
+# XLA_FFI_DataType -> numpy (no bfloat16: the jax bridge computes half precision in float32)
+_DTYPES = {k: np.dtype(v) for k, v in {
+    1: np.bool_, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.uint8, 7: np.uint16,
+    8: np.uint32, 9: np.uint64, 10: np.float16, 11: np.float32, 12: np.float64}.items()}
 
 _p, _size, _i64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
 
@@ -190,5 +190,6 @@ def register(name, fn):
     with _lock:
         if name in _handlers:
             return
-        h = _handlers[name] = _handler(name, fn)
+        h = _handler(name, fn)
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.cast(h, _p).value), platform="cpu")
+        _handlers[name] = h
