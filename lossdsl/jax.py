@@ -10,7 +10,8 @@ and ``jax.vmap``, which runs the kernel once per batch element), and whose backw
 the saved gradients by the cotangent (under ``jit`` XLA drops the scaling by a constant 1).
 
 - On the CPU the kernel is an XLA FFI custom call (xla_ffi.py): it reads XLA's operand buffers
-  and writes the value and the gradients into XLA's result buffers, no copy either way.
+  and writes the value and the gradients into XLA's result buffers (inputs and gradients are
+  never copied).
 - Arguments are checked while tracing (shapes, dtypes, params given as numbers): a bad call
   raises the same ``LossError`` as with numpy arrays. Targets are checked by the kernel when it
   runs; jax raises that error as its runtime error (``JaxRuntimeError``), with the
