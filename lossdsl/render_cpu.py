@@ -9,7 +9,10 @@ inside the same loop *before* anything is read through them (a class target inde
 logits), and a count of bad samples is returned so the caller can raise a clear error.
 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
-           has_w, want_grad) -> bad
+           has_w, want_grad, serial) -> bad
+
+``serial`` runs the call on the calling thread: waking the pool costs more than a small batch's
+work, and switching inside the kernel is free where numba.set_num_threads from Python is not.
 
 Arrays not wanted are passed empty and the flags say so: one compiled signature per dtype
 (numba would compile one per combination of None arguments).
@@ -293,7 +296,7 @@ class Signature:
         names += [f"p{i}" for i in range(len(self.params))]
         names += [f"K{i}" for i in range(len(self.sizes))]
         names += ["w", "out"] + [self.grad_of[d.name] for d in self.inputs] + ["scale", "ignore"]
-        names += ["has_w", "want_grad"]
+        names += ["has_w", "want_grad", "serial"]
         return names
 
 
@@ -596,9 +599,10 @@ def _module(sig, dtype, body, compiled):
             "            fastmath={'nsz', 'contract'})",
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
+    threads = ["    threads = numba.get_num_threads()", "    if serial:", "        numba.set_num_threads(1)"]
+    tail = ["    numba.set_num_threads(threads)", "    return bad", ""]
     if sig.batch:
-        lines = head + ["    bad = 0", "    for _once in range(1):"] + body + ["    return bad", ""]
+        lines = head + threads + ["    bad = 0", "    for _once in range(1):"] + body + tail
     else:
-        lines = head + [f"    N = {first}", "    bad = 0",
-                        "    for n in numba.prange(N):"] + body + ["    return bad", ""]
+        lines = head + threads + [f"    N = {first}", "    bad = 0", "    for n in numba.prange(N):"] + body + tail
     return "\n".join(lines)
