@@ -10,7 +10,6 @@ import difflib
 from functools import lru_cache
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from . import cuda_dispatch, ir, jit
@@ -237,16 +236,8 @@ def _run_host(loss, call, arrays, weight, grad, results=None):
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
     # Small calls run on the calling thread: a parallel launch costs tens of microseconds, more
     # while a framework's own thread pool (torch's OpenMP) still spins on the same cores.
-    threads = numba.get_num_threads()
-    serial = call.elements < SERIAL_BELOW and threads > 1
-    if serial:
-        numba.set_num_threads(1)
-    try:
-        bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
-                *grads, scale, call.ignore, weight is not None, grad)
-    finally:
-        if serial:
-            numba.set_num_threads(threads)
+    bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
+            *grads, scale, call.ignore, weight is not None, grad, call.elements < SERIAL_BELOW)
     if bad:
         call.raise_bad_targets(targets)
     if call.reduction == "none":
