@@ -7,7 +7,9 @@ Two halves:
   process with it set): every library loss's CUDA kernels agree with its CPU kernels, value and
   every gradient, float32 and float64, reductions none / mean / sum, ``weight``,
   ``ignore_index``, rows longer than one block (32 threads here), ``-inf`` masked and extreme
-  logits; bad input on the device path raises ``LossError`` subclasses.
+  logits; bad input on the device path raises ``LossError`` subclasses. And accuracy: every
+  library loss's CUDA kernels on a small sample of the accuracy audit's points (all three
+  samplers), against the exact evaluator, with the bounds of test_accuracy.py.
 * In the normal process: every generated kernel compiles to PTX with ``numba.cuda.compile_ptx``
   (NVIDIA's NVVM, from the ``nvidia-nvvm`` wheel, no driver needed) for float32 and float64,
   and float32 kernels do no float64 arithmetic besides the float64 batch total. Skipped with the
@@ -363,6 +365,41 @@ def test_bad_targets_on_a_given_stream():
     with pytest.raises(lossdsl.DomainError, match=r"class index in \[0, 3\); got .*7.* at sample 2"):
         load("cross_entropy")._run([dev(z), dev(np.array([0, 1, 7, 2]))], "mean", None, None, {}, True,
                                    cuda.stream())
+
+
+# --- accuracy against exact arithmetic (the audit of test_accuracy.py, on the device) ----------
+
+ACC_POINTS, ACC_POINTS_BATCH = 8, 1     # per sampler: a sample (the CPU test takes 60-150)
+
+
+@needs_sim
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", lossdsl.names())
+def test_device_accuracy(name, dtype):
+    """The CUDA kernels on the audit's points (bit patterns, values, adversarial: ±inf, huge equal
+    and masked logits, soft labels) against the exact evaluator: within test_accuracy's bounds,
+    or, where a sample this small misses them (a mean over 8 points; the losses test_accuracy
+    marks as known failures), no worse than the CPU kernels on the same points."""
+    import warnings
+    from lossdsl.audit import audit
+    from test_accuracy import SEED, SIZE, make_exclude, violations
+    loss = load(name)
+    kw = dict(points=ACC_POINTS_BATCH if loss._c.definition.batch else ACC_POINTS, seed=SEED, naive=False,
+              size=SIZE, exclude=make_exclude(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rep = audit(loss, dtype, device=True, **kw)
+        if not violations(rep, loss):
+            return
+        cpu = audit(loss, dtype, **kw)
+    worse = []
+    for sampler, per in rep.by_sampler.items():
+        for o, s in per.items():
+            c = cpu.by_sampler[sampler][o]
+            if s.nonfinite > c.nonfinite or s.mean > max(c.mean, 1.0) + 0.25 or s.p99 > c.p99 + 1:
+                worse.append(f"{o}/{sampler}: device mean {s.mean:.2f} p99 {s.p99:.2f} non-finite {s.nonfinite}; "
+                             f"CPU mean {c.mean:.2f} p99 {c.p99:.2f} non-finite {c.nonfinite}; worst {s.worst}")
+    assert not worse, f"{name} {dtype}:\n  " + "\n  ".join(worse)
 
 
 # --- bad input on the device path ----------------------------------------------------------
