@@ -26,8 +26,15 @@ from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, S
                          expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
                          xlogy)
 
+class ExpDiff(sp.Function):
+    """e^(b - m) with the rounding error of b - m put back (the helper _expdiff): a softmax numerator
+    that a back end recomputes rather than stores (``Emitter.store_softmax``). Printing only."""
+    nargs = 2
+    is_real = True
+
+
 # sympy function -> helper or math function in the generated module
-CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
+CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "_tanh", sp.cosh: "math.cosh", sp.sinh: "_sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
@@ -39,6 +46,11 @@ CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1
 class Emitter:
     """Writes indented lines; ``names`` maps sympy atoms (symbols, elements) to code."""
 
+    # The softmax numerators e^(b - m) of a logsumexp's gradient: stored in the gradient buffer by
+    # their own pass and read back by the sum and the gradient (one exp per element), or, if False,
+    # recomputed by both with the same _expdiff, which gives the same values (no buffer traffic).
+    store_softmax = True
+
     def __init__(self, names, element, element_code=None):
         self.lines, self.depth = [], 1
         self.names = dict(names)            # Symbol -> code string
@@ -46,7 +58,7 @@ class Emitter:
         self.element_code = element_code    # (array name, index code) -> code string
         self.known = {}                     # Reduce -> variable name
         self.reduction_symbol = {}          # Reduce -> Symbol standing for it after it is computed
-        self.exp_store = {}                 # LogSumExp -> (buffer, sum variable): keep e^(b-m) per k
+        self.exp_store = {}                 # LogSumExp -> (buffer, Σ, Σ_rest, max shift or None) of its softmax
         self.last_terms = set()             # symbols added last in a sum (the log1p part of a logsumexp)
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
         self.peaks = {}                     # max shift m of a logsumexp -> the arrays of its body
@@ -180,7 +192,8 @@ class Emitter:
         peak = {}
         if shifted:                                     # pass 1: max / min / argmax / shifts
             for r in shifted:
-                peak[r] = acc[r] if isinstance(r, (Max, Min)) else self.fresh("m")
+                peak[r] = acc[r] if isinstance(r, (Max, Min)) else \
+                    self.exp_store.get(r, (None,) * 4)[3] or self.fresh("m")
                 init = "math.inf" if isinstance(r, Min) else "-math.inf"
                 self.line(f"{peak[r]} = F({init})")
                 if isinstance(r, (Max, Min, LogSumExp)):
@@ -188,7 +201,7 @@ class Emitter:
                     self.line(f"{self.argvar[r]} = -1")
             self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
             self.after_pass("peak", shifted, peak)
-        stored = [r for r in summed if r in self.exp_store]
+        stored = [r for r in summed if r in self.exp_store] if self.store_softmax else []
         if stored:                                      # e^(b - m) into the gradient buffer: a loop
             self.line("if want_grad:")                  # with no reduction, so LLVM vectorizes it
             self.depth += 1
@@ -268,8 +281,9 @@ class Emitter:
             # Σ_{k != argmax} e^(b - m): the argmax's own 1 is added back exactly in finish(), so
             # log1p keeps the small terms. A -inf peak makes the terms NaN; finish() ignores them.
             e = f"_exp({b} - {peak[r]})"
-            if r in self.exp_store:      # the gradient pass reuses e^(b - m) from the buffer
-                e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})"
+            if r in self.exp_store:      # the softmax numerators, as the gradient reads them
+                e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})" \
+                    if self.store_softmax else f"_expdiff({b}, {peak[r]})"
             self.line(f"{acc[r]} += {e} if {kvar} != {self.argvar[r]} else F(0.0)")
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
@@ -357,8 +371,9 @@ def gradient_plan(em, compiled, sig, fn_array):
 
 
 def _reuse_softmax(g, j, size, grad, em, fn_array):
-    """e^(b(j) - R) for a logsumexp R over j's axis: read e^(b(j) - m) stored by R's sum pass
-    in the gradient buffer, times 1/Σ. Saves one exp per element (DESIGN_NOTES, CPU anchors).
+    """e^(b(j) - R) for a logsumexp R over j's axis: e^(b(j) - m) / Σ, the numerator read from the
+    gradient buffer where R's own pass stored it (saves one exp per element: DESIGN_NOTES, CPU
+    anchors), or recomputed (``Emitter.store_softmax``); either way the _expdiff that R's sum adds.
 
     At the argmax the softmax is written [j = arg] + (-Σ_rest/Σ), the small part added last, so
     that softmax_y - 1 of a confident row is -Σ_rest/Σ (1e-18), not 1/Σ - 1 (0)."""
@@ -366,15 +381,20 @@ def _reuse_softmax(g, j, size, grad, em, fn_array):
         pattern = sp.exp(substitute(r.body, {r.index: j}) - r)
         if r.cond is sp.true and r.size == size and g.has(pattern):
             total, rest = em.fresh("s"), em.fresh("sr")
-            buf = sp.Function("_buf_" + grad, real=True)
-            fn_array[buf] = grad
+            peak = None if em.store_softmax else em.fresh("m")
             s_sym = sp.Symbol("_" + total, positive=True)
             rest_sym = sp.Symbol("_" + rest, nonnegative=True)
             em.names[s_sym], em.names[rest_sym] = total, rest
             em.last_terms.add(rest_sym)
-            em.exp_store[r] = (grad, total, rest)
+            em.exp_store[r] = (grad, total, rest, peak)
+            if em.store_softmax:
+                buf = sp.Function("_buf_" + grad, real=True)
+                fn_array[buf] = grad
+                numerator = buf(j)
+            else:      # the symbol reduction_loops gives the max shift (same name and assumptions)
+                numerator = ExpDiff(substitute(r.body, {r.index: j}), sp.Symbol("_" + peak, real=True))
             at_arg = IsArg(r, j)
-            small = Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
+            small = Select(-rest_sym / s_sym, numerator / s_sym, sp.Eq(at_arg, 1))
             # a product A·softmax is A·[j = arg] + A·small, the small part added last (KL's
             # Σp·softmax_j - p_j at the argmax of a one-hot p: A·(1 - 1e-9) rounds to A in float32)
             g = g.replace(lambda e: isinstance(e, mul0) and e.args[0] == pattern,

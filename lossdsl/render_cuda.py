@@ -211,10 +211,10 @@ def kernel_args(compiled):
 class BlockEmitter(Emitter):
     """An Emitter whose outermost reduction passes are shared by the threads of a block: each
     thread takes every ``nt``-th element, then the block combines the partial results in shared
-    memory. Loops inside such a loop (``open_loops`` > 0) are ordinary serial loops. Every shared
-    pass over an axis gives thread t the same elements (t, t + nt, ...), as does the gradient's
-    map loop: e^(b - m), stored in the gradient buffer by the store pass, is read back by the
-    thread that wrote it, with no barrier."""
+    memory. Loops inside such a loop (``open_loops`` > 0) are ordinary serial loops. A softmax's
+    numerators are recomputed by the gradient pass (an exp is cheap on the GPU, memory traffic is
+    not: a row is read three times and written once, not read five times and written twice)."""
+    store_softmax = False
 
     def __init__(self, names, element, element_code, cooperative):
         super().__init__(names, element, element_code)

@@ -143,6 +143,7 @@ def test_cuda_source_is_written_through_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(jit, "_loaded", {})          # other tests may have imported it already
     src = load("cross_entropy").source("cuda", "float32")
     assert "@cuda.jit" in src and "range(tid, " in src and "_bsum(" in src
+    assert "_expdiff(" in src and "_bargmax(" in src          # the CPU's softmax forms (emit.gradient_plan)
     assert "F = np.float32" in src and "cuda.atomic.add(res, 0, total)" in src
     if not HAVE_NUMBA_CUDA:
         pytest.skip("numba-cuda is not installed")
