@@ -28,6 +28,11 @@ import pytest
 import lossdsl
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIM:
+    # The simulator runs a block as one Python thread per CUDA thread while the launching thread
+    # polls them; at the default 5 ms GIL switch interval every barrier waits for switches. At
+    # 0.2 ms the simulated kernels run 2.5-3x faster (wall and CPU time, measured).
+    sys.setswitchinterval(2e-4)
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 needs_sim = pytest.mark.skipif(not SIM, reason="runs inside the simulator child process (test_simulator_suite)")
 needs_parent = pytest.mark.skipif(SIM, reason="runs in the normal test process")
