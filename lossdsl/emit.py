@@ -11,9 +11,10 @@ Identifiers are generated (a0, v0, t0, ...): user names never reach the source.
 
 ``gradient_plan`` is the per-sample plan both back ends render: which gradients are computed once
 per sample, which are maps over the input's axes, and the softmax forms of a logsumexp's gradient
-(e^(b - m) stored in the gradient buffer by its own pass, the argmax split). A back end lays the
-passes out through two hooks: ``loop_range`` (the iteration space of a reduction pass; CUDA shares
-it among a block's threads) and ``after_pass`` (CUDA combines the threads' partial results).
+(the argmax split; numerators e^(b - m) by _expdiff, stored in the gradient buffer by their own pass
+or recomputed: ``Emitter.store_softmax``). A back end lays the passes out through two hooks:
+``loop_range`` (the iteration space of a reduction pass; CUDA shares it among a block's threads)
+and ``after_pass`` (CUDA combines the threads' partial results).
 """
 import itertools
 
@@ -25,6 +26,7 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
                          expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
                          xlogy)
+
 
 class ExpDiff(sp.Function):
     """e^(b - m) with the rounding error of b - m put back (the helper _expdiff): a softmax numerator
@@ -355,8 +357,8 @@ class Emitter:
 def gradient_plan(em, compiled, sig, fn_array):
     """Scalar inputs' gradients as named expressions of the sample scope; vector inputs' as
     (decl, expression, indices) for their loops, with the loop-invariant parts moved out of the
-    loops into the sample scope, and a softmax over a logsumexp's axis read from the gradient
-    buffer (``_reuse_softmax``; ``fn_array`` learns the buffer's array). ``sig``: render_cpu's
+    loops into the sample scope, and a softmax over a logsumexp's axis in its stable form
+    (``_reuse_softmax``; ``fn_array`` learns the gradient buffer's array). ``sig``: render_cpu's
     Signature."""
     hoisted, maps = [], []
     for d in sig.inputs:

@@ -213,7 +213,7 @@ class BlockEmitter(Emitter):
     thread takes every ``nt``-th element, then the block combines the partial results in shared
     memory. Loops inside such a loop (``open_loops`` > 0) are ordinary serial loops. A softmax's
     numerators are recomputed by the gradient pass (an exp is cheap on the GPU, memory traffic is
-    not: a row is read three times and written once, not read five times and written twice)."""
+    not: cross_entropy reads a row three times and writes it once, not five times and twice)."""
     store_softmax = False
 
     def __init__(self, names, element, element_code, cooperative):
