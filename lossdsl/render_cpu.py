@@ -19,10 +19,9 @@ Arrays not wanted are passed empty and the flags say so: one compiled signature 
 """
 import sympy as sp
 from sympy.core.function import AppliedUndef
-from sympy.functions.elementary.piecewise import ExprCondPair
 
-from .emit import Emitter
-from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, mul0, substitute
+from .emit import Emitter, gradient_plan
+from .primitives import Reduce, Sum, substitute
 
 EXP32 = '''
 @intrinsic
@@ -346,9 +345,7 @@ def render(compiled, dtype):
 
 def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     """One sample: reductions and value, then each gradient (vector ones as loops over their axes)."""
-    def reuse(d, g, idx):
-        return _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
-    hoisted, maps = gradient_plan(em, compiled, sig, reuse)
+    hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = w[n] if has_w else F(1.0)")
     em.line("out[n] = wn * val")
@@ -362,22 +359,6 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
         for d, g, idx in maps:
             _map_loop(em, f"{sig.grad_of[d.name]}[n, {{}}]", "c * ", g, idx, d.axes, size_var, low, False)
         em.depth -= 1
-
-
-def gradient_plan(em, compiled, sig, reuse=None):
-    """Scalar inputs' gradients as named expressions of the sample scope; vector inputs' as
-    (decl, expression, indices) for their loops, with the loop-invariant parts moved out of the
-    loops into the sample scope. ``reuse(d, g, idx)`` may rewrite a vector gradient first."""
-    hoisted, maps = [], []
-    for d in sig.inputs:
-        g, idx = compiled.grads[d.name]
-        if reuse is not None and len(d.axes) == 1:
-            g = reuse(d, g, idx)
-        if d.axes:
-            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
-        else:
-            hoisted.append((f"d_{sig.grad_of[d.name]}", g))
-    return hoisted, maps
 
 
 def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
@@ -458,75 +439,6 @@ def _zero_sample(em, sig):
         em.line("    if want_grad:")
         for d in sig.inputs:
             em.line(f"        {sig.grad_of[d.name]}[{':' if sig.batch else 'n'}] = F(0.0)")
-
-
-def _reuse_softmax(g, j, size, grad, em, fn_array):
-    """e^(b(j) - R) for a logsumexp R over j's axis: read e^(b(j) - m) stored by R's sum pass
-    in the gradient buffer, times 1/Σ. Saves one exp per element (DESIGN_NOTES, CPU anchors).
-
-    At the argmax the softmax is written [j = arg] + (-Σ_rest/Σ), the small part added last, so
-    that softmax_y - 1 of a confident row is -Σ_rest/Σ (1e-18), not 1/Σ - 1 (0)."""
-    for r in g.atoms(LogSumExp):
-        pattern = sp.exp(substitute(r.body, {r.index: j}) - r)
-        if r.cond is sp.true and r.size == size and g.has(pattern):
-            total, rest = em.fresh("s"), em.fresh("sr")
-            buf = sp.Function("_buf_" + grad, real=True)
-            fn_array[buf] = grad
-            s_sym = sp.Symbol("_" + total, positive=True)
-            rest_sym = sp.Symbol("_" + rest, nonnegative=True)
-            em.names[s_sym], em.names[rest_sym] = total, rest
-            em.last_terms.add(rest_sym)
-            em.exp_store[r] = (grad, total, rest)
-            at_arg = IsArg(r, j)
-            small = Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
-            # a product A·softmax is A·[j = arg] + A·small, the small part added last (KL's
-            # Σp·softmax_j - p_j at the argmax of a one-hot p: A·(1 - 1e-9) rounds to A in float32)
-            g = g.replace(lambda e: isinstance(e, mul0) and e.args[0] == pattern,
-                          lambda e: mul0(at_arg, e.args[1]) + mul0(small, e.args[1]))
-            return _sum_but_own(g.xreplace({pattern: at_arg + small}), r, j)
-    return g
-
-
-def _sum_but_own(g, r, j):
-    """c·Σ_k b(k)·[j = arg] - c·b(j) is c·Σ_{k != arg} b(k) at the argmax: Σ_k p_k - p_arg of KL's
-    gradient is 0 where Σ p rounds to p_arg = 1, not the 1e-40 of the other p."""
-    if not g.is_Add:
-        return g
-    at_arg = IsArg(r, j)
-    for t1 in g.args:
-        if not (isinstance(t1, mul0) and t1.args[0] == at_arg):
-            continue
-        c, total = t1.args[1].as_coeff_Mul()
-        if type(total) is not Sum or total.cond is not sp.true:
-            continue
-        own = -c * substitute(total.body, {total.index: j})
-        for t2 in g.args:
-            if t2 is not t1 and t2 in (own, sp.piecewise_fold(own)):
-                k = total.index
-                others = Sum(k, total.size, total.body, sp.Eq(IsArg(r, k), 0))
-                rest = [a for a in g.args if a is not t1 and a is not t2]
-                return sp.Add(Select(c * others, t2, sp.Eq(at_arg, 1)), *rest)
-    return g
-
-
-def _hoist(g, idx, hoisted, em):
-    """Replace maximal subexpressions free of the map indices with precomputed variables."""
-    if isinstance(g, ExprCondPair):
-        return ExprCondPair(_hoist(g.expr, idx, hoisted, em), g.cond)
-    if not isinstance(g, sp.Expr) or g.is_Atom:
-        return g
-    if not (g.free_symbols & idx):
-        var = em.fresh("h")
-        sym = sp.Symbol("_" + var, real=True)
-        em.names[sym] = var
-        if g.free_symbols & em.last_terms:      # it stays a small part, added last
-            em.last_terms.add(sym)
-        hoisted.append((var, g))
-        return sym
-    if isinstance(g, (AppliedUndef, Reduce, sp.KroneckerDelta, IsArg)):
-        return g
-    args = [_hoist(a, idx, hoisted, em) for a in g.args]
-    return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
 
 
 def _overwritable(fn, expr, idx, later):
