@@ -6,10 +6,14 @@
    gradient, reductions none (weighted) and mean, plus long rows (cross_entropy, K = 50 000)
    and torch CUDA tensors passed straight in (when torch is installed); lossdsl.torch on CUDA
    tensors against the CPU bridge, on a side stream and in float16;
-2. timings, forward + backward, median of 5 after a warm-up: cross_entropy 65536 x 32000 float32
+2. accuracy: every library loss's kernels on the accuracy audit's points (lossdsl.audit: bit
+   patterns, realistic values, adversarial points), against exact arithmetic, on the GPU and on
+   the CPU: the GPU's error in bits, per sampler and output, no worse than the CPU's (mean
+   within 0.25 bits, p99 within 1 bit, no more non-finite results);
+3. timings, forward + backward, median of 5 after a warm-up: cross_entropy 65536 x 32000 float32
    and bce over 2^28 float32 elements, against torch CUDA where installed and a device-to-device
    copy of the input (the bandwidth floor);
-3. one table. Exit status 1 if any comparison fails.
+4. one table. Exit status 1 if any comparison fails.
 """
 import math
 import os
@@ -20,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import lossdsl  # noqa: E402
+from lossdsl.audit import audit  # noqa: E402
 from numba import cuda  # noqa: E402
 
 try:
@@ -182,7 +187,36 @@ def check_torch_bridge():
 
 
 # --------------------------------------------------------------------------------------
-# 2. timings
+# 2. accuracy: the GPU against exact arithmetic, no worse than the CPU
+# --------------------------------------------------------------------------------------
+
+def check_accuracy(points=12, batch_points=2, seed=20240604):
+    """Both audits draw the same points (same seed); the truth is lossdsl.exact's."""
+    import warnings
+    ok = True
+    for name in lossdsl.names():
+        f = lossdsl.load(name)
+        n = batch_points if f._c.definition.batch else points
+        for dtype in ("float32", "float64"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                gpu = audit(f, dtype, points=n, seed=seed, naive=False, device=True)
+                cpu = audit(f, dtype, points=n, seed=seed, naive=False)
+            worse, top = [], 0.0
+            for sampler, per in gpu.by_sampler.items():
+                for o, g in per.items():
+                    c = cpu.by_sampler[sampler][o]
+                    top = max(top, g.mean)
+                    if g.nonfinite > c.nonfinite or g.mean > c.mean + 0.25 or g.p99 > c.p99 + 1:
+                        worse.append(f"{o}/{sampler} {g.mean:.2f}/{g.p99:.1f} vs CPU {c.mean:.2f}/{c.p99:.1f}")
+            ok &= not worse
+            row("accuracy", f"{name} {dtype}", "ok" if not worse else "WORSE",
+                "; ".join(worse)[:200] or f"worst mean {top:.2f} bits ({n} points per sampler)")
+    return ok
+
+
+# --------------------------------------------------------------------------------------
+# 3. timings
 # --------------------------------------------------------------------------------------
 
 @cuda.jit
@@ -282,6 +316,7 @@ def main():
           f"{dev.MULTIPROCESSOR_COUNT} SMs; torch CUDA: {HAVE_TORCH}", flush=True)
     t0 = time.perf_counter()
     ok = check_all()
+    ok &= check_accuracy()
     bench()
     print(f"\n| section | what | result | detail |\n|---|---|---|---|")
     for r in ROWS:

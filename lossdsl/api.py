@@ -10,7 +10,6 @@ import difflib
 from functools import lru_cache
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from . import cuda_dispatch, ir, jit
@@ -212,8 +211,11 @@ class Loss:
 SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
 
 
-def _run_host(loss, call, arrays, weight, grad):
-    """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce."""
+def _run_host(loss, call, arrays, weight, grad, results=None):
+    """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce.
+
+    ``results``: (value, *gradients) C-contiguous arrays of the results' shapes and dtype (a
+    framework's result buffers) that the kernel writes into, in place of new arrays."""
     dtype, n_in = call.dtype, len(loss._inputs)
     inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
     targets = [np.ascontiguousarray(a.astype(t, copy=False).reshape(s))
@@ -224,21 +226,18 @@ def _run_host(loss, call, arrays, weight, grad):
     if call.ignore_given:
         denominator = int(np.count_nonzero(targets[call.class_target_index()] != call.ignore))
     k = loss.kernel(call.dtype_name, call.fixed)
-    grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
-    out = np.empty(call.n_samples, dtype)
+    if results is None:
+        grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
+        out = np.empty(call.n_samples, dtype)
+    else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
+        grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else \
+            [np.empty((0,) * a.ndim, dtype) for a in inputs]
+        out = results[0].reshape(call.n_samples) if call.reduction == "none" else np.empty(call.n_samples, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
     # Small calls run on the calling thread: a parallel launch costs tens of microseconds, more
     # while a framework's own thread pool (torch's OpenMP) still spins on the same cores.
-    threads = numba.get_num_threads()
-    serial = call.elements < SERIAL_BELOW and threads > 1
-    if serial:
-        numba.set_num_threads(1)
-    try:
-        bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
-                *grads, scale, call.ignore, weight is not None, grad)
-    finally:
-        if serial:
-            numba.set_num_threads(threads)
+    bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
+            *grads, scale, call.ignore, weight is not None, grad, call.elements < SERIAL_BELOW)
     if bad:
         call.raise_bad_targets(targets)
     if call.reduction == "none":
@@ -248,6 +247,8 @@ def _run_host(loss, call, arrays, weight, grad):
         if call.reduction == "mean":
             total = total / denominator if denominator else np.nan
         value = dtype.type(total)
+        if results is not None:
+            results[0][()] = value
     if not grad:
         return value, None
     return value, tuple(g.reshape(s) for g, s in zip(grads, call.input_shapes))

@@ -334,12 +334,15 @@ def _param_sets(loss, dtype):
 
 
 # --- the audit ----------------------------------------------------------------------------------------
-def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLERS, size=4, exclude=None):
+def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLERS, size=4, exclude=None,
+          device=False):
     """Bits of error of ``loss`` (a ``lossdsl.Loss``) in ``dtype``, ``points`` per sampler.
 
     ``naive``: also measure ``loss.naive()`` on the same points. ``size``: the size of every axis
     (K, D). ``exclude(output, point, index, truth)``: True leaves an entry out of the figures
-    (for cancellation inherent in the data; the count is reported). Returns a ``Report``.
+    (for cancellation inherent in the data; the count is reported). ``device``: measure the CUDA
+    kernels (a GPU, or numba's simulator), the arrays copied to the device and back; the points
+    are the same as the CPU's for the same seed. Returns a ``Report``.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -375,8 +378,8 @@ def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLE
                 continue
             args = [arrays[n][sel] for n in loss.inputs + loss.targets]
             run = _run_batches if batch else _run
-            got = run(loss, args, params)
-            ngot = run(naive_loss, args, params) if naive else None
+            got = run(loss, args, params, device)
+            ngot = run(naive_loss, args, params, device) if naive else None
             pvals = {k: float(dtype.type(v)) for k, v in params.items()}
             for j, i in enumerate(sel):
                 point = {n: arrays[n][i] for n in loss.inputs + loss.targets}
@@ -413,18 +416,25 @@ def audit(loss, dtype="float64", points=200, seed=0, naive=True, samplers=SAMPLE
     return rep
 
 
-def _run(loss, args, params):
+def _run(loss, args, params, device=False):
+    if device:
+        from numba import cuda
+        args = [cuda.to_device(np.ascontiguousarray(a)) for a in args]
     with np.errstate(all="ignore"):
         v, grads = loss.value_and_grad(*args, reduction="none", **params)
-    out = {"value": np.asarray(v)}
+    out = {"value": _host(v)}
     for name, g in zip(loss.inputs, grads):
-        out[name] = np.asarray(g)
+        out[name] = _host(g)
     return out
 
 
-def _run_batches(loss, args, params):
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _run_batches(loss, args, params, device=False):
     """A batch loss: each point is one batch, one call (its value is one number)."""
-    runs = [_run(loss, [a[i] for a in args], params) for i in range(len(args[0]))]
+    runs = [_run(loss, [a[i] for a in args], params, device) for i in range(len(args[0]))]
     return {o: np.stack([r[o] for r in runs]) for o in runs[0]}
 
 

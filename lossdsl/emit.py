@@ -8,18 +8,35 @@
      its own CSE, so nothing leaves the branch that guards it;
   3. the rest goes through sympy's CSE and the printer.
 Identifiers are generated (a0, v0, t0, ...): user names never reach the source.
+
+``gradient_plan`` is the per-sample plan both back ends render: which gradients are computed once
+per sample, which are maps over the input's axes, and the softmax forms of a logsumexp's gradient
+(the argmax split; numerators e^(b - m) by _expdiff, stored in the gradient buffer by their own pass
+or recomputed: ``Emitter.store_softmax``). A back end lays the passes out through two hooks:
+``loop_range`` (the iteration space of a reduction pass; CUDA shares it among a block's threads)
+and ``after_pass`` (CUDA combines the threads' partial results).
 """
 import itertools
 
 import sympy as sp
 from sympy import KroneckerDelta
+from sympy.core.function import AppliedUndef
+from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
                          expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
                          xlogy)
 
+
+class ExpDiff(sp.Function):
+    """e^(b - m) with the rounding error of b - m put back (the helper _expdiff): a softmax numerator
+    that a back end recomputes rather than stores (``Emitter.store_softmax``). Printing only."""
+    nargs = 2
+    is_real = True
+
+
 # sympy function -> helper or math function in the generated module
-CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
+CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "_tanh", sp.cosh: "math.cosh", sp.sinh: "_sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
@@ -29,11 +46,16 @@ CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1
 
 
 LANES = 16          # a vector of float32 in AVX-512
-ROW = sp.Symbol("_row", integer=True)     # a row reduction's free index, in the keys of Emitter.shared
+ROW = sp.Symbol("_row", integer=True)     # a row reduction's free index, in the keys of Emitter.stored_rows
 
 
 class Emitter:
     """Writes indented lines; ``names`` maps sympy atoms (symbols, elements) to code."""
+
+    # The softmax numerators e^(b - m) of a logsumexp's gradient: stored in the gradient buffer by
+    # their own pass and read back by the sum and the gradient (one exp per element), or, if False,
+    # recomputed by both with the same _expdiff, which gives the same values (no buffer traffic).
+    store_softmax = True
 
     def __init__(self, names, element, element_code=None):
         self.lines, self.depth = [], 1
@@ -42,17 +64,18 @@ class Emitter:
         self.element_code = element_code    # (array name, index code) -> code string
         self.known = {}                     # Reduce -> variable name
         self.reduction_symbol = {}          # Reduce -> Symbol standing for it after it is computed
-        self.exp_store = {}                 # LogSumExp -> (buffer, sum variable): keep e^(b-m) per k
+        self.exp_store = {}                 # LogSumExp -> (buffer, Σ, Σ_rest, max shift or None) of its softmax
         self.last_terms = set()             # symbols added last in a sum (the log1p part of a logsumexp)
         self.argvar = {}                    # Max/Min Reduce -> variable holding its argmax
         self.peaks = {}                     # max shift m of a logsumexp -> the arrays of its body
         self.loop_vars = {}                 # index Symbol -> loop variable name
         self.lanes = False                  # logsumexps as lane_loops (in store_row's passes)
         self.parts = {}                     # Reduce -> (variable of its value, of its peak or None)
+        self.open_loops = 0                 # loops the current line is inside (0: the sample scope)
         self.counter = itertools.count()
         self.parallel_depth = None          # sum-only reduction loops at this depth run as numba.prange
         self.loop_kind = "range"            # of the next loop()
-        self.shared = {}                    # row reduction, its free index as ROW -> (value, peak, argmax)
+        self.stored_rows = {}               # row reduction, its free index as ROW -> (value, peak, argmax)
                                             # arrays it was stored in: read, not computed again
 
     def fresh(self, stem):
@@ -183,14 +206,16 @@ class Emitter:
         peak = {}
         if shifted:                                     # pass 1: max / min / argmax / shifts
             for r in shifted:
-                peak[r] = acc[r] if isinstance(r, (Max, Min)) else self.fresh("m")
+                peak[r] = acc[r] if isinstance(r, (Max, Min)) else \
+                    self.exp_store.get(r, (None,) * 4)[3] or self.fresh("m")
                 init = "math.inf" if isinstance(r, Min) else "-math.inf"
                 self.line(f"{peak[r]} = F({init})")
                 if isinstance(r, (Max, Min, LogSumExp)):
                     self.argvar[r] = self.fresh("arg")
                     self.line(f"{self.argvar[r]} = -1")
             self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
-        stored = [r for r in summed if r in self.exp_store]
+            self.after_pass("peak", shifted, peak)
+        stored = [r for r in summed if r in self.exp_store] if self.store_softmax else []
         if stored:                                      # e^(b - m) into the gradient buffer: a loop
             self.line("if want_grad:")                  # with no reduction, so LLVM vectorizes it
             self.depth += 1
@@ -203,6 +228,7 @@ class Emitter:
             if self.depth == self.parallel_depth and not shifted:
                 self.loop_kind = "numba.prange"
             self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
+            self.after_pass("sum", summed, acc)
         for r in group:
             self.finish(r, acc[r], peak.get(r))
             self.register(r, acc[r], peak.get(r))
@@ -310,8 +336,8 @@ class Emitter:
 
     def load_shared(self, r):
         """Read a row reduction stored by an earlier pass (store_row) instead of computing it."""
-        row = self.row_index(r) if self.shared else None
-        arrays = row is not None and self.shared.get(substitute(r, {row: ROW}))
+        row = self.row_index(r) if self.stored_rows else None
+        arrays = row is not None and self.stored_rows.get(substitute(r, {row: ROW}))
         if not arrays:
             return False
         at = self.index_code(row)
@@ -355,12 +381,21 @@ class Emitter:
             self.line(f"{arg}[{jvar}] = {self.argvar[r]}")
         self.known, self.reduction_symbol = saved
         self.depth -= 1
-        self.shared[substitute(r, {row: ROW})] = (value, peak, arg)
+        self.stored_rows[substitute(r, {row: ROW})] = (value, peak, arg)
+
+    def loop_range(self, size):
+        """The iteration space of a reduction pass over ``size`` elements."""
+        return f"{self.loop_kind}({self.index_code(size)})"
+
+    def after_pass(self, kind, group, state):
+        """After the loop of a 'peak' pass (state: the peak variables of the group) or a 'sum' pass
+        (state: the accumulators). The store pass between them has nothing to combine."""
 
     def loop(self, kvar, size, group, bodies, conds, bound, step, state):
-        kind, self.loop_kind = self.loop_kind, "range"      # the loops inside it are plain
-        self.line(f"for {kvar} in {kind}({self.index_code(size)}):")
+        self.line(f"for {kvar} in {self.loop_range(size)}:")
+        self.loop_kind = "range"                            # the loops inside it are plain
         self.depth += 1
+        self.open_loops += 1
         named = [(self.fresh("b"), bodies[r]) for r in group]
         conds_named = [(self.fresh("c"), conds[r]) for r in group if conds[r] is not sp.true]
         # reductions computed inside the loop depend on its index: forget them after it
@@ -376,6 +411,7 @@ class Emitter:
             if r in cvar:
                 self.depth -= 1
         self.depth -= 1
+        self.open_loops -= 1
 
     def track_peak(self, r, b, kvar, peak):
         m = peak[r]
@@ -398,8 +434,9 @@ class Emitter:
             # Σ_{k != argmax} e^(b - m): the argmax's own 1 is added back exactly in finish(), so
             # log1p keeps the small terms. A -inf peak makes the terms NaN; finish() ignores them.
             e = f"_exp({b} - {peak[r]})"
-            if r in self.exp_store:      # the gradient pass reuses e^(b - m) from the buffer
-                e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})"
+            if r in self.exp_store:      # the softmax numerators, as the gradient reads them
+                e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})" \
+                    if self.store_softmax else f"_expdiff({b}, {peak[r]})"
             self.line(f"{acc[r]} += {e} if {kvar} != {self.argvar[r]} else F(0.0)")
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
@@ -465,6 +502,100 @@ class Emitter:
             self.line(f"{self.names[sym]} = {self.code(e)}")
         for (var, _), e in zip(plain, reduced):
             self.line(f"{var} = {self.code(e)}")
+
+
+# --- the gradient plan ------------------------------------------------------------------------
+def gradient_plan(em, compiled, sig, fn_array):
+    """Scalar inputs' gradients as named expressions of the sample scope; vector inputs' as
+    (decl, expression, indices) for their loops, with the loop-invariant parts moved out of the
+    loops into the sample scope, and a softmax over a logsumexp's axis in its stable form
+    (``_reuse_softmax``; ``fn_array`` learns the gradient buffer's array). ``sig``: render_cpu's
+    Signature."""
+    hoisted, maps = [], []
+    for d in sig.inputs:
+        g, idx = compiled.grads[d.name]
+        if len(d.axes) == 1:
+            g = _reuse_softmax(g, idx[0], compiled.lowered.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
+        if d.axes:
+            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
+        else:
+            hoisted.append((f"d_{sig.grad_of[d.name]}", g))
+    return hoisted, maps
+
+
+def _reuse_softmax(g, j, size, grad, em, fn_array):
+    """e^(b(j) - R) for a logsumexp R over j's axis: e^(b(j) - m) / Σ, the numerator read from the
+    gradient buffer where R's own pass stored it (saves one exp per element: DESIGN_NOTES, CPU
+    anchors), or recomputed (``Emitter.store_softmax``); either way the _expdiff that R's sum adds.
+
+    At the argmax the softmax is written [j = arg] + (-Σ_rest/Σ), the small part added last, so
+    that softmax_y - 1 of a confident row is -Σ_rest/Σ (1e-18), not 1/Σ - 1 (0)."""
+    for r in g.atoms(LogSumExp):
+        pattern = sp.exp(substitute(r.body, {r.index: j}) - r)
+        if r.cond is sp.true and r.size == size and g.has(pattern):
+            total, rest = em.fresh("s"), em.fresh("sr")
+            peak = None if em.store_softmax else em.fresh("m")
+            s_sym = sp.Symbol("_" + total, positive=True)
+            rest_sym = sp.Symbol("_" + rest, nonnegative=True)
+            em.names[s_sym], em.names[rest_sym] = total, rest
+            em.last_terms.add(rest_sym)
+            em.exp_store[r] = (grad, total, rest, peak)
+            if em.store_softmax:
+                buf = sp.Function("_buf_" + grad, real=True)
+                fn_array[buf] = grad
+                numerator = buf(j)
+            else:      # the symbol reduction_loops gives the max shift (same name and assumptions)
+                numerator = ExpDiff(substitute(r.body, {r.index: j}), sp.Symbol("_" + peak, real=True))
+            at_arg = IsArg(r, j)
+            small = Select(-rest_sym / s_sym, numerator / s_sym, sp.Eq(at_arg, 1))
+            # a product A·softmax is A·[j = arg] + A·small, the small part added last (KL's
+            # Σp·softmax_j - p_j at the argmax of a one-hot p: A·(1 - 1e-9) rounds to A in float32)
+            g = g.replace(lambda e: isinstance(e, mul0) and e.args[0] == pattern,
+                          lambda e: mul0(at_arg, e.args[1]) + mul0(small, e.args[1]))
+            return _sum_but_own(g.xreplace({pattern: at_arg + small}), r, j)
+    return g
+
+
+def _sum_but_own(g, r, j):
+    """c·Σ_k b(k)·[j = arg] - c·b(j) is c·Σ_{k != arg} b(k) at the argmax: Σ_k p_k - p_arg of KL's
+    gradient is 0 where Σ p rounds to p_arg = 1, not the 1e-40 of the other p."""
+    if not g.is_Add:
+        return g
+    at_arg = IsArg(r, j)
+    for t1 in g.args:
+        if not (isinstance(t1, mul0) and t1.args[0] == at_arg):
+            continue
+        c, total = t1.args[1].as_coeff_Mul()
+        if type(total) is not Sum or total.cond is not sp.true:
+            continue
+        own = -c * substitute(total.body, {total.index: j})
+        for t2 in g.args:
+            if t2 is not t1 and t2 in (own, sp.piecewise_fold(own)):
+                k = total.index
+                others = Sum(k, total.size, total.body, sp.Eq(IsArg(r, k), 0))
+                rest = [a for a in g.args if a is not t1 and a is not t2]
+                return sp.Add(Select(c * others, t2, sp.Eq(at_arg, 1)), *rest)
+    return g
+
+
+def _hoist(g, idx, hoisted, em):
+    """Replace maximal subexpressions free of the map indices with precomputed variables."""
+    if isinstance(g, ExprCondPair):
+        return ExprCondPair(_hoist(g.expr, idx, hoisted, em), g.cond)
+    if not isinstance(g, sp.Expr) or g.is_Atom:
+        return g
+    if not (g.free_symbols & idx):
+        var = em.fresh("h")
+        sym = sp.Symbol("_" + var, real=True)
+        em.names[sym] = var
+        if g.free_symbols & em.last_terms:      # it stays a small part, added last
+            em.last_terms.add(sym)
+        hoisted.append((var, g))
+        return sym
+    if isinstance(g, (AppliedUndef, Reduce, sp.KroneckerDelta, IsArg)):
+        return g
+    args = [_hoist(a, idx, hoisted, em) for a in g.args]
+    return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
 
 
 def _nan_guard(e):

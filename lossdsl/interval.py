@@ -17,8 +17,8 @@ from fractions import Fraction
 
 import numpy as np
 from mpmath.libmp import (fnan, fone, fzero, from_man_exp, from_rational, mpf_add, mpf_cmp, mpf_div, mpf_exp,
-                          mpf_log, mpf_mul, mpf_neg, mpf_sign, mpf_sqrt, mpf_sub, mpi_mul, mpi_pow_int, round_ceiling,
-                          round_floor, to_str)
+                          mpf_log, mpf_mul, mpf_neg, mpf_shift, mpf_sign, mpf_sqrt, mpf_sub, mpi_mul, mpi_pow_int,
+                          round_ceiling, round_floor, to_str)
 
 __all__ = ["FORMATS", "NAN", "Iv", "Arithmetic", "NoTruth", "round_to"]
 
@@ -317,7 +317,16 @@ class Arithmetic:
             lo = mpf_mul(a.lo, _LOG2E_HI, 64, _FL)
             hi = mpf_mul(a.hi, _LOG2E_LO, 64, _CE)
             return Iv(from_man_exp(1, _floor_int(lo)), from_man_exp(1, _ceil_int(hi)))
-        return self._increasing(mpf_exp, a)
+        return Iv(self._exp_end(a.lo, _FL), self._exp_end(a.hi, _CE))
+
+    def _exp_end(self, x, rnd):
+        """e^x rounded in direction ``rnd``. For tiny x mpmath rounds e^x to 1 both ways
+        (mpf_exp(3.8e-26, 70, ceiling) is 1, so e^x - 1 came out exactly 0): 1 + x <= e^x <= 1 + 2x
+        for 0 <= x <= 1, and 1 + x <= e^x <= 1 + x/2 for -1 <= x <= 0."""
+        if self._tiny(x):
+            up = mpf_add(x, x, 0) if mpf_sign(x) > 0 else mpf_shift(x, -1)
+            return mpf_add(fone, x, self.prec, _FL) if rnd == _FL else mpf_add(fone, up, self.prec, _CE)
+        return mpf_exp(x, self.prec, rnd)
 
     @_pointwise()
     def log(self, a):

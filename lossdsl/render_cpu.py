@@ -9,18 +9,20 @@ inside the same loop *before* anything is read through them (a class target inde
 logits), and a count of bad samples is returned so the caller can raise a clear error.
 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
-           has_w, want_grad) -> bad
+           has_w, want_grad, serial) -> bad
+
+``serial`` runs the call on the calling thread: waking the pool costs more than a small batch's
+work, and switching inside the kernel is free where numba.set_num_threads from Python is not.
 
 Arrays not wanted are passed empty and the flags say so: one compiled signature per dtype
 (numba would compile one per combination of None arguments).
 """
 import sympy as sp
 from sympy.core.function import AppliedUndef
-from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .contract import index_sizes, products
-from .emit import ROW, Emitter
-from .primitives import IsArg, LogSumExp, Reduce, Select, Sum, mul0, substitute
+from .emit import ROW, Emitter, gradient_plan
+from .primitives import IsArg, Reduce, Sum, substitute
 
 EXP32 = '''
 @intrinsic
@@ -115,6 +117,26 @@ def _{name}(x):
     return math.{name}(x)
 
 ''' for name in ("exp", "log1p", "tanh", "sinh"))
+
+# numba.set_num_threads inside a kernel holds a ctypes function as a global, and numba does not
+# cache such kernels; the threading layer's C functions, called by name as numba's own parallel
+# loops do, keep the kernel cacheable. numba.get_num_threads() at import registers those names.
+THREADS = '''
+@intrinsic
+def _swap_threads(typingctx, n):
+    def codegen(context, builder, sig, args):
+        get = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(cgutils.intp_t, []),
+                                             "get_num_threads")     # declared as numba's parfors do
+        put = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [
+            llvm_ir.IntType(32)]), "set_num_threads")              # C: void set_num_threads(int)
+        old = builder.call(get, [])
+        builder.call(put, [builder.trunc(args[0], llvm_ir.IntType(32))])
+        return old
+    return types.int64(types.int64), codegen
+
+
+numba.get_num_threads()
+'''
 
 # Helpers are separate numba functions: LLVM inlines them into the kernel all the same (so the
 # loops still vectorize), and numba compiles twice as fast as with inline="always".
@@ -294,7 +316,7 @@ class Signature:
         names += [f"p{i}" for i in range(len(self.params))]
         names += [f"K{i}" for i in range(len(self.sizes))]
         names += ["w", "out"] + [self.grad_of[d.name] for d in self.inputs] + ["scale", "ignore"]
-        names += ["has_w", "want_grad"]
+        names += ["has_w", "want_grad", "serial"]
         return names
 
 
@@ -324,9 +346,7 @@ def render(compiled, dtype):
 
 def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     """One sample: reductions and value, then each gradient (vector ones as loops over their axes)."""
-    def reuse(d, g, idx):
-        return _reuse_softmax(g, idx[0], low.sizes[d.axes[0]], sig.grad_of[d.name], em, fn_array)
-    hoisted, maps = gradient_plan(em, compiled, sig, reuse)
+    hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = w[n] if has_w else F(1.0)")
     em.line("out[n] = wn * val")
@@ -340,22 +360,6 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
         for d, g, idx in maps:
             _map_loop(em, f"{sig.grad_of[d.name]}[n, {{}}]", "c * ", g, idx, d.axes, size_var, low, False)
         em.depth -= 1
-
-
-def gradient_plan(em, compiled, sig, reuse=None):
-    """Scalar inputs' gradients as named expressions of the sample scope; vector inputs' as
-    (decl, expression, indices) for their loops, with the loop-invariant parts moved out of the
-    loops into the sample scope. ``reuse(d, g, idx)`` may rewrite a vector gradient first."""
-    hoisted, maps = [], []
-    for d in sig.inputs:
-        g, idx = compiled.grads[d.name]
-        if reuse is not None and len(d.axes) == 1:
-            g = reuse(d, g, idx)
-        if d.axes:
-            maps.append((d, _hoist(g, set(idx), hoisted, em), idx))
-        else:
-            hoisted.append((f"d_{sig.grad_of[d.name]}", g))
-    return hoisted, maps
 
 
 def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
@@ -543,75 +547,6 @@ def _zero_sample(em, sig):
             em.line(f"        {sig.grad_of[d.name]}[{':' if sig.batch else 'n'}] = F(0.0)")
 
 
-def _reuse_softmax(g, j, size, grad, em, fn_array):
-    """e^(b(j) - R) for a logsumexp R over j's axis: read e^(b(j) - m) stored by R's sum pass
-    in the gradient buffer, times 1/Σ. Saves one exp per element (DESIGN_NOTES, CPU anchors).
-
-    At the argmax the softmax is written [j = arg] + (-Σ_rest/Σ), the small part added last, so
-    that softmax_y - 1 of a confident row is -Σ_rest/Σ (1e-18), not 1/Σ - 1 (0)."""
-    for r in g.atoms(LogSumExp):
-        pattern = sp.exp(substitute(r.body, {r.index: j}) - r)
-        if r.cond is sp.true and r.size == size and g.has(pattern):
-            total, rest = em.fresh("s"), em.fresh("sr")
-            buf = sp.Function("_buf_" + grad, real=True)
-            fn_array[buf] = grad
-            s_sym = sp.Symbol("_" + total, positive=True)
-            rest_sym = sp.Symbol("_" + rest, nonnegative=True)
-            em.names[s_sym], em.names[rest_sym] = total, rest
-            em.last_terms.add(rest_sym)
-            em.exp_store[r] = (grad, total, rest)
-            at_arg = IsArg(r, j)
-            small = Select(-rest_sym / s_sym, buf(j) / s_sym, sp.Eq(at_arg, 1))
-            # a product A·softmax is A·[j = arg] + A·small, the small part added last (KL's
-            # Σp·softmax_j - p_j at the argmax of a one-hot p: A·(1 - 1e-9) rounds to A in float32)
-            g = g.replace(lambda e: isinstance(e, mul0) and e.args[0] == pattern,
-                          lambda e: mul0(at_arg, e.args[1]) + mul0(small, e.args[1]))
-            return _sum_but_own(g.xreplace({pattern: at_arg + small}), r, j)
-    return g
-
-
-def _sum_but_own(g, r, j):
-    """c·Σ_k b(k)·[j = arg] - c·b(j) is c·Σ_{k != arg} b(k) at the argmax: Σ_k p_k - p_arg of KL's
-    gradient is 0 where Σ p rounds to p_arg = 1, not the 1e-40 of the other p."""
-    if not g.is_Add:
-        return g
-    at_arg = IsArg(r, j)
-    for t1 in g.args:
-        if not (isinstance(t1, mul0) and t1.args[0] == at_arg):
-            continue
-        c, total = t1.args[1].as_coeff_Mul()
-        if type(total) is not Sum or total.cond is not sp.true:
-            continue
-        own = -c * substitute(total.body, {total.index: j})
-        for t2 in g.args:
-            if t2 is not t1 and t2 in (own, sp.piecewise_fold(own)):
-                k = total.index
-                others = Sum(k, total.size, total.body, sp.Eq(IsArg(r, k), 0))
-                rest = [a for a in g.args if a is not t1 and a is not t2]
-                return sp.Add(Select(c * others, t2, sp.Eq(at_arg, 1)), *rest)
-    return g
-
-
-def _hoist(g, idx, hoisted, em):
-    """Replace maximal subexpressions free of the map indices with precomputed variables."""
-    if isinstance(g, ExprCondPair):
-        return ExprCondPair(_hoist(g.expr, idx, hoisted, em), g.cond)
-    if not isinstance(g, sp.Expr) or g.is_Atom:
-        return g
-    if not (g.free_symbols & idx):
-        var = em.fresh("h")
-        sym = sp.Symbol("_" + var, real=True)
-        em.names[sym] = var
-        if g.free_symbols & em.last_terms:      # it stays a small part, added last
-            em.last_terms.add(sym)
-        hoisted.append((var, g))
-        return sym
-    if isinstance(g, (AppliedUndef, Reduce, sp.KroneckerDelta, IsArg)):
-        return g
-    args = [_hoist(a, idx, hoisted, em) for a in g.args]
-    return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
-
-
 def _overwritable(fn, expr, idx, later):
     """Can the adjoint of local ``fn`` be written over ``fn``'s own buffer?
 
@@ -694,17 +629,18 @@ def _module(sig, dtype, body, compiled):
     args = ", ".join(sig.args())
     head = [f"# Generated by lossdsl for loss '{compiled.definition.name}', {dtype}. Do not edit.",
             "import math", "import numba", "import numpy as np", "from llvmlite import ir as llvm_ir",
-            "from numba import types", "from numba.extending import intrinsic", "", f"F = np.{dtype}",
-            EXP32 if dtype == "float32" else EXP64, HELPERS.replace("@HELPER", HELPER_DECORATOR), "",
+            "from numba import types", "from numba.core import cgutils", "from numba.extending import intrinsic",
+            "", f"F = np.{dtype}", THREADS, EXP32 if dtype == "float32" else EXP64, HELPERS.replace("@HELPER", HELPER_DECORATOR), "",
             # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES); no reassoc:
             # it would fold the compensation terms of _exp and _log1p away
             "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True,",
             "            fastmath={'nsz', 'contract'})",
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
+    threads = ["    threads = _swap_threads(1) if serial else 0"]
+    tail = ["    if serial:", "        _swap_threads(threads)", "    return bad", ""]
     if sig.batch:
-        lines = head + ["    bad = 0", "    for _once in range(1):"] + body + ["    return bad", ""]
+        lines = head + threads + ["    bad = 0", "    for _once in range(1):"] + body + tail
     else:
-        lines = head + [f"    N = {first}", "    bad = 0",
-                        "    for n in numba.prange(N):"] + body + ["    return bad", ""]
+        lines = head + threads + [f"    N = {first}", "    bad = 0", "    for n in numba.prange(N):"] + body + tail
     return "\n".join(lines)

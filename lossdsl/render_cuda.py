@@ -36,9 +36,9 @@ import re
 
 import numpy as np
 
-from .emit import Emitter
+from .emit import Emitter, gradient_plan
 from .primitives import LogSumExp, Max, Min
-from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature, gradient_plan
+from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature
 
 MAXT = 256          # the most threads per block a generated kernel supports (a power of two)
 
@@ -56,12 +56,16 @@ F = np.{dtype}
 T = np.float64          # the batch total and the counters
 MAXT = {maxt}            # most threads per block (shared scratch size); blockDim.x must be a power of two
 SCRATCH = {scratch}        # MAXT + 32: shared scratch of the block combinations
-
-
-@cuda.jit(device=True, inline="always")
-def _exp(x):
-    return math.exp(x)
 '''
+
+# The helpers render_cpu writes as polynomials for float32 (LLVM on the CPU has no vector libm)
+# are libdevice calls here, in both dtypes: numba-cuda maps math.exp of a float32 to __nv_expf, etc.
+LIBM = "".join(f'''
+@cuda.jit(device=True, inline="always")
+def _{name}(x):
+    return math.{name}(x)
+
+''' for name in ("exp", "log1p", "tanh", "sinh"))
 
 # Block-wide combinations through shared memory, two barriers each: every thread posts its
 # value in sh[t]; the first warp folds every 32nd value into sh[MAXT + lane]; every thread then
@@ -205,43 +209,34 @@ def kernel_args(compiled):
 
 
 class BlockEmitter(Emitter):
-    """An Emitter whose outermost reduction loops are shared by the threads of a block: each
+    """An Emitter whose outermost reduction passes are shared by the threads of a block: each
     thread takes every ``nt``-th element, then the block combines the partial results in shared
-    memory. Loops inside such a loop (``serial`` > 0) are ordinary serial loops."""
+    memory. Loops inside such a loop (``open_loops`` > 0) are ordinary serial loops. A softmax's
+    numerators are recomputed by the gradient pass (an exp is cheap on the GPU, memory traffic is
+    not: cross_entropy reads a row three times and writes it once, not five times and twice)."""
+    store_softmax = False
 
     def __init__(self, names, element, element_code, cooperative):
         super().__init__(names, element, element_code)
         self.cooperative = cooperative
-        self.serial = 0
 
-    def loop(self, kvar, size, group, bodies, conds, bound, step, state):
-        if not self.cooperative or self.serial:
-            return super().loop(kvar, size, group, bodies, conds, bound, step, state)
-        start = len(self.lines)
-        self.serial += 1
-        try:
-            super().loop(kvar, size, group, bodies, conds, bound, step, state)
-        finally:
-            self.serial -= 1
-        pad = "    " * self.depth
-        head = f"{pad}for {kvar} in range({self.index_code(size)}):"
-        if self.lines[start] != head:
-            raise AssertionError(f"Emitter.loop wrote {self.lines[start]!r}, expected {head!r}")
-        self.lines[start] = f"{pad}for {kvar} in range(tid, {self.index_code(size)}, nt):"
-        if getattr(step, "__func__", None) is Emitter.track_peak:
-            peak = state
-            for r in group:
-                if isinstance(r, (Max, Min, LogSumExp)):     # a logsumexp's shift keeps its argmax too
-                    kind = "min" if isinstance(r, Min) else "max"
-                    a = self.argvar[r]
-                    self.line(f"{peak[r]}, {a} = _barg{kind}({peak[r]}, {a}, shf, shi)")
-                else:                     # the shift of a logsumexp / norm: NaN-propagating max
-                    self.line(f"{peak[r]} = _bmax({peak[r]}, shf)")
-        elif getattr(step, "__func__", None) is Emitter.accumulate:
-            acc, _ = state
-            for r in group:
-                self.line(f"{acc[r]} = _bsum({acc[r]}, shf)")
-        # any other pass (e.g. storing e^(b - m) for the gradient) is per element: nothing to combine
+    def shared(self):
+        return self.cooperative and not self.open_loops
+
+    def loop_range(self, size):
+        return f"range(tid, {self.index_code(size)}, nt)" if self.shared() else super().loop_range(size)
+
+    def after_pass(self, kind, group, state):
+        if not self.shared():
+            return
+        for r in group:
+            if kind == "sum":
+                self.line(f"{state[r]} = _bsum({state[r]}, shf)")
+            elif isinstance(r, (Max, Min, LogSumExp)):     # a logsumexp's shift keeps its argmax too
+                a = self.argvar[r]
+                self.line(f"{state[r]}, {a} = _barg{'min' if isinstance(r, Min) else 'max'}({state[r]}, {a}, shf, shi)")
+            else:                         # the shift of a norm: NaN-propagating max
+                self.line(f"{state[r]} = _bmax({state[r]}, shf)")
 
 
 def render(compiled, dtype):
@@ -296,10 +291,7 @@ def _once(em, coop, lines):
 
 
 def _sample_body(em, compiled, sig, low, fn_array, size_var, coop):
-    # No _reuse_softmax here (the CPU stores e^(b - m) in the gradient buffer to save an exp):
-    # on the GPU an exp is cheap and memory traffic is not, so the gradient pass recomputes it
-    # and each row is read three times and written once.
-    hoisted, maps = gradient_plan(em, compiled, sig)
+    hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = F(w[n]) if has_w else F(1.0)")
     _once(em, coop, ["total += T(wn * val)", "if has_out:", "    out[n] = wn * val"])
@@ -355,7 +347,7 @@ def _map_loop(em, target, factor, g, idx, axes, size_var, low, coop):
     indices."""
     saved = dict(em.known), dict(em.reduction_symbol)
     loops, bound = [], set()
-    em.serial += 1
+    em.open_loops += 1
     for level, (s, axis) in enumerate(zip(idx, axes)):
         var = em.fresh("j")
         em.loop_vars[s] = var
@@ -370,7 +362,7 @@ def _map_loop(em, target, factor, g, idx, axes, size_var, low, coop):
     em.scope([(gv, g)], bound)
     em.line(f"{target.format(', '.join(loops))} = {factor}{gv}")
     em.depth -= len(idx)
-    em.serial -= 1
+    em.open_loops -= 1
     em.known, em.reduction_symbol = saved
 
 
@@ -440,7 +432,8 @@ def _module(compiled, sig, dtype, kind, body):
     args = ", ".join(kernel_args(compiled))
     helpers = HELPERS.replace("@HELPER", '@cuda.jit(device=True, inline="always")')
     assert "numba.njit" not in helpers, "render_cpu.HELPERS changed its decorator"
-    lines = [HEAD.format(name=compiled.definition.name, dtype=dtype, form=kind, maxt=MAXT, scratch=MAXT + 32), helpers, BLOCK,
+    lines = [HEAD.format(name=compiled.definition.name, dtype=dtype, form=kind, maxt=MAXT, scratch=MAXT + 32), LIBM,
+             helpers, BLOCK,
              ARG.format(kind="max", op=">"), ARG.format(kind="min", op="<"), TAIL]
     if any(d.domain.name == "class" and not d.axes for d in sig.targets):
         lines.append(COUNT)
@@ -462,18 +455,9 @@ def _module(compiled, sig, dtype, kind, body):
     assert not any("is None" in ln or "is not None" in ln for ln in body), "a None check in a CUDA kernel"
     lines += ["    " + ln for ln in pre] + body + ["    " + ln for ln in post] + [""]
     text = "\n".join(lines)
-    # helpers the printer calls that are plain math functions on the CPU side (_log1p, ...)
-    defined = set(re.findall(r"^def (\w+)\(", text, re.M))
-    extra = []
-    for used in sorted(set(re.findall(r"\b(_[a-z][a-z0-9_]*)\(", text)) - defined):
-        if hasattr(_math, used[1:]):
-            extra.append(f'\n@cuda.jit(device=True, inline="always")\ndef {used}(x):\n    return math.{used[1:]}(x)\n')
-        else:
-            raise NotImplementedError(f"the CUDA back end has no device function {used}")
-    if extra:
-        cut = text.index("\n@cuda.jit(device=True, inline=\"always\")\ndef _logcosh") if "def _logcosh" in text else \
-            text.index("\n\n@cuda.jit(device=True)")
-        text = text[:cut] + "\n" + "\n".join(extra) + text[cut:]
+    missing = set(re.findall(r"\b(_[a-z][a-z0-9_]*)\(", text)) - set(re.findall(r"^def (\w+)\(", text, re.M))
+    if missing:
+        raise NotImplementedError(f"the CUDA back end has no device function {', '.join(sorted(missing))}")
     return text
 
 

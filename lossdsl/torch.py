@@ -135,17 +135,16 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key, weight, params, reduction, ignore_index, *arrays):
         value, *grads = _run(key, list(arrays), weight, params, reduction, ignore_index, True)
-        ctx.key, ctx.n_in, ctx.n_targets = key, len(grads), len(arrays) - len(grads)
-        ctx.save_for_backward(*grads, *arrays[:len(grads)])
+        # The gradients are new tensors, neither inputs nor outputs, so they may sit on ctx as they
+        # are; save_for_backward's bookkeeping is a noticeable part of a small batch's call.
+        ctx.key, ctx.grads, ctx.inputs, ctx.n_targets = key, grads, arrays[:len(grads)], len(arrays) - len(grads)
         return value
 
     @staticmethod
     def backward(ctx, upstream):
-        saved = ctx.saved_tensors
-        grads, inputs = saved[:ctx.n_in], saved[ctx.n_in:]
-        scaled = _scaled(grads, upstream, ctx.n_targets, eager=True)
+        scaled = _scaled(ctx.grads, upstream, ctx.n_targets, eager=True)
         if torch.is_grad_enabled():         # create_graph=True: differentiating these again is refused
-            scaled = list(_FirstOrderOnly.apply(ctx.key, len(inputs), *inputs, *scaled))
+            scaled = list(_FirstOrderOnly.apply(ctx.key, len(ctx.inputs), *ctx.inputs, *scaled))
         return (None,) * 5 + tuple(scaled)
 
 
@@ -214,10 +213,11 @@ def function(name_or_loss):
     loss = api.as_loss(name_or_loss, "lossdsl.torch.function")
     key = _key(loss)
     n_in = len(loss.inputs)
+    defaults = param_values(loss, {})
 
     def f(*args, reduction="mean", weight=None, ignore_index=None, **params):
         tensors = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
-        values = param_values(loss, {k: _scalar(v) for k, v in params.items()})
+        values = param_values(loss, {k: _scalar(v) for k, v in params.items()}) if params else defaults
         with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors[:n_in])
         if weight is not None and not isinstance(weight, torch.Tensor):
             weight = torch.as_tensor(weight)

@@ -7,7 +7,9 @@ Two halves:
   process with it set): every library loss's CUDA kernels agree with its CPU kernels, value and
   every gradient, float32 and float64, reductions none / mean / sum, ``weight``,
   ``ignore_index``, rows longer than one block (32 threads here), ``-inf`` masked and extreme
-  logits; bad input on the device path raises ``LossError`` subclasses.
+  logits; bad input on the device path raises ``LossError`` subclasses. And accuracy: every
+  library loss's CUDA kernels on a small sample of the accuracy audit's points (all three
+  samplers), against the exact evaluator, with the bounds of test_accuracy.py.
 * In the normal process: every generated kernel compiles to PTX with ``numba.cuda.compile_ptx``
   (NVIDIA's NVVM, from the ``nvidia-nvvm`` wheel, no driver needed) for float32 and float64,
   and float32 kernels do no float64 arithmetic besides the float64 batch total. Skipped with the
@@ -26,16 +28,31 @@ import pytest
 import lossdsl
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIM:
+    # The simulator runs a block as one Python thread per CUDA thread while the launching thread
+    # polls them; at the default 5 ms GIL switch interval every barrier waits for switches. At
+    # 0.2 ms the simulated kernels run 2.5-3x faster (wall and CPU time, measured).
+    sys.setswitchinterval(2e-4)
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 needs_sim = pytest.mark.skipif(not SIM, reason="runs inside the simulator child process (test_simulator_suite)")
 needs_parent = pytest.mark.skipif(SIM, reason="runs in the normal test process")
 
 _LOSSES = {}
 
+# What the library's kernels leave out of the printer's entries and helpers (min, min[k], cosh,
+# sinh, log, a real power): compiled to PTX with them.
+EVERY = "every_primitive"
+EVERY_TEXT = f'''
+loss {EVERY} "the primitives no library loss uses"
+  input z[K], u
+  param q = 0.7 : positive
+  loss = cosh(u) + sinh(u) + min(u, 1) + abs(u)^q + log(abs(u) + 2) - min[k] z[k]
+'''
+
 
 def load(name):
     if name not in _LOSSES:
-        _LOSSES[name] = lossdsl.load(name)
+        _LOSSES[name] = lossdsl.compile(EVERY_TEXT)[EVERY] if name == EVERY else lossdsl.load(name)
     return _LOSSES[name]
 
 
@@ -106,7 +123,7 @@ F64_ALLOWED = {"add", "sub", "cvt", "mov", "ld", "st", "atom", "setp", "selp", "
 
 @needs_parent
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", lossdsl.names())
+@pytest.mark.parametrize("name", lossdsl.names() + [EVERY])
 def test_kernels_compile_to_ptx(name, dtype, monkeypatch):
     cuda, types = _ptx_setup(monkeypatch)
     from lossdsl import jit
@@ -131,6 +148,7 @@ def test_cuda_source_is_written_through_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(jit, "_loaded", {})          # other tests may have imported it already
     src = load("cross_entropy").source("cuda", "float32")
     assert "@cuda.jit" in src and "range(tid, " in src and "_bsum(" in src
+    assert "_expdiff(" in src and "_bargmax(" in src          # the CPU's softmax forms (emit.gradient_plan)
     assert "F = np.float32" in src and "cuda.atomic.add(res, 0, total)" in src
     if not HAVE_NUMBA_CUDA:
         pytest.skip("numba-cuda is not installed")
@@ -263,7 +281,7 @@ def test_device_matches_cpu(case, dtype):
     w = np.linspace(0.5, 2.0, int(np.prod(sample))).reshape(sample).astype(dtype) if sample else None
     agree(name, arrays, dtype, "none", weight=w, **params)
     agree(name, arrays, dtype, "mean", **params)
-    agree(name, arrays, dtype, "sum", weight=w, grad=dtype == np.float64, **params)
+    agree(name, arrays, dtype, "sum", weight=w, grad=False, **params)   # its gradients are "none"'s
 
 
 def _logit_rows(dtype):
@@ -363,6 +381,37 @@ def test_bad_targets_on_a_given_stream():
     with pytest.raises(lossdsl.DomainError, match=r"class index in \[0, 3\); got .*7.* at sample 2"):
         load("cross_entropy")._run([dev(z), dev(np.array([0, 1, 7, 2]))], "mean", None, None, {}, True,
                                    cuda.stream())
+
+
+# --- accuracy against exact arithmetic (the audit of test_accuracy.py, on the device) ----------
+
+ACC_POINTS = 8                          # per sampler: a sample (the CPU test takes 60-150)
+# Left out: two of test_accuracy's known failures (xfail there, for the CPU kernels too). triplet's
+# value cancels in Σ (n - p)(2a - n - p), and where those terms overflow the result depends on FMA
+# contraction (LLVM and NVVM contract a·b + c, the simulator's numpy does not); ntxent is a batch
+# loss (a point costs 5-8 s here) whose gradient's projection cancels.
+ACC_CASES = [n for n in lossdsl.names() if n not in ("ntxent", "triplet")]
+
+
+@needs_sim
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ACC_CASES)
+def test_device_accuracy(name, dtype):
+    """The CUDA kernels on a sample of the audit's points (bit patterns, values, adversarial: ±inf,
+    huge equal and masked logits, soft labels) against the exact evaluator, within the bounds of
+    test_accuracy.py. The softmax losses failed this before the CUDA back end rendered emit's
+    gradient plan (the argmax split of the softmax, e^(z - m) with its rounding error put back):
+    cross_entropy z p99 15 bits on values (float32), kl_div 59 bits at equal 1e30 logits."""
+    import warnings
+    from lossdsl.audit import audit
+    from test_accuracy import SEED, SIZE, make_exclude, violations
+    loss = load(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rep = audit(loss, dtype, points=ACC_POINTS, seed=SEED, naive=False, size=SIZE, exclude=make_exclude(name),
+                    device=True)
+    bad = violations(rep, loss)
+    assert not bad, f"{name} {dtype}:\n  " + "\n  ".join(bad)
 
 
 # --- bad input on the device path ----------------------------------------------------------

@@ -66,6 +66,16 @@ def test_known_values_against_mpmath():
         assert evaluate(sp.tanh(x), {"x": t}, "float32") == float(np.float32(th))
 
 
+def test_exp_of_a_tiny_argument_is_not_rounded_to_one():
+    # mpmath's mpf_exp(3.8e-26, 70 bits, ceiling) is 1: e^s - 1 came out 0 in float32 (the audit's
+    # truth for vae_elbo's logvar gradient, xexpm1(β/2, logvar), at logvar = 3.8e-26)
+    s = sp.Symbol("s", real=True)
+    for v in (3.8064782e-26, -3.8064782e-26, 1e-20):
+        want = float(mpmath.expm1(mpmath.mpf(v)))
+        assert evaluate(sp.exp(s) - 1, {"s": v}, "float32") == float(np.float32(want))
+        assert evaluate(sp.exp(s) - 1, {"s": v}) == want
+
+
 def test_round_to_nearest_even_at_ties():
     # 1 + 2^-53 is halfway between 1 and 1 + 2^-52: to even, 1. 1 + 3·2^-53: to 1 + 2^-51.
     assert evaluate(x + y, {"x": 1.0, "y": 2.0 ** -53}) == 1.0
