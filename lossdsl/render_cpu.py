@@ -1,15 +1,16 @@
 """CPU back end: one self-contained numba module per (loss, dtype).
 
 The kernel is fused: one parallel loop over samples computes each sample's reductions, its
-loss and the gradient of every input, and writes the weighted loss of each sample (the caller
-sums them: a float reduction inside the loop would stop LLVM vectorizing it, since the kernels
-run without fast-math reassociation, which would undo the compensated steps of _exp and
-_log1p). Targets are checked
-inside the same loop *before* anything is read through them (a class target indexes the
-logits), and a count of bad samples is returned so the caller can raise a clear error.
+loss and the gradient of every input. The samples go in blocks of BLOCK; each block sums its
+weighted losses in float64 (_acc, the one reassociable add, so LLVM splits the running sum
+into vector lanes) into one partial, and the partials are summed pairwise (_pairsum): for a
+mean or sum nothing per sample goes through memory. With want_out the per-sample losses are
+written to ``out`` too (reduction "none"). Targets are checked inside the same loop *before*
+anything is read through them (a class target indexes the logits), and a count of bad samples
+is returned so the caller can raise a clear error.
 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
-           has_w, want_grad) -> bad
+           has_w, want_grad, want_out) -> (bad, total)
 
 Arrays not wanted are passed empty and the flags say so: one compiled signature per dtype
 (numba would compile one per combination of None arguments).
@@ -114,6 +115,34 @@ def _{name}(x):
     return math.{name}(x)
 
 ''' for name in ("exp", "log1p", "tanh", "sinh"))
+
+# Samples per block of the kernel's loop: a block's sum has up to BLOCK/lanes terms in a row per
+# vector lane, then blocks go pairwise (like numpy's pairwise sum, whose leaves are 128 wide).
+BLOCK = 256
+
+SUMS = '''
+@numba.njit(error_model="numpy", fastmath={'reassoc'})
+def _acc(s, x):
+    # s + x in float64. reassoc is on this add alone (numba's fast-math flags are per instruction
+    # and survive inlining): LLVM may split the running sum into lanes, but the compensation terms
+    # of _exp, _log1p and _expdiff keep their order
+    return s + np.float64(x)
+
+
+@numba.njit(error_model="numpy")
+def _pairsum(a):
+    # pairwise sum of the block partials, in place: slot i is written after slots 2i, 2i+1 are read
+    m = a.size
+    while m > 1:
+        h = m // 2
+        for i in range(h):
+            a[i] = a[2 * i] + a[2 * i + 1]
+        if m % 2:
+            a[h] = a[m - 1]
+            h += 1
+        m = h
+    return a[0] if a.size else 0.0
+'''
 
 # Helpers are separate numba functions: LLVM inlines them into the kernel all the same (so the
 # loops still vectorize), and numba compiles twice as fast as with inline="always".
@@ -293,7 +322,7 @@ class Signature:
         names += [f"p{i}" for i in range(len(self.params))]
         names += [f"K{i}" for i in range(len(self.sizes))]
         names += ["w", "out"] + [self.grad_of[d.name] for d in self.inputs] + ["scale", "ignore"]
-        names += ["has_w", "want_grad"]
+        names += ["has_w", "want_grad", "want_out"]
         return names
 
 
@@ -312,7 +341,7 @@ def render(compiled, dtype):
         return f"{fn_array[fn]}[{lead}{', '.join(idx)}]"
 
     em = Emitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]")
-    em.depth = 2
+    em.depth = 2 if sig.batch else 3
     for d in sig.inputs + sig.targets:          # scalars of this sample
         if not d.axes:
             em.line(f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[{'0' if sig.batch else 'n'}]")
@@ -328,7 +357,10 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     hoisted, maps = gradient_plan(em, compiled, sig, reuse)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = w[n] if has_w else F(1.0)")
-    em.line("out[n] = wn * val")
+    em.line("lv = wn * val")
+    em.line("if want_out:")
+    em.line("    out[n] = lv")
+    em.line("acc = _acc(acc, lv)")
     if sig.inputs:
         em.line("if want_grad:")
         em.depth += 1
@@ -367,7 +399,9 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
     scalar_grads = [(f"d_{sig.grad_of[d.name]}", compiled.grads[d.name][0]) for d in sig.inputs if not d.axes]
     em.scope([("val", compiled.expr)], set())
-    em.line("out[0] = val")
+    em.line("total = np.float64(val)")
+    em.line("if want_out:")
+    em.line("    out[0] = val")
     if not sig.inputs:
         return
     em.line("if want_grad:")
@@ -430,7 +464,8 @@ def _checks(em, sig, low, scalar_vars, size_var):
 
 def _zero_sample(em, sig):
     row = "0" if sig.batch else "n"
-    em.line(f"    out[{row}] = F(0.0)")
+    em.line("    if want_out:")
+    em.line(f"        out[{row}] = F(0.0)")
     if sig.inputs:
         em.line("    if want_grad:")
         for d in sig.inputs:
@@ -589,7 +624,7 @@ def _module(sig, dtype, body, compiled):
     head = [f"# Generated by lossdsl for loss '{compiled.definition.name}', {dtype}. Do not edit.",
             "import math", "import numba", "import numpy as np", "from llvmlite import ir as llvm_ir",
             "from numba import types", "from numba.extending import intrinsic", "", f"F = np.{dtype}",
-            EXP32 if dtype == "float32" else EXP64, HELPERS.replace("@HELPER", HELPER_DECORATOR), "",
+            EXP32 if dtype == "float32" else EXP64, SUMS, HELPERS.replace("@HELPER", HELPER_DECORATOR), "",
             # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES); no reassoc:
             # it would fold the compensation terms of _exp and _log1p away
             "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True,",
@@ -597,8 +632,11 @@ def _module(sig, dtype, body, compiled):
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
     if sig.batch:
-        lines = head + ["    bad = 0", "    for _once in range(1):"] + body + ["    return bad", ""]
+        lines = head + ["    bad = 0", "    total = 0.0", "    for _once in range(1):"] + body + ["    return bad, total", ""]
     else:
-        lines = head + [f"    N = {first}", "    bad = 0",
-                        "    for n in numba.prange(N):"] + body + ["    return bad", ""]
+        lines = head + [f"    N = {first}", "    bad = 0", f"    part = np.empty((N + {BLOCK} - 1) // {BLOCK}, np.float64)",
+                        "    for blk in numba.prange(part.size):",
+                        "        acc = 0.0",
+                        f"        for n in range(blk * {BLOCK}, min(N, blk * {BLOCK} + {BLOCK})):"]
+        lines += body + ["        part[blk] = acc", "    return bad, _pairsum(part)", ""]
     return "\n".join(lines)
