@@ -637,6 +637,8 @@ def _module(sig, dtype, body, compiled):
         lines = head + [f"    N = {first}", "    bad = 0", f"    part = np.empty((N + {BLOCK} - 1) // {BLOCK}, np.float64)",
                         "    for blk in numba.prange(part.size):",
                         "        acc = 0.0",
-                        f"        for n in range(blk * {BLOCK}, min(N, blk * {BLOCK} + {BLOCK})):"]
+                        # an unsigned n: numba then indexes without the wraparound select, which
+                        # LLVM cannot prove dead here and would vectorize as gathers and scatters
+                        f"        for n in range(np.uint64(blk * {BLOCK}), np.uint64(min(N, blk * {BLOCK} + {BLOCK}))):"]
         lines += body + ["        part[blk] = acc", "    return bad, _pairsum(part)", ""]
     return "\n".join(lines)
