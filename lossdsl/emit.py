@@ -31,6 +31,9 @@ CALLS = {sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1
 class Emitter:
     """Writes indented lines; ``names`` maps sympy atoms (symbols, elements) to code."""
 
+    add = "{acc} += {x}"        # a sum's step (the CPU's is reassociable, so that it vectorizes)
+    calls = CALLS
+
     def __init__(self, names, element, element_code=None):
         self.lines, self.depth = [], 1
         self.names = dict(names)            # Symbol -> code string
@@ -111,8 +114,8 @@ class Emitter:
             return f"({self.code(e.args[1])} if {self.code(e.args[0])} else {self.code(e.args[2])})"
         if isinstance(e, sp.Not):
             return f"(not {self.code(e.args[0])})"
-        if e.func in CALLS:
-            return f"{CALLS[e.func]}({', '.join(self.code(a) for a in e.args)})"
+        if e.func in self.calls:
+            return f"{self.calls[e.func]}({', '.join(self.code(a) for a in e.args)})"
         raise NotImplementedError(f"no code for {type(e).__name__}: {e}")
 
     def index_code(self, e):
@@ -177,7 +180,7 @@ class Emitter:
                 if isinstance(r, (Max, Min, LogSumExp)):
                     self.argvar[r] = self.fresh("arg")
                     self.line(f"{self.argvar[r]} = -1")
-            self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
+            self.peak_pass(kvar, size, shifted, bodies, conds, bound | {k}, peak)
         stored = [r for r in summed if r in self.exp_store]
         if stored:                                      # e^(b - m) into the gradient buffer: a loop
             self.line("if want_grad:")                  # with no reduction, so LLVM vectorizes it
@@ -226,6 +229,10 @@ class Emitter:
                 self.depth -= 1
         self.depth -= 1
 
+    def peak_pass(self, kvar, size, group, bodies, conds, bound, peak):
+        """The loop tracking each peak (and argmax) of ``group``; a back end may split it."""
+        self.loop(kvar, size, group, bodies, conds, bound, self.track_peak, peak)
+
     def track_peak(self, r, b, kvar, peak):
         m = peak[r]
         if isinstance(r, (Max, Min, LogSumExp)):
@@ -242,17 +249,17 @@ class Emitter:
     def accumulate(self, r, b, kvar, state):
         acc, peak = state
         if isinstance(r, Sum):
-            self.line(f"{acc[r]} += {b}")
+            self.line(self.add.format(acc=acc[r], x=b))
         elif isinstance(r, LogSumExp):
             # Σ_{k != argmax} e^(b - m): the argmax's own 1 is added back exactly in finish(), so
             # log1p keeps the small terms. A -inf peak makes the terms NaN; finish() ignores them.
             e = f"_exp({b} - {peak[r]})"
             if r in self.exp_store:      # the gradient pass reuses e^(b - m) from the buffer
                 e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})"
-            self.line(f"{acc[r]} += {e} if {kvar} != {self.argvar[r]} else F(0.0)")
+            self.line(self.add.format(acc=acc[r], x=f"({e} if {kvar} != {self.argvar[r]} else F(0.0))"))
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
-            self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
+            self.line("    " + self.add.format(acc=acc[r], x=f"({b}/{peak[r]})*({b}/{peak[r]})"))
 
     def store_exp(self, r, b, kvar, peak):
         # the softmax numerators of the gradient: e^(b - m) with the rounding error of b - m put back
