@@ -193,7 +193,7 @@ def _pairsum(a):
 # big for LLVM's inlining threshold (_tanh, _sinh, _logcosh: a call in the loop, which then
 # stays scalar) are marked forceinline (LLVM's alwaysinline; numba compiles them as before).
 HELPER_DECORATOR = '@numba.njit(error_model="numpy")'
-INLINED_HELPERS = ("_logcosh", "_xexp")
+INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp")
 
 HELPERS = '''
 @HELPER
@@ -717,7 +717,7 @@ def _module(sig, dtype, body, compiled):
             "from numba import types", "from numba.extending import intrinsic", "", f"F = np.{dtype}",
             EXP32 if dtype == "float32" else EXP64, SUMS, _cpu_helpers(), "",
             # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES); no reassoc:
-            # it would fold the compensation terms of _exp and _log1p away
+            # it would fold the compensation terms of _exp and _log1p away (only _acc and _radd have it)
             "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True,",
             "            fastmath={'nsz', 'contract'})",
             f"def kernel({args}):"]
@@ -725,11 +725,14 @@ def _module(sig, dtype, body, compiled):
     if sig.batch:
         lines = head + ["    bad = 0", "    total = 0.0", "    for _once in range(1):"] + body + ["    return bad, total", ""]
     else:
-        lines = head + [f"    N = {first}", "    bad = 0", f"    part = np.empty((N + {BLOCK} - 1) // {BLOCK}, np.float64)",
+        # a row loss's sample is a row's worth of work: one per block, or few rows would leave
+        # threads idle (256 rows of 50k logits would be one block)
+        block = 1 if any(d.axes for d in sig.inputs + sig.targets) else BLOCK
+        lines = head + [f"    N = {first}", "    bad = 0", f"    part = np.empty((N + {block} - 1) // {block}, np.float64)",
                         "    for blk in numba.prange(part.size):",
                         "        acc = 0.0",
                         # an unsigned n: numba then indexes without the wraparound select, which
                         # LLVM cannot prove dead here and would vectorize as gathers and scatters
-                        f"        for n in range(np.uint64(blk * {BLOCK}), np.uint64(min(N, blk * {BLOCK} + {BLOCK}))):"]
+                        f"        for n in range(np.uint64(blk * {block}), np.uint64(min(N, blk * {block} + {block}))):"]
         lines += body + ["        part[blk] = acc", "    return bad, _pairsum(part)", ""]
     return "\n".join(lines)

@@ -651,3 +651,30 @@ def test_nan_real_target_gives_nan(name):
     f = load(name)
     v = np.asarray(f(*inputs, *targets, reduction="none"))
     assert np.isnan(v[0, 0]) and np.isnan(f(*inputs, *targets)), v
+
+
+def test_in_kernel_sum_is_accurate():
+    """mean and sum are summed inside the kernel (float64 blocks, partials pairwise): as close to
+    math.fsum as numpy's pairwise sum, where a running sum loses everything after the large value."""
+    import math
+    f = load("mae")
+    n = 1 << 18
+    rng = np.random.default_rng(5)
+    # float32 losses summed in float64: a float32 running sum stays at 2^24 (2^24 + 1 rounds back)
+    x = np.ones(n, np.float32)
+    x[0] = 2.0 ** 24
+    assert float(f(x, np.zeros_like(x), reduction="sum")) == np.float32(2.0 ** 24 + n - 1)
+    assert float(f(x, np.zeros_like(x))) == np.float32((2.0 ** 24 + n - 1) / n)
+    # float64: large + many small, and values spread over 16 decades, in random order
+    big = np.ones(n)
+    big[0] = 2.0 ** 53
+    spread = rng.random(n) * 10.0 ** rng.integers(-8, 9, n)
+    for x in (big, rng.permutation(big), spread, np.concatenate([[1e12], rng.lognormal(0, 3, n - 1)])):
+        exact = math.fsum(x)
+        got = float(f(x, np.zeros_like(x), reduction="sum"))
+        assert abs(got - exact) <= abs(float(np.sum(x)) - exact) + 2 * np.spacing(exact), (got, exact)
+    # the same sum through weights (the weighted losses are what is summed)
+    w = rng.random(n)
+    got = float(f(spread, np.zeros_like(spread), weight=w, reduction="sum"))
+    exact = math.fsum(spread * w)
+    assert abs(got - exact) <= 4 * np.spacing(exact), (got, exact)
