@@ -221,12 +221,16 @@ class Emitter:
         self.known, self.reduction_symbol = saved
         cvar = dict(zip([r for r in group if conds[r] is not sp.true], [n for n, _ in conds_named]))
         for r, (bvar, _) in zip(group, named):
-            if r in cvar:
-                self.line(f"if {cvar[r]}:")
-                self.depth += 1
-            step(r, bvar, kvar, state)
-            if r in cvar:
-                self.depth -= 1
+            self.step_where(cvar.get(r), step, r, bvar, kvar, state)
+        self.depth -= 1
+
+    def step_where(self, cond, step, r, b, kvar, state):
+        """``step`` for element ``b`` where ``cond`` (a variable; None: everywhere) holds."""
+        if cond is None:
+            return step(r, b, kvar, state)
+        self.line(f"if {cond}:")
+        self.depth += 1
+        step(r, b, kvar, state)
         self.depth -= 1
 
     def peak_pass(self, kvar, size, group, bodies, conds, bound, peak):

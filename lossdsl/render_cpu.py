@@ -361,6 +361,13 @@ class VectorEmitter(Emitter):
             self.line(f"if {self.argvar[r]} == {end}:")
             self.line(f"    {self.argvar[r]} = -1")
 
+    def step_where(self, cond, step, r, b, kvar, state):
+        # a masked sum adds 0 off the mask: a select; an if around the add kept LLVM from
+        # vectorizing the loop (kl_div's second pass: 2.3x slower)
+        if cond is not None and isinstance(r, Sum) and getattr(step, "__func__", None) is Emitter.accumulate:
+            return step(r, f"({b} if {cond} else F(0.0))", kvar, state)
+        return super().step_where(cond, step, r, b, kvar, state)
+
     def step_peak(self, r, b, kvar, peak):
         m = peak[r]
         if isinstance(r, Min):
