@@ -53,6 +53,9 @@ class Emitter:
     # recomputed by both with the same _expdiff, which gives the same values (no buffer traffic).
     store_softmax = True
 
+    add = "{acc} += {x}"        # a sum's step (the CPU's is reassociable, so that it vectorizes)
+    calls = CALLS
+
     def __init__(self, names, element, element_code=None):
         self.lines, self.depth = [], 1
         self.names = dict(names)            # Symbol -> code string
@@ -134,8 +137,8 @@ class Emitter:
             return f"({self.code(e.args[1])} if {self.code(e.args[0])} else {self.code(e.args[2])})"
         if isinstance(e, sp.Not):
             return f"(not {self.code(e.args[0])})"
-        if e.func in CALLS:
-            return f"{CALLS[e.func]}({', '.join(self.code(a) for a in e.args)})"
+        if e.func in self.calls:
+            return f"{self.calls[e.func]}({', '.join(self.code(a) for a in e.args)})"
         raise NotImplementedError(f"no code for {type(e).__name__}: {e}")
 
     def index_code(self, e):
@@ -201,7 +204,7 @@ class Emitter:
                 if isinstance(r, (Max, Min, LogSumExp)):
                     self.argvar[r] = self.fresh("arg")
                     self.line(f"{self.argvar[r]} = -1")
-            self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
+            self.peak_pass(kvar, size, shifted, bodies, conds, bound | {k}, peak)
             self.after_pass("peak", shifted, peak)
         stored = [r for r in summed if r in self.exp_store] if self.store_softmax else []
         if stored:                                      # e^(b - m) into the gradient buffer: a loop
@@ -253,14 +256,22 @@ class Emitter:
         self.known, self.reduction_symbol = saved
         cvar = dict(zip([r for r in group if conds[r] is not sp.true], [n for n, _ in conds_named]))
         for r, (bvar, _) in zip(group, named):
-            if r in cvar:
-                self.line(f"if {cvar[r]}:")
-                self.depth += 1
-            step(r, bvar, kvar, state)
-            if r in cvar:
-                self.depth -= 1
+            self.step_where(cvar.get(r), step, r, bvar, kvar, state)
         self.depth -= 1
         self.open_loops -= 1
+
+    def step_where(self, cond, step, r, b, kvar, state):
+        """``step`` for element ``b`` where ``cond`` (a variable; None: everywhere) holds."""
+        if cond is None:
+            return step(r, b, kvar, state)
+        self.line(f"if {cond}:")
+        self.depth += 1
+        step(r, b, kvar, state)
+        self.depth -= 1
+
+    def peak_pass(self, kvar, size, group, bodies, conds, bound, peak):
+        """The loop tracking each peak (and argmax) of ``group``; a back end may split it."""
+        self.loop(kvar, size, group, bodies, conds, bound, self.track_peak, peak)
 
     def track_peak(self, r, b, kvar, peak):
         m = peak[r]
@@ -278,7 +289,7 @@ class Emitter:
     def accumulate(self, r, b, kvar, state):
         acc, peak = state
         if isinstance(r, Sum):
-            self.line(f"{acc[r]} += {b}")
+            self.line(self.add.format(acc=acc[r], x=b))
         elif isinstance(r, LogSumExp):
             # Σ_{k != argmax} e^(b - m): the argmax's own 1 is added back exactly in finish(), so
             # log1p keeps the small terms. A -inf peak makes the terms NaN; finish() ignores them.
@@ -286,10 +297,10 @@ class Emitter:
             if r in self.exp_store:      # the softmax numerators, as the gradient reads them
                 e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})" \
                     if self.store_softmax else f"_expdiff({b}, {peak[r]})"
-            self.line(f"{acc[r]} += {e} if {kvar} != {self.argvar[r]} else F(0.0)")
+            self.line(self.add.format(acc=acc[r], x=f"({e} if {kvar} != {self.argvar[r]} else F(0.0))"))
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
-            self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
+            self.line("    " + self.add.format(acc=acc[r], x=f"({b}/{peak[r]})*({b}/{peak[r]})"))
 
     def store_exp(self, r, b, kvar, peak):
         # the softmax numerators of the gradient: e^(b - m) with the rounding error of b - m put back
