@@ -179,8 +179,9 @@ class sqexp(_Elementwise):
 
 
 class addexp(_Elementwise):
-    """a + b where b grows exponentially in the variable a grows linearly in (s + r²e^(-s) at s = -inf):
-    where both are infinite with opposite signs (inf - inf is NaN), b's limit wins."""
+    """a + b where b dominates a: where both are infinite with opposite signs (inf - inf is NaN), b's limit
+    wins. b grows exponentially in the variable a grows linearly in (s + r²e^(-s) at s = -inf), or b is
+    lse_k z_k - z_y against a label smoothing ε·(z_y - mean z), or z_y against -mean z."""
     nargs = 2
     latex_name = "addexp"
 

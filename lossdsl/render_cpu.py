@@ -202,7 +202,7 @@ def _sqexp(x, s):
 
 @HELPER
 def _addexp(a, b):
-    # a + b, b exponential where a is linear in the same variable: at inf - inf, b decides
+    # a + b, b dominating a (exponential against linear, lse against a mean): at inf - inf, b decides
     s = a + b
     if s != s and a == a and b == b:
         return b

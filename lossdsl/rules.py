@@ -302,9 +302,38 @@ def _log_softmax_split(node):
             c = t / el
             if c.has(el) or not any(substitute(r.body, {r.index: a}) == el for a in el.args):
                 continue
-            rest = [a for a in node.args if a is not r and a is not t]
-            return sp.Add(lse_minus(r, el), sp.expand(c + 1) * el, *rest)
+            rest = sp.Add(sp.expand(c + 1) * el, *[a for a in node.args if a is not r and a is not t])
+            if rest != 0 and _weighs_nothing(rest, r):
+                # ε·(b(t) - mean_k b(k)) of label smoothing, where infinities meet: the element grows like
+                # itself and the mean like its share of it (b(t) = ±inf = mean: b(t) wins), and the
+                # lse - b(t) like the max against the mean's share (+inf, -inf at a +inf b(k), k ≠ t:
+                # the lse wins, for weights up to 1 as a smoothing in [0, 1])
+                elems = [a for a in sp.Add.make_args(rest) if not a.has(Reduce)]
+                if len(elems) == 1:
+                    rest = addexp(rest - elems[0], elems[0])
+                return addexp(rest, lse_minus(r, el))
+            return sp.Add(lse_minus(r, el), rest)
     return None
+
+
+def _weighs_nothing(e, r):
+    """e = Σ c_i·(an element, or a sum over elements, of the array r reduces), with Σ c_i·(count) = 0."""
+    arrays = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
+
+    def weight(t):
+        # the weight of a term c·b(t) or c·Σ_k b(k)·w: c, c·Σ_k w; None if it is not of that form
+        inner = [f for f in sp.Mul.make_args(t) if f.has(sp.core.function.AppliedUndef)]
+        if len(inner) != 1:
+            return None
+        f, c = inner[0], t / inner[0]
+        if isinstance(f, sp.core.function.AppliedUndef):
+            return c if f.func in arrays else None
+        if type(f) in (Sum, ScaledSum) and f.cond is sp.true:
+            ws = [weight(b) for b in sp.Add.make_args(sp.expand(f.body))]
+            return None if None in ws or any(w.has(f.index) for w in ws) else c * f.size * sp.Add(*ws)
+        return None
+    ws = [weight(t) for t in sp.Add.make_args(sp.expand(e))]
+    return None not in ws and sp.expand(sp.Add(*ws)) == 0
 
 
 def _log1p(node):

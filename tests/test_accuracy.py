@@ -134,14 +134,7 @@ def violations(rep, loss):
 
 # (name, dtype) -> the measured figures and why; every entry is a compiler limitation reported to
 # the owner (see the accuracy report), not a property of the data.
-_CE = ("No longer: a +inf target logit (lse - z_y is formed first, 0 - 0 at the max: log_softmax_split), lse - z_y "
-       "cancelling (the logsumexp is kept as max + log1p(sum of the rest)), nor softmax_y - 1 (written "
-       "[j = argmax] + (-rest/sum), the small part added last), nor the rounding of z_j - max in the softmax "
-       "numerators (float64 z p99 5.9 -> within bounds)")
 KNOWN = {
-    ("cross_entropy", "float32"): "measured: value p99 32 (adversarial, 2 points of 60): with label smoothing, a "
-                                  "+inf logit that is not the target gives ls·z_y - ls·mean(z) + (lse - z_y) = "
-                                  "-inf + inf where the limit is inf. " + _CE,
     ("ntxent", "float64"): "measured (4 batches of 4 rows): z mean 13.5 p99 61.8 (bits), mean 1.35 (values), "
                            "adversarial p99 28.5: the gradient d_u/‖z‖ - (Σ d_u·(z/‖z‖)/‖z‖)·z/‖z‖ (the projection "
                            "of the unit vector's adjoint) cancels, and loses small coordinates next to huge ones. "

@@ -398,3 +398,18 @@ def test_norm_difference_with_a_shared_infinite_coordinate():
     assert v[0] == 0.0 and np.all(g1 == 0.0) and np.all(g2 == 0.0)
     with np.errstate(all="ignore"):
         assert np.isnan(np.sqrt(np.sum((z1 - z2) ** 2)))
+
+
+def test_log_softmax_split_takes_the_limit_of_label_smoothing():
+    # ε·(z_y - mean z) + (lse - z_y) with a +inf logit k ≠ y: -inf + inf = NaN in the textbook sum; the
+    # lse grows like the max and ε·mean like ε/K of it, so the loss is inf. At z_y = ±inf = mean, z_y wins.
+    f = lossdsl.load("cross_entropy")
+    z = np.array([[1.0, np.inf, -3.0], [np.inf, 1.0, 2.0], [-np.inf, 1.0, 2.0], [1.0, 2.0, 3.0]], np.float32)
+    v = f(z, np.array([0, 0, 0, 0]), reduction="none", label_smoothing=0.1)
+    zs = [M.mpf(float(c)) for c in z[3]]
+    lse = M.log(sum(M.exp(c) for c in zs))
+    want = float(0.9 * (lse - zs[0]) + 0.1 * (lse - sum(zs) / 3))
+    assert list(v[:3]) == [np.inf] * 3 and abs(float(v[3]) - want) <= 2 * np.spacing(np.float32(want))
+    with np.errstate(all="ignore"):
+        ls = np.float32(0.1)
+        assert np.isnan(ls * z[0, 0] - ls * z[0].mean() + (np.inf + np.log1p(np.float32(0))))
