@@ -15,7 +15,8 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
-                         lse_minus, mul0, nanflag, sigmoid, softplus, sqexp, subpeak, substitute, xdivy, xexp, xexpm1, xlogy)
+                         lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp, subpeak,
+                         substitute, xdivy, xexp, xexpm1, xlogy)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -260,7 +261,27 @@ def _difference_of_squares(node):
         for t2, c2, y_ in sq:
             if c1 == 1 and c2 == -1:
                 rest = [a for a in node.args if a is not t1 and a is not t2]
+                common = set(sp.Add.make_args(x_)) & set(sp.Add.make_args(y_))
+                if len(common) == 1 and len(x_.args) == len(y_.args) == 2:
+                    # (a - p)² - (a - n)²: squared distances from a common point, with their limits at
+                    # infinite coordinates (sympy's (n - p)(2a - n - p) is inf·0 at a = inf, n = p)
+                    a = common.pop()
+                    return sp.Add(sqdist_diff(a, a - x_, a - y_), *rest)
                 return sp.Add(sp.Mul(x_ - y_, x_ + y_), *rest)
+    return None
+
+
+def _rescue_overflow(node):
+    # ... + Σ_k sqdist_diff(...) -> ... + overflow_or(Σ_k sqdist_diff(...), Σ_k sqdist_diff_small(...)):
+    # the terms overflow (inf - inf, or inf where they cancel) or meet infinite coordinates where the
+    # sum's sign is still defined; the scaled copy is summed in the same loop. (On the sum's parent, so
+    # the copy is not rescued again.)
+    if isinstance(node, overflow_or) or node.is_Atom:
+        return None
+    for r in node.args:
+        if type(r) is Sum and type(r.body) is sqdist_diff:
+            small = Sum(r.index, r.size, sqdist_diff_small(*r.body.args), r.cond)
+            return node.func(*[overflow_or(r, small) if a is r else a for a in node.args])
     return None
 
 
@@ -455,6 +476,10 @@ NODE_RULES = (
     Rule("difference_of_squares", "x² - y² = (x - y)(x + y): x² overflows at x = 1.5e154 (inf vs 1.25e308 for "
                                   "y = 1e154), and cancels for x ≈ y",
          x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
+    Rule("rescue_overflow", "Σ_k ((a_k - p_k)² - (a_k - n_k)²) redone with the points scaled by 2^-h where it is "
+                            "not finite: at a = [1e200, 1e200], p = [-1e200, 1e160], n = [1e160, 2e200] the terms "
+                            "are inf and -inf (NaN), the sum -5e400 (value 0 of a triplet loss)",
+         None, None, (), _rescue_overflow),
     Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
                             "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
     Rule("log_softmax_split", "lse_k b_k + c·b_t = (lse_k b_k - b_t) + (1 + c)·b_t: the log-softmax first "

@@ -143,14 +143,6 @@ KNOWN = {
     ("ntxent", "float32"): "measured (4 batches): z mean 1.7 p99 19 (bits), p99 7.2 (values); adversarial value "
                            "and z mean 24 bits, 3 values and 48 gradients NaN where finite: the causes of float64, "
                            "and overflow of the similarities",
-    ("triplet", "float64"): "measured: value mean 11.7 bits, 6 NaN/inf where finite (bits); gradients mean 11.5 "
-                            "(bits); adversarial mean 12-14 bits, 23-29 NaN gradients where finite. Where the "
-                            "per-coordinate terms (n - p)(2a - n - p) themselves overflow, the sign of the margin "
-                            "is lost (inf vs 0, and the gradient's [margin > 0] with it); ±inf coordinates give "
-                            "inf - inf. (Before merge_sums and difference_of_squares: value mean 52 bits, 24 NaN.)",
-    ("triplet", "float32"): "measured: value mean 7.4, 9 non-finite where finite (bits); gradients mean 7.1 (bits); "
-                            "adversarial mean 7-7.5 bits, 34-38 NaN gradients: the causes of float64 (before: value "
-                            "mean 26.7, 28 NaN)",
 }
 
 

@@ -124,7 +124,7 @@ def test_rule_fires_on_its_template(rule):
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
-                           "log_softmax_split", "norm_difference"}
+                           "log_softmax_split", "norm_difference", "rescue_overflow"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -413,3 +413,31 @@ def test_log_softmax_split_takes_the_limit_of_label_smoothing():
     with np.errstate(all="ignore"):
         ls = np.float32(0.1)
         assert np.isnan(ls * z[0, 0] - ls * z[0].mean() + (np.inf + np.log1p(np.float32(0))))
+
+
+def test_rescue_overflow_keeps_the_sign_of_a_difference_of_squared_distances():
+    # ‖a - p‖² - ‖a - n‖² summed per coordinate (merge_sums, difference_of_squares -> sqdist_diff): at
+    # a = [1e200, 0], p = [-1e200, 0], n = [0, 3e200] the terms are 3e400 and -9e400, inf - inf = NaN in
+    # floats; the copy from points scaled by 2^-700 sums to the truth's sign (value 0, no gradient)
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("triplet")
+    assert {"rescue_overflow", "difference_of_squares"} <= set(f.rules)
+    inf = np.inf
+    rows = [([1e200, 0.0], [-1e200, 0.0], [0.0, 3e200]),         # overflowing terms of opposite signs
+            ([inf, 1.0], [inf, 2.0], [4.0, 1.0]),                # a shared infinity: its coordinate is 0
+            ([-inf, 1.0], [3.0, 1.0], [5.0, 1.0]),               # a infinite alone: (n - p)·2a = -inf
+            ([-inf, -inf, -inf, 5.0], [709.0, 0.0, 0.0, -426.0], [483.0, -inf, -inf, -inf]),  # 2Z² - Z²: inf
+            ([3.0, 1e-300], [1.0, 0.0], [2.0, 1e-300])]         # no overflow: the plain sum
+    for a, p, n in rows:
+        a, p, n = (np.array([v]) for v in (a, p, n))
+        v, grads = f.value_and_grad(a, p, n, reduction="none")
+        vals = {"a": a[0], "p": p[0], "n": n[0], "margin": 1.0, "D": a.shape[1]}
+        assert v[0] == evaluate(f.expr, vals), (a, p, n, v[0])
+        for name, g in zip(("a", "p", "n"), grads):
+            for j in range(a.shape[1]):
+                want = evaluate(f.gradient(name), vals, index={f.gradient_index(name)[0].name: j})
+                assert want is None or g[0, j] == want, (name, j, a, p, n, g[0, j], want)
+    with np.errstate(all="ignore"):
+        a, p, n = (np.array(r) for r in rows[0])
+        assert np.isnan(np.sum((a - p) ** 2) - np.sum((a - n) ** 2))
+        assert np.isnan(np.sum((n - p) * (2 * a - n - p)))
