@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
+from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
                          lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp, subpeak,
                          substitute, xdivy, xexp, xexpm1, xlogy)
 
@@ -307,6 +307,51 @@ def _norm_times_unit(node):
     return None
 
 
+def _tangent_projection(node):
+    # x_l/‖z‖ - (Σ_d x_d·z_d/‖z‖²)·z_l/‖z‖ (the adjoint x of u = z/‖z‖ carried to z) -> at the largest
+    # |z_L|: (x_L·Σ_{d≠L} u_d² - u_L·Σ_{d≠L} x_d·u_d)/‖z‖, elsewhere (x_l - u_l·Σ_d x_d·u_d)/‖z‖. At L,
+    # 1 - u_L² and x_L - u_L·x_L·u_L cancel (Σ u² = 1): small coordinates next to a huge one are lost
+    if not node.is_Add:
+        return None
+    for t in node.args:
+        f = [a for a in sp.Mul.make_args(t) if type(a) is Sum]
+        if len(f) != 1 or not isinstance(f[0].body, sp.Mul):
+            continue
+        r, rest = f[0], t / f[0]
+        inner = [a for a in r.body.args if isinstance(a, xdivy) and isinstance(a.args[0], xdivy)]
+        if len(inner) != 1 or inner[0].args[1] != inner[0].args[0].args[1] or r.cond is not sp.true:
+            continue
+        norm = inner[0].args[1]
+        if not isinstance(norm, Norm) or norm.cond is not sp.true:
+            continue
+        el_d = inner[0].args[0].args[0]                # z(m, d)
+        x_d = r.body / inner[0]
+        outer = [a for a in sp.Mul.make_args(rest) if isinstance(a, xdivy) and a.args[1] == norm]
+        if len(outer) != 1 or sp.Mul.make_args(rest / outer[0]) != (-1,):
+            continue
+        el_l = outer[0].args[0]                        # z(m, l)
+        at = {el_d.args[i]: el_l.args[i] for i in range(len(el_d.args)) if el_d.args[i] == r.index}
+        if len(at) != 1 or substitute(el_d, at) != el_l:
+            continue
+        l = at[r.index]
+        x_l = substitute(x_d, at)
+        forms = (x_l / norm, xdivy(x_l, norm), sp.Piecewise((0, sp.Eq(norm, 0)), (x_l / norm, True)),
+                 x_l * sp.Piecewise((0, sp.Eq(norm, 0)), (1 / norm, True)))
+        first = next((a for a in node.args if a in forms), None)
+        if first is None:
+            continue
+        k = r.index
+        peak = Max(k, r.size, sp.Abs(el_d), sp.true)
+        u = lambda e: xdivy(e, norm)                   # noqa: E731
+        others = sp.Eq(IsArg(peak, k), 0)
+        at_peak = (x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others))
+        elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
+        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak / norm, sp.Eq(IsArg(peak, l), 1)), (elsewhere / norm, True))
+        rest_terms = [a for a in node.args if a is not t and a is not first]
+        return sp.Add(new, *rest_terms)
+    return None
+
+
 def _log_softmax_split(node):
     # logsumexp_k b(k) + c·b(t) -> lse_minus(logsumexp, b(t)) + (1 + c)·b(t), c ≠ -1: the log-softmax
     # difference is formed first (0 at a +inf b(t) that is the max, not inf - inf), the rest weighted
@@ -482,6 +527,9 @@ NODE_RULES = (
          None, None, (), _rescue_overflow),
     Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
                             "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
+    Rule("tangent_projection", "x_l/‖z‖ - (Σ_d x_d·u_d)·u_l/‖z‖ (u = z/‖z‖) = (x_L·Σ_{d≠L} u_d² - u_L·Σ_{d≠L} x_d·u_d)/‖z‖ "
+                               "at the largest |z_L|: 1 - u_L² cancels (z = [1e11, 1e-3]: 0 vs the truth's 1e-40)",
+         None, None, (), _tangent_projection, post=True),
     Rule("log_softmax_split", "lse_k b_k + c·b_t = (lse_k b_k - b_t) + (1 + c)·b_t: the log-softmax first "
                               "(cross-entropy with label smoothing at a +inf target logit: 0, not inf - inf)",
          None, None, (), _log_softmax_split),

@@ -124,7 +124,8 @@ def test_rule_fires_on_its_template(rule):
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
-                           "log_softmax_split", "norm_difference", "rescue_overflow"}
+                           "log_softmax_split", "norm_difference", "rescue_overflow",
+                           "tangent_projection"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -441,3 +442,24 @@ def test_rescue_overflow_keeps_the_sign_of_a_difference_of_squared_distances():
         a, p, n = (np.array(r) for r in rows[0])
         assert np.isnan(np.sum((a - p) ** 2) - np.sum((a - n) ** 2))
         assert np.isnan(np.sum((n - p) * (2 * a - n - p)))
+
+
+def test_tangent_projection_keeps_the_gradient_at_the_largest_coordinate():
+    # d(c·u)/dz for u = z/‖z‖ is (c - (c·u)·u)/‖z‖; at the largest coordinate of z = [1e11, 1e-3, 0] with
+    # c = [1, 0, 0] that is (1 - u_0²)/‖z‖ = u_1²/‖z‖ = 1e-39, where 1 - u_0² rounds to 0
+    f = lossdsl.compile("loss w\n  batch N\n  input z[N, D]\n  target c[N, D]\n"
+                        "  u[i, d] = z[i, d] / norm[e] z[i, e]\n  loss = sum[i] sum[d] c[i, d] * u[i, d]\n")["w"]
+    assert "tangent_projection" in f.rules
+    z = np.array([[1e11, 1e-3, 0.0], [0.0, 0.0, 0.0], [3.0, -4.0, 1.0]])
+    c = np.array([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0], [1.0, 2.0, -3.0]])
+    _, (g,) = f.value_and_grad(z, c)
+    for i in (0, 2):
+        zs, cs = [M.mpf(float(v)) for v in z[i]], [M.mpf(float(v)) for v in c[i]]
+        nz = M.sqrt(sum(v * v for v in zs))
+        cu = sum(a * b / nz for a, b in zip(cs, zs))
+        for j in range(3):
+            want = float((cs[j] - cu * zs[j] / nz) / nz)
+            assert close(float(g[i, j]), want, ulps=8), (i, j, g[i, j], want)
+    assert np.all(g[1] == 0.0)                 # a zero row: u = 0, and its gradient 0 by convention
+    u = z[0] / np.linalg.norm(z[0])
+    assert (c[0, 0] - (c[0] @ u) * u[0]) / np.linalg.norm(z[0]) == 0.0
