@@ -210,6 +210,12 @@ def _addexp(a, b):
 
 
 @HELPER
+def _xsq(x, c):
+    # c·x² as (x·c)·x: the square alone would round to a subnormal (or overflow) first
+    return (x * c) * x
+
+
+@HELPER
 def _sqdist_diff(a, p, n):
     # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close
     return (n - p) * ((a - p) + (a - n))

@@ -15,8 +15,8 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
-                         lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp, subpeak,
-                         substitute, xdivy, xexp, xexpm1, xlogy)
+                         lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp,
+                         subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -135,6 +135,19 @@ def _sqexp(node):
         return None
     rest = [f for f in node.args if f is not exps[0] and f is not squares[0]]
     return sp.Mul(sqexp(squares[0].base, exps[0].args[0]), *rest)
+
+
+def _scaled_square(node):
+    # c·b² -> xsq(b, c), c not a number (a param: 1/(2β)): (b·c)·b keeps b² from rounding to a subnormal
+    if not node.is_Mul:
+        return None
+    sq = [f for f in node.args if f.is_Pow and f.exp == 2 and not f.base.is_number]
+    if len(sq) != 1:
+        return None
+    c = node / sq[0]
+    if c.is_number or c.has(sp.exp, sqexp, xexp):
+        return None
+    return xsq(sq[0].base, c)
 
 
 def _exp_only(e, s):
@@ -502,6 +515,9 @@ NODE_RULES = (
     Rule("sqexp", "x²·e^y = (x·e^(y/2))²; x² underflows (or overflows) where e^y overflows (underflows): 0 vs "
                   "1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out",
          x ** 2 * sp.exp(y), sqexp(x, y), (1e-200, 700.0), _sqexp),
+    Rule("scaled_square", "c·x² = (x·c)·x: x² is subnormal at x = 1e-160 (1e-320, 11 bits), where c·x² with c = 1e10 "
+                          "keeps 52; x² overflows at x = 1e160 where c·x² with c = 1e-10 does not",
+         y * x ** 2, xsq(x, y), (1e-160, 1e10), _scaled_square),
     Rule("linear_vs_exp", "c·x + b·e^(kx): at x = ∓inf the terms are ∓inf and ±inf (NaN) where the exponential "
                           "wins (s + r²e^(-s) at s = -inf is inf)",
          x + sp.exp(-x), addexp(x, sp.exp(-x)), (-float("inf"),), _linear_vs_exp),
@@ -527,8 +543,9 @@ NODE_RULES = (
          None, None, (), _rescue_overflow),
     Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
                             "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
-    Rule("tangent_projection", "x_l/‖z‖ - (Σ_d x_d·u_d)·u_l/‖z‖ (u = z/‖z‖) = (x_L·Σ_{d≠L} u_d² - u_L·Σ_{d≠L} x_d·u_d)/‖z‖ "
-                               "at the largest |z_L|: 1 - u_L² cancels (z = [1e11, 1e-3]: 0 vs the truth's 1e-40)",
+    Rule("tangent_projection", "x_l/‖z‖ - (Σ_d x_d·u_d)·u_l/‖z‖ (u = z/‖z‖) = (x_L·Σ_{d≠L} u_d² - "
+                               "u_L·Σ_{d≠L} x_d·u_d)/‖z‖ at the largest |z_L|: 1 - u_L² cancels (z = [1e11, "
+                               "1e-3], x = [1, 0]: 0 vs 1e-39)",
          None, None, (), _tangent_projection, post=True),
     Rule("log_softmax_split", "lse_k b_k + c·b_t = (lse_k b_k - b_t) + (1 + c)·b_t: the log-softmax first "
                               "(cross-entropy with label smoothing at a +inf target logit: 0, not inf - inf)",

@@ -58,6 +58,7 @@ CASES = {
                    lambda v: np.sum(v + 1) - np.sum(v)),
     "difference_of_squares": ("loss = x^2 - t^2", [1.5e154, 1e154], lambda v, t: v * v - t * t,
                               lambda v, t: v * v - t * t),
+    "scaled_square": ("loss = t * x^2", [1e-160, 1e10], lambda v, t: t * v * v, lambda v, t: t * (v * v)),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
     "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
                  lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
