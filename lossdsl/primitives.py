@@ -13,7 +13,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "xsq",
-           "sqdist_diff", "sqdist_diff_small", "overflow_or", "Max2", "Min2",
+           "sqdist_diff", "sqdist_diff_small", "overflow_or", "at_peak", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
            "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus"]
@@ -248,6 +248,17 @@ class overflow_or(_Elementwise):
 
     def naive(self):
         return self.args[0]
+
+
+class at_peak(_Elementwise):
+    """a where flag (an argmax indicator [l = argmax]) is 1, else b: a is b rewritten for the largest
+    coordinate, where b cancels (tangent_projection). Both are cheap per element (their reductions are
+    per row); on paper, and as a formula, it is b."""
+    nargs = 3
+    latex_name = "at\\_peak"
+
+    def naive(self):
+        return self.args[1]
 
 
 class fsum(_Elementwise):

@@ -262,6 +262,11 @@ def _overflow_or(a, b):
 
 
 @HELPER
+def _at_peak(a, b, flag):
+    return a if flag == 1 else b
+
+
+@HELPER
 def _fsum3(a, b, c):
     # a + b + c with the errors of both additions (TwoSum) added back: any two may cancel. b and c
     # are an element and a max over its array (-z_y, max z): equal infinities there cancel to 0

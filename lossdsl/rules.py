@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
+from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, log1p, logcosh,
                          lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp,
                          subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
 
@@ -357,9 +357,9 @@ def _tangent_projection(node):
         peak = Max(k, r.size, sp.Abs(el_d), sp.true)
         u = lambda e: xdivy(e, norm)                   # noqa: E731
         others = sp.Eq(IsArg(peak, k), 0)
-        at_peak = (x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others))
+        first_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
-        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak / norm, sp.Eq(IsArg(peak, l), 1)), (elsewhere / norm, True))
+        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(first_form / norm, elsewhere / norm, IsArg(peak, l)), True))
         rest_terms = [a for a in node.args if a is not t and a is not first]
         return sp.Add(new, *rest_terms)
     return None
