@@ -138,6 +138,15 @@ def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
     want = truth(lambda v: 1 / M.cosh(v) ** 2, 20.0)
     assert close(float(g[0]), want)
     assert 1 - np.tanh(20.0) ** 2 == 0.0
+    # with a factor from the chain rule, d/dx e^(-tanh²x) = -(2 - 2tanh²x)·tanh x·e^(-tanh²x): 41 ulps
+    # at x = 6 (found by tests/test_fuzz.py), 2/cosh² keeps it within 2
+    f = lossdsl.compile("loss w\n  input x\n  loss = exp(-(tanh(x))^2)\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([6.0]), reduction="sum")
+    assert "tanh_grad" in f.rules
+    want = truth(lambda v: -2 * M.tanh(v) / M.cosh(v) ** 2 * M.exp(-M.tanh(v) ** 2), 6.0)
+    assert close(float(g[0]), want, ulps=2)
+    t = np.tanh(6.0)
+    assert not close(-(2 - 2 * t * t) * t * np.exp(-t * t), want, ulps=16)
 
 
 def test_sigmoid_and_softplus_gradients_are_stable():
