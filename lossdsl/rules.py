@@ -372,9 +372,9 @@ def _tangent_projection(node):
         peak = Max(k, r.size, sp.Abs(el_d), sp.true)
         u = lambda e: xdivy(e, norm)                   # noqa: E731
         others = sp.Eq(IsArg(peak, k), 0)
-        first_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
+        peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
-        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(first_form / norm, elsewhere / norm, IsArg(peak, l)), True))
+        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(peak_form / norm, elsewhere / norm, IsArg(peak, l)), True))
         rest_terms = [a for a in node.args if a is not t and a is not first]
         return sp.Add(new, *rest_terms)
     return None
@@ -553,8 +553,8 @@ NODE_RULES = (
                                   "y = 1e154), and cancels for x ≈ y",
          x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
     Rule("rescue_overflow", "Σ_k ((a_k - p_k)² - (a_k - n_k)²) redone with the points scaled by 2^-h where it is "
-                            "not finite: at a = [1e200, 1e200], p = [-1e200, 1e160], n = [1e160, 2e200] the terms "
-                            "are inf and -inf (NaN), the sum -5e400 (value 0 of a triplet loss)",
+                            "not finite: at a = [1e200, 0], p = [-1e200, 0], n = [0, 3e200] the terms are 3e400 "
+                            "and -9e400 (inf - inf = NaN), the sum -6e400 (value 0 of a triplet loss)",
          None, None, (), _rescue_overflow),
     Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
                             "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
