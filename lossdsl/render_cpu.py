@@ -217,8 +217,11 @@ def _xsq(x, c):
 
 @HELPER
 def _sqdist_diff(a, p, n):
-    # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close
-    return (n - p) * ((a - p) + (a - n))
+    # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close.
+    # A coordinate where the infinities cancel (n = p, a infinite or all three the same) is 0, not NaN, so
+    # the sum of the other coordinates needs no rescue (scaled by 2^-2h, they could underflow)
+    r = (n - p) * ((a - p) + (a - n))
+    return F(0.0) if r != r and n == p and a == a else r
 
 
 @HELPER
