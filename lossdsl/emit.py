@@ -23,9 +23,9 @@ from sympy import KroneckerDelta
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
-                         expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
-                         xlogy)
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, at_peak,
+                         expand, expm1, fsum, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff, sqdist_diff_small,
+                         sqexp, subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
 
 
 class ExpDiff(sp.Function):
@@ -41,7 +41,8 @@ CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p
          sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
-         addexp: "_addexp",
+         addexp: "_addexp", xsq: "_xsq", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
+         overflow_or: "_overflow_or", at_peak: "_at_peak",
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
 

@@ -301,11 +301,71 @@ def _sqexp(x, s):
 
 @HELPER
 def _addexp(a, b):
-    # a + b, b exponential where a is linear in the same variable: at inf - inf, b decides
+    # a + b, b dominating a (exponential against linear, lse against a mean): at inf - inf, b decides
     s = a + b
     if s != s and a == a and b == b:
         return b
     return s
+
+
+@HELPER
+def _xsq(x, c):
+    # c·x² as (x·c)·x: the square alone would round to a subnormal (or overflow) first
+    return (x * c) * x
+
+
+@HELPER
+def _sqdist_diff(a, p, n):
+    # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close.
+    # A coordinate where the infinities cancel (n = p, a infinite or all three the same) is 0, not NaN, so
+    # the sum of the other coordinates needs no rescue (scaled by 2^-2h, they could underflow)
+    r = (n - p) * ((a - p) + (a - n))
+    return F(0.0) if r != r and n == p and a == a else r
+
+
+@HELPER
+def _inf_weight(a, p):
+    # (a - p)²/Z² where a or p is infinite (Z): 1, 4 for opposite infinities, 0 for the same one or none
+    if abs(a - p) < F(math.inf) or a == p:
+        return F(0.0)
+    return F(4.0) if abs(a) == abs(p) else F(1.0)
+
+
+@HELPER
+def _sqdist_diff_small(a, p, n):
+    # 4^-h·sqdist_diff from the points shrunk by 2^-h (exact): no term overflows. An infinite coordinate
+    # stands for an order of infinity, as in the limit where the infinities are equal: a distance
+    # infinite alone (Z²) as its weight times 2^o2, an infinite a alone ((n - p)·2Z) as (n - p)·2^(o1 + 1)
+    # (at most 2^c); the sum then keeps the sign of the highest order present (for D < 2^(o2 - c - 2)),
+    # and overflow_or's scale-back makes it ±inf.
+    h, o1, c, o2 = (F(2.0 ** -100), F(2.0 ** 50), F(2.0 ** 100), F(2.0 ** 110)) if F(1e300) == F(math.inf) \
+        else (F(2.0 ** -700), F(2.0 ** 400), F(2.0 ** 850), F(2.0 ** 900))
+    big = F(math.inf)
+    if abs(a) < big and abs(p) < big and abs(n) < big or a != a or p != p or n != n:
+        return _sqdist_diff(a * h, p * h, n * h)
+    wu = _inf_weight(a, p)
+    wv = _inf_weight(a, n)
+    if wu != wv:
+        return (wu - wv) * o2
+    if wu == 0 or abs(p) == big or abs(n) == big:
+        return F(0.0)
+    t = min(max(F(2.0) * (n - p) * o1, -c), c)
+    return t if a > 0 else -t
+
+
+@HELPER
+def _overflow_or(a, b):
+    # a, or where it is not finite (its terms overflowed, or met infinities), b scaled back by 4^h
+    if abs(a) < F(math.inf) or a != a and b != b:
+        return a
+    if F(1e300) == F(math.inf):
+        return b * F(2.0 ** 100) * F(2.0 ** 100)
+    return b * F(2.0 ** 700) * F(2.0 ** 700)
+
+
+@HELPER
+def _at_peak(a, b, flag):
+    return a if flag == 1 else b
 
 
 @HELPER
