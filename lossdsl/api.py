@@ -226,24 +226,24 @@ def _run_host(loss, call, arrays, weight, grad, results=None):
     if call.ignore_given:
         denominator = int(np.count_nonzero(targets[call.class_target_index()] != call.ignore))
     k = loss.kernel(call.dtype_name, call.fixed)
+    want_out = call.reduction == "none"
     if results is None:
         grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
-        out = np.empty(call.n_samples, dtype)
+        out = np.empty(call.n_samples if want_out else 0, dtype)
     else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
         grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else \
             [np.empty((0,) * a.ndim, dtype) for a in inputs]
-        out = results[0].reshape(call.n_samples) if call.reduction == "none" else np.empty(call.n_samples, dtype)
+        out = results[0].reshape(call.n_samples) if want_out else np.empty(0, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
     # Small calls run on the calling thread: a parallel launch costs tens of microseconds, more
     # while a framework's own thread pool (torch's OpenMP) still spins on the same cores.
-    bad = k(*inputs, *targets, *call.param_values, *call.sizes, w, out,
-            *grads, scale, call.ignore, weight is not None, grad, call.elements < SERIAL_BELOW)
+    bad, total = k(*inputs, *targets, *call.param_values, *call.sizes, w, out, *grads, scale,
+                   call.ignore, weight is not None, grad, want_out, call.elements < SERIAL_BELOW)
     if bad:
         call.raise_bad_targets(targets)
-    if call.reduction == "none":
+    if want_out:
         value = out.reshape(call.sample_shape)
     else:
-        total = out.sum(dtype=np.float64)
         if call.reduction == "mean":
             total = total / denominator if denominator else np.nan
         value = dtype.type(total)

@@ -23,9 +23,9 @@ from sympy import KroneckerDelta
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, expand,
-                         expm1, fsum, log1p, logcosh, mul0, nanflag, sqexp, subpeak, substitute, xdivy, xexp, xexpm1,
-                         xlogy)
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, at_peak,
+                         expand, expm1, fsum, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff, sqdist_diff_small,
+                         sqexp, subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
 
 
 class ExpDiff(sp.Function):
@@ -41,7 +41,8 @@ CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p
          sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
-         addexp: "_addexp",
+         addexp: "_addexp", xsq: "_xsq", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
+         overflow_or: "_overflow_or", at_peak: "_at_peak",
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
 
@@ -56,6 +57,9 @@ class Emitter:
     # their own pass and read back by the sum and the gradient (one exp per element), or, if False,
     # recomputed by both with the same _expdiff, which gives the same values (no buffer traffic).
     store_softmax = True
+
+    add = "{acc} += {x}"        # a sum's step (the CPU's is reassociable, so that it vectorizes)
+    calls = CALLS
 
     def __init__(self, names, element, element_code=None):
         self.lines, self.depth = [], 1
@@ -73,8 +77,6 @@ class Emitter:
         self.parts = {}                     # Reduce -> (variable of its value, of its peak or None)
         self.open_loops = 0                 # loops the current line is inside (0: the sample scope)
         self.counter = itertools.count()
-        self.parallel_depth = None          # sum-only reduction loops at this depth run as numba.prange
-        self.loop_kind = "range"            # of the next loop()
         self.stored_rows = {}               # row reduction, its free index as ROW -> (value, peak, argmax)
                                             # arrays it was stored in: read, not computed again
 
@@ -144,8 +146,8 @@ class Emitter:
             return f"({self.code(e.args[1])} if {self.code(e.args[0])} else {self.code(e.args[2])})"
         if isinstance(e, sp.Not):
             return f"(not {self.code(e.args[0])})"
-        if e.func in CALLS:
-            return f"{CALLS[e.func]}({', '.join(self.code(a) for a in e.args)})"
+        if e.func in self.calls:
+            return f"{self.calls[e.func]}({', '.join(self.code(a) for a in e.args)})"
         raise NotImplementedError(f"no code for {type(e).__name__}: {e}")
 
     def index_code(self, e):
@@ -213,7 +215,7 @@ class Emitter:
                 if isinstance(r, (Max, Min, LogSumExp)):
                     self.argvar[r] = self.fresh("arg")
                     self.line(f"{self.argvar[r]} = -1")
-            self.loop(kvar, size, shifted, bodies, conds, bound | {k}, self.track_peak, peak)
+            self.peak_pass(kvar, size, shifted, bodies, conds, bound | {k}, peak)
             self.after_pass("peak", shifted, peak)
         stored = [r for r in summed if r in self.exp_store] if self.store_softmax else []
         if stored:                                      # e^(b - m) into the gradient buffer: a loop
@@ -224,9 +226,6 @@ class Emitter:
         if summed:                                      # pass 2: sums (shifted by the peak)
             for r in summed:
                 self.line(f"{acc[r]} = F(0.0)")
-            # a batch loss's mean over rows: each row's inner reductions are private to its iteration
-            if self.depth == self.parallel_depth and not shifted:
-                self.loop_kind = "numba.prange"
             self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
             self.after_pass("sum", summed, acc)
         for r in group:
@@ -385,7 +384,7 @@ class Emitter:
 
     def loop_range(self, size):
         """The iteration space of a reduction pass over ``size`` elements."""
-        return f"{self.loop_kind}({self.index_code(size)})"
+        return f"range({self.index_code(size)})"
 
     def after_pass(self, kind, group, state):
         """After the loop of a 'peak' pass (state: the peak variables of the group) or a 'sum' pass
@@ -393,7 +392,6 @@ class Emitter:
 
     def loop(self, kvar, size, group, bodies, conds, bound, step, state):
         self.line(f"for {kvar} in {self.loop_range(size)}:")
-        self.loop_kind = "range"                            # the loops inside it are plain
         self.depth += 1
         self.open_loops += 1
         named = [(self.fresh("b"), bodies[r]) for r in group]
@@ -404,14 +402,22 @@ class Emitter:
         self.known, self.reduction_symbol = saved
         cvar = dict(zip([r for r in group if conds[r] is not sp.true], [n for n, _ in conds_named]))
         for r, (bvar, _) in zip(group, named):
-            if r in cvar:
-                self.line(f"if {cvar[r]}:")
-                self.depth += 1
-            step(r, bvar, kvar, state)
-            if r in cvar:
-                self.depth -= 1
+            self.step_where(cvar.get(r), step, r, bvar, kvar, state)
         self.depth -= 1
         self.open_loops -= 1
+
+    def step_where(self, cond, step, r, b, kvar, state):
+        """``step`` for element ``b`` where ``cond`` (a variable; None: everywhere) holds."""
+        if cond is None:
+            return step(r, b, kvar, state)
+        self.line(f"if {cond}:")
+        self.depth += 1
+        step(r, b, kvar, state)
+        self.depth -= 1
+
+    def peak_pass(self, kvar, size, group, bodies, conds, bound, peak):
+        """The loop tracking each peak (and argmax) of ``group``; a back end may split it."""
+        self.loop(kvar, size, group, bodies, conds, bound, self.track_peak, peak)
 
     def track_peak(self, r, b, kvar, peak):
         m = peak[r]
@@ -429,7 +435,7 @@ class Emitter:
     def accumulate(self, r, b, kvar, state):
         acc, peak = state
         if isinstance(r, Sum):
-            self.line(f"{acc[r]} += {b}")
+            self.line(self.add.format(acc=acc[r], x=b))
         elif isinstance(r, LogSumExp):
             # Σ_{k != argmax} e^(b - m): the argmax's own 1 is added back exactly in finish(), so
             # log1p keeps the small terms. A -inf peak makes the terms NaN; finish() ignores them.
@@ -437,10 +443,10 @@ class Emitter:
             if r in self.exp_store:      # the softmax numerators, as the gradient reads them
                 e = f"({self.element_code(self.exp_store[r][0], kvar)} if want_grad else {e})" \
                     if self.store_softmax else f"_expdiff({b}, {peak[r]})"
-            self.line(f"{acc[r]} += {e} if {kvar} != {self.argvar[r]} else F(0.0)")
+            self.line(self.add.format(acc=acc[r], x=f"({e} if {kvar} != {self.argvar[r]} else F(0.0))"))
         else:                            # Norm: Σ (b/m)²
             self.line(f"if {peak[r]} > 0 and {peak[r]} < math.inf:")
-            self.line(f"    {acc[r]} += ({b}/{peak[r]})*({b}/{peak[r]})")
+            self.line("    " + self.add.format(acc=acc[r], x=f"({b}/{peak[r]})*({b}/{peak[r]})"))
 
     def store_exp(self, r, b, kvar, peak):
         # the softmax numerators of the gradient: e^(b - m) with the rounding error of b - m put back

@@ -287,9 +287,16 @@ def _named(e):
 
 
 def _squares_of(func, k, size, body, cond):
-    """Σ_k (x - y)(x + y) for vectors x, y (a difference of squares the rules formed so that the
-    squared norms do not overflow or cancel) as Σ_k x² - Σ_k y², written ‖x‖² - ‖y‖²; else None."""
-    if func is not Sum or cond is not sp.true or not body.is_Mul:
+    """Σ_k (x - y)(x + y) or Σ_k (x² - y²) for vectors x, y (a difference of squares the rules formed so
+    that the squared norms do not overflow or cancel) as Σ_k x² - Σ_k y², written ‖x‖² - ‖y‖²; else None."""
+    if func is not Sum or cond is not sp.true:
+        return None
+    if body.is_Add and len(body.args) == 2:
+        # sqdist_diff's (a - p)² - (a - n)²
+        sq = [t.as_coeff_Mul() for t in body.args]
+        if sorted(c for c, _ in sq) == [-1, 1] and all(r.is_Pow and r.exp == 2 and _vectorial(r, k) for _, r in sq):
+            return sp.Add(*[c * Sum(k, size, r, cond) for c, r in sq])
+    if not body.is_Mul:
         return None
     c, factors = body.as_coeff_mul()
     if len(factors) != 2 or not all(f.is_Add for f in factors):

@@ -12,7 +12,8 @@ while the chain rule over a reduction's result (``derive``) keeps gradients smal
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "Max2", "Min2",
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "xsq",
+           "sqdist_diff", "sqdist_diff_small", "overflow_or", "at_peak", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
            "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus"]
@@ -179,8 +180,9 @@ class sqexp(_Elementwise):
 
 
 class addexp(_Elementwise):
-    """a + b where b grows exponentially in the variable a grows linearly in (s + r²e^(-s) at s = -inf):
-    where both are infinite with opposite signs (inf - inf is NaN), b's limit wins."""
+    """a + b where b dominates a: where both are infinite with opposite signs (inf - inf is NaN), b's limit
+    wins. b grows exponentially in the variable a grows linearly in (s + r²e^(-s) at s = -inf), or b is
+    lse_k z_k - z_y against a label smoothing ε·(z_y - mean z), or z_y against -mean z."""
     nargs = 2
     latex_name = "addexp"
 
@@ -189,6 +191,74 @@ class addexp(_Elementwise):
 
     def naive(self):
         return self.args[0] + self.args[1]
+
+
+class xsq(_Elementwise):
+    """c·x², computed as (x·c)·x: x² alone underflows to a subnormal (or overflows) where c·x² does not,
+    e.g. r²/(2β) of a smooth L1 loss at r = 1.4e-21, β = 0.001 in float32 (8 bits lost)."""
+    nargs = 2
+    latex_name = "xsq"
+
+    def fdiff(self, argindex=1):
+        x, c = self.args
+        return 2 * c * x if argindex == 1 else x ** 2
+
+    @classmethod
+    def eval(cls, x, c):
+        if x.is_zero or c.is_zero:
+            return sp.S.Zero
+
+    def naive(self):
+        return self.args[1] * self.args[0] ** 2
+
+
+class sqdist_diff(_Elementwise):
+    """(a - p)² - (a - n)², the difference of the squared distances from a common point, computed as
+    (n - p)·((a - p) + (a - n)): no square overflows, and n - p is exact where the distances are close."""
+    nargs = 3
+    latex_name = "sqdist\\_diff"
+
+    def fdiff(self, argindex=1):
+        # subpeak: a coordinate where two points are the same infinity moves nothing (0, not inf - inf)
+        a, p, n = self.args
+        return 2 * (subpeak(n, p) if argindex == 1 else subpeak(p, a) if argindex == 2 else subpeak(a, n))
+
+    def naive(self):
+        a, p, n = self.args
+        return (a - p) ** 2 - (a - n) ** 2
+
+
+class sqdist_diff_small(sqdist_diff):
+    """sqdist_diff scaled by 4^-h (h = 700 in float64, 100 in float32; exact), from the points scaled by
+    2^-h: no term overflows. At infinite coordinates, the orders of infinity of the limit (the infinities
+    taken equal): an infinite distance (Z²) outweighs an infinite a alone ((n - p)·2Z), which outweighs
+    the finite terms. Only inside overflow_or, which scales back; as a formula it stands for sqdist_diff."""
+    latex_name = "sqdist\\_diff"
+
+
+class overflow_or(_Elementwise):
+    """a, or where a is not finite, b·4^h: b is a computed from its inputs scaled by 2^-h (a form of
+    degree 2 in them), so its terms do not overflow where a's do (inf - inf is NaN, and inf where the
+    terms cancel has the wrong sign). As a formula it is a; its gradient is a's."""
+    nargs = 2
+    latex_name = "overflow\\_or"
+
+    def fdiff(self, argindex=1):
+        return sp.S.One if argindex == 1 else sp.S.Zero
+
+    def naive(self):
+        return self.args[0]
+
+
+class at_peak(_Elementwise):
+    """a where flag (an argmax indicator [l = argmax]) is 1, else b: a is b rewritten for the largest
+    coordinate, where b cancels (tangent_projection). Both are cheap per element (their reductions are
+    per row); on paper, and as a formula, it is b."""
+    nargs = 3
+    latex_name = "at\\_peak"
+
+    def naive(self):
+        return self.args[1]
 
 
 class fsum(_Elementwise):

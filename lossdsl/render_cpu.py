@@ -1,15 +1,16 @@
 """CPU back end: one self-contained numba module per (loss, dtype).
 
 The kernel is fused: one parallel loop over samples computes each sample's reductions, its
-loss and the gradient of every input, and writes the weighted loss of each sample (the caller
-sums them: a float reduction inside the loop would stop LLVM vectorizing it, since the kernels
-run without fast-math reassociation, which would undo the compensated steps of _exp and
-_log1p). Targets are checked
-inside the same loop *before* anything is read through them (a class target indexes the
-logits), and a count of bad samples is returned so the caller can raise a clear error.
+loss and the gradient of every input. The samples go in blocks of BLOCK; each block sums its
+weighted losses in float64 (_acc, the one reassociable add, so LLVM splits the running sum
+into vector lanes) into one partial, and the partials are summed pairwise (_pairsum): for a
+mean or sum nothing per sample goes through memory. With want_out the per-sample losses are
+written to ``out`` too (reduction "none"). Targets are checked inside the same loop *before*
+anything is read through them (a class target indexes the logits), and a count of bad samples
+is returned so the caller can raise a clear error.
 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
-           has_w, want_grad, serial) -> bad
+           has_w, want_grad, want_out, serial) -> (bad, total)
 
 ``serial`` runs the call on the calling thread: waking the pool costs more than a small batch's
 work, and switching inside the kernel is free where numba.set_num_threads from Python is not.
@@ -21,8 +22,8 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 
 from .contract import index_sizes, products
-from .emit import ROW, Emitter, gradient_plan
-from .primitives import IsArg, Reduce, Sum, substitute
+from .emit import CALLS, ROW, Emitter, gradient_plan
+from .primitives import IsArg, Min, Norm, Reduce, Sum, substitute
 
 EXP32 = '''
 @intrinsic
@@ -58,10 +59,9 @@ def _bits_of_f32(typingctx, x):
 
 
 @numba.njit(error_model="numpy")
-def _log1p(x):
-    # Cephes logf of u = 1 + x (exponent and mantissa from the bits, vectorizable), plus the
-    # rounding error of 1 + x, (x - (u - 1)) / u, so small x keep full relative accuracy.
-    u = F(1.0) + x
+def _logf(u):
+    # Cephes logf of u > 0, exponent and mantissa from the bits (vectorizable; libm's logf is a
+    # scalar call); _log and _log1p add the special cases
     tiny = u < F(1.1754944e-38)
     us = u * F(16777216.0) if tiny else u
     bits = _bits_of_f32(us)
@@ -76,7 +76,25 @@ def _log1p(x):
               - F(1.2420140846E-1)) * m + F(1.4249322787E-1)) * m - F(1.6668057665E-1)) * m
            + F(2.0000714765E-1)) * m - F(2.4999993993E-1)) * m + F(3.3333331174E-1)) * m * z
     y = y + fe * F(-2.12194440e-4) - F(0.5) * z
-    r = m + y + fe * F(0.693359375) + (x - (u - F(1.0))) / u
+    return m + y + fe * F(0.693359375)
+
+
+@numba.njit(error_model="numpy")
+def _log(x):
+    r = _logf(x)
+    if x == F(0.0):
+        return F(-math.inf)
+    if not (x > F(0.0)):       # negative, and NaN
+        return F(math.nan)
+    return x if x == F(math.inf) else r
+
+
+@numba.njit(error_model="numpy")
+def _log1p(x):
+    # log u of u = 1 + x, plus the rounding error of 1 + x, (x - (u - 1)) / u, so small x keep
+    # full relative accuracy
+    u = F(1.0) + x
+    r = _logf(u) + (x - (u - F(1.0))) / u
     if x == F(-1.0):
         return F(-math.inf)
     if not (x > F(-1.0)):      # below -1, and NaN
@@ -84,7 +102,7 @@ def _log1p(x):
     return x if x == F(math.inf) else r
 
 
-@numba.njit(error_model="numpy")
+@numba.njit(error_model="numpy", forceinline=True)
 def _tanh(x):
     # Cephes tanhf, branch-free so LLVM vectorizes it (libm's tanhf is a scalar call): x + x z P(z),
     # z = x^2, for |x| < 0.625, else sign(x) (1 - 2/(e^(2|x|) + 1)); within 2 ulp.
@@ -97,7 +115,7 @@ def _tanh(x):
     return p if a < F(0.625) else (q if x == x else x)
 
 
-@numba.njit(error_model="numpy")
+@numba.njit(error_model="numpy", forceinline=True)
 def _sinh(x):
     # Cephes sinhf, vectorizable: x + x z P(z) for |x| <= 1, else sign(x) (e^|x|/2 - e^-|x|/2) with
     # e^|x|/2 as (e^(|x|/2)/2) e^(|x|/2), which overflows only where sinh does.
@@ -116,7 +134,62 @@ EXP64 = "".join(f'''
 def _{name}(x):
     return math.{name}(x)
 
-''' for name in ("exp", "log1p", "tanh", "sinh"))
+''' for name in ("exp", "log", "log1p", "tanh", "sinh"))
+
+# Samples per block of the kernel's loop: a block's sum has up to BLOCK/lanes terms in a row per
+# vector lane, then blocks go pairwise (like numpy's pairwise sum, whose leaves are 128 wide).
+BLOCK = 256
+
+SUMS = '''
+@numba.njit(error_model="numpy", fastmath={'reassoc'})
+def _acc(s, x):
+    # s + x in float64. reassoc is on this add alone (numba's fast-math flags are per instruction
+    # and survive inlining): LLVM may split the running sum into lanes, but the compensation terms
+    # of _exp, _log1p and _expdiff keep their order
+    return s + np.float64(x)
+
+
+@numba.njit(error_model="numpy", fastmath={'reassoc'})
+def _radd(s, x):
+    # a row reduction's step s + x, reassociable like _acc (in the row's own precision)
+    return s + x
+
+
+def _llvm_binary(name):
+    # a float (a, b) -> float function as the LLVM intrinsic ``name``
+    @intrinsic
+    def call(typingctx, a, b):
+        t = typingctx.unify_types(a, b)
+        if not isinstance(t, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x, y = (context.cast(builder, v, ty, sig.return_type) for v, ty in zip(args, sig.args))
+            fn = builder.module.declare_intrinsic(name, [x.type], llvm_ir.FunctionType(x.type, [x.type, x.type]))
+            return builder.call(fn, [x, y])
+        return t(a, b), codegen
+    return call
+
+
+# NaN-propagating max and min (IEEE maximum/minimum): LLVM vectorizes them as reductions
+_vmax = _llvm_binary("llvm.maximum")
+_vmin = _llvm_binary("llvm.minimum")
+
+
+@numba.njit(error_model="numpy")
+def _pairsum(a):
+    # pairwise sum of the block partials, in place: slot i is written after slots 2i, 2i+1 are read
+    m = a.size
+    while m > 1:
+        h = m // 2
+        for i in range(h):
+            a[i] = a[2 * i] + a[2 * i + 1]
+        if m % 2:
+            a[h] = a[m - 1]
+            h += 1
+        m = h
+    return a[0] if a.size else 0.0
+'''
 
 # numba.set_num_threads inside a kernel holds a ctypes function as a global, and numba does not
 # cache such kernels; the threading layer's C functions, called by name as numba's own parallel
@@ -139,18 +212,22 @@ numba.get_num_threads()
 '''
 
 # Helpers are separate numba functions: LLVM inlines them into the kernel all the same (so the
-# loops still vectorize), and numba compiles twice as fast as with inline="always".
+# loops still vectorize), and numba compiles twice as fast as with inline="always". Those too
+# big for LLVM's inlining threshold (_tanh, _sinh, _logcosh: a call in the loop, which then
+# stays scalar) are marked forceinline (LLVM's alwaysinline; numba compiles them as before).
 HELPER_DECORATOR = '@numba.njit(error_model="numpy")'
+INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp")
 
 HELPERS = '''
 @HELPER
 def _logcosh(x):
-    # log cosh x = log1p(2 sinh^2(x/2)) near 0 (keeps relative accuracy), else |x| + log1p(e^-2|x|) - log 2
+    # log cosh x = log1p(2 sinh^2(x/2)) near 0 (keeps relative accuracy), else |x| + log1p(e^-2|x|) - log 2;
+    # one log1p of either argument, with selects, not branches: LLVM vectorizes that
     a = abs(x)
-    if a < F(0.5):
-        s = _sinh(a * F(0.5))
-        return _log1p(F(2.0) * s * s)
-    return a + _log1p(_exp(F(-2.0) * a)) - F(0.6931471805599453)
+    near = a < F(0.5)
+    s = _sinh(a * F(0.5))
+    t = _log1p(F(2.0) * s * s if near else _exp(F(-2.0) * a))
+    return t if near else a + t - F(0.6931471805599453)
 
 
 @HELPER
@@ -225,11 +302,71 @@ def _sqexp(x, s):
 
 @HELPER
 def _addexp(a, b):
-    # a + b, b exponential where a is linear in the same variable: at inf - inf, b decides
+    # a + b, b dominating a (exponential against linear, lse against a mean): at inf - inf, b decides
     s = a + b
     if s != s and a == a and b == b:
         return b
     return s
+
+
+@HELPER
+def _xsq(x, c):
+    # c·x² as (x·c)·x: the square alone would round to a subnormal (or overflow) first
+    return (x * c) * x
+
+
+@HELPER
+def _sqdist_diff(a, p, n):
+    # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close.
+    # A coordinate where the infinities cancel (n = p, a infinite or all three the same) is 0, not NaN, so
+    # the sum of the other coordinates needs no rescue (scaled by 2^-2h, they could underflow)
+    r = (n - p) * ((a - p) + (a - n))
+    return F(0.0) if r != r and n == p and a == a else r
+
+
+@HELPER
+def _inf_weight(a, p):
+    # (a - p)²/Z² where a or p is infinite (Z): 1, 4 for opposite infinities, 0 for the same one or none
+    if abs(a - p) < F(math.inf) or a == p:
+        return F(0.0)
+    return F(4.0) if abs(a) == abs(p) else F(1.0)
+
+
+@HELPER
+def _sqdist_diff_small(a, p, n):
+    # 4^-h·sqdist_diff from the points shrunk by 2^-h (exact): no term overflows. An infinite coordinate
+    # stands for an order of infinity, as in the limit where the infinities are equal: a distance
+    # infinite alone (Z²) as its weight times 2^o2, an infinite a alone ((n - p)·2Z) as (n - p)·2^(o1 + 1)
+    # (at most 2^c); the sum then keeps the sign of the highest order present (for D < 2^(o2 - c - 2)),
+    # and overflow_or's scale-back makes it ±inf.
+    h, o1, c, o2 = (F(2.0 ** -100), F(2.0 ** 50), F(2.0 ** 100), F(2.0 ** 110)) if F(1e300) == F(math.inf) \
+        else (F(2.0 ** -700), F(2.0 ** 400), F(2.0 ** 850), F(2.0 ** 900))
+    big = F(math.inf)
+    if abs(a) < big and abs(p) < big and abs(n) < big or a != a or p != p or n != n:
+        return _sqdist_diff(a * h, p * h, n * h)
+    wu = _inf_weight(a, p)
+    wv = _inf_weight(a, n)
+    if wu != wv:
+        return (wu - wv) * o2
+    if wu == 0 or abs(p) == big or abs(n) == big:
+        return F(0.0)
+    t = min(max(F(2.0) * (n - p) * o1, -c), c)
+    return t if a > 0 else -t
+
+
+@HELPER
+def _overflow_or(a, b):
+    # a, or where it is not finite (its terms overflowed, or met infinities), b scaled back by 4^h
+    if abs(a) < F(math.inf) or a != a and b != b:
+        return a
+    if F(1e300) == F(math.inf):
+        return b * F(2.0 ** 100) * F(2.0 ** 100)
+    return b * F(2.0 ** 700) * F(2.0 ** 700)
+
+
+@HELPER
+def _at_peak(a, b, flag):
+    return a if flag == 1 else b
 
 
 @HELPER
@@ -283,6 +420,51 @@ DOMAIN_CHECKS = {"unit": "({v} >= 0 and {v} <= 1)", "binary": "({v} == 0 or {v} 
                  "simplex": "({v} >= 0)", "real": None}
 
 
+class VectorEmitter(Emitter):
+    """An Emitter whose row reductions LLVM vectorizes: sums step through the reassociable _radd;
+    an unmasked peak is a NaN-propagating max (_vmax), and its argmax, the first index at the
+    peak, an integer min in a second pass (one loop updating both under a compare stays scalar:
+    5x slower on 1000-wide rows)."""
+    add = "{acc} = _radd({acc}, {x})"
+    calls = {**CALLS, sp.log: "_log"}
+
+    def peak_pass(self, kvar, size, group, bodies, conds, bound, peak):
+        if any(conds[r] is not sp.true for r in group):
+            # a masked peak (max over j != y) measured faster as the one scalar loop
+            return super().peak_pass(kvar, size, group, bodies, conds, bound, peak)
+        self.loop(kvar, size, group, bodies, conds, bound, self.step_peak, peak)
+        args = [r for r in group if r in self.argvar]
+        if not args:
+            return
+        end = self.index_code(size)
+        for r in args:
+            self.line(f"{self.argvar[r]} = {end}")
+        self.loop(kvar, size, args, bodies, conds, bound, self.step_arg, (peak, end))
+        for r in args:          # nothing counted (an empty row, all masked): -1, as track_peak leaves it
+            self.line(f"if {self.argvar[r]} == {end}:")
+            self.line(f"    {self.argvar[r]} = -1")
+
+    def step_where(self, cond, step, r, b, kvar, state):
+        # a masked sum adds 0 off the mask: a select; an if around the add kept LLVM from
+        # vectorizing the loop (kl_div's second pass: 2.3x slower)
+        if cond is not None and isinstance(r, Sum) and getattr(step, "__func__", None) is Emitter.accumulate:
+            return step(r, f"({b} if {cond} else F(0.0))", kvar, state)
+        return super().step_where(cond, step, r, b, kvar, state)
+
+    def step_peak(self, r, b, kvar, peak):
+        m = peak[r]
+        if isinstance(r, Min):
+            self.line(f"{m} = _vmin({m}, {b})")
+        else:
+            self.line(f"{m} = _vmax({m}, {'abs(%s)' % b if isinstance(r, Norm) else b})")
+
+    def step_arg(self, r, b, kvar, state):
+        # the first index at the peak; at a NaN peak, the first NaN
+        peak, end = state
+        a = self.argvar[r]
+        self.line(f"{a} = min({a}, {kvar} if {b} == {peak[r]} or {b} != {b} else {end})")
+
+
 class Signature:
     """The kernel's arguments, and how sympy atoms map onto them."""
 
@@ -316,7 +498,7 @@ class Signature:
         names += [f"p{i}" for i in range(len(self.params))]
         names += [f"K{i}" for i in range(len(self.sizes))]
         names += ["w", "out"] + [self.grad_of[d.name] for d in self.inputs] + ["scale", "ignore"]
-        names += ["has_w", "want_grad", "serial"]
+        names += ["has_w", "want_grad", "want_out", "serial"]
         return names
 
 
@@ -334,8 +516,8 @@ def render(compiled, dtype):
             return f"{buffers[fn]}[{', '.join(idx)}]"
         return f"{fn_array[fn]}[{lead}{', '.join(idx)}]"
 
-    em = Emitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]")
-    em.depth = 2
+    em = VectorEmitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]")
+    em.depth = 2 if sig.batch else 3
     for d in sig.inputs + sig.targets:          # scalars of this sample
         if not d.axes:
             em.line(f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[{'0' if sig.batch else 'n'}]")
@@ -349,7 +531,10 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
     em.scope([("val", compiled.expr)] + hoisted, set())
     em.line("wn = w[n] if has_w else F(1.0)")
-    em.line("out[n] = wn * val")
+    em.line("lv = wn * val")
+    em.line("if want_out:")
+    em.line("    out[n] = lv")
+    em.line("acc = _acc(acc, lv)")
     if sig.inputs:
         em.line("if want_grad:")
         em.depth += 1
@@ -386,10 +571,10 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         em.line(f"{buffers[fn]} = {gemm.reusable(body, idx) or f'np.empty({shape(axes)}, F)'}    # {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
     n = len(compiled.locals)
-    em.parallel_depth = em.depth
     em.scope([("val", lower(n, compiled.expr))], set())
-    em.parallel_depth = None
-    em.line("out[0] = val")
+    em.line("total = np.float64(val)")
+    em.line("if want_out:")
+    em.line("    out[0] = val")
     if not sig.inputs:
         return
     em.line("if want_grad:")
@@ -540,7 +725,8 @@ def _checks(em, sig, low, scalar_vars, size_var):
 
 def _zero_sample(em, sig):
     row = "0" if sig.batch else "n"
-    em.line(f"    out[{row}] = F(0.0)")
+    em.line("    if want_out:")
+    em.line(f"        out[{row}] = F(0.0)")
     if sig.inputs:
         em.line("    if want_grad:")
         for d in sig.inputs:
@@ -625,22 +811,40 @@ def _row_sums(em, g, last, last_var, last_size, bound):
         em.reduction_symbol[r] = sym
 
 
+def _cpu_helpers():
+    text = HELPERS
+    for name in INLINED_HELPERS:
+        text = text.replace(f"@HELPER\ndef {name}(", f"@numba.njit(error_model='numpy', forceinline=True)\ndef {name}(")
+    # the vectorizable _log, not libm's (HELPERS is shared with the CUDA back end)
+    return text.replace("@HELPER", HELPER_DECORATOR).replace("math.log(", "_log(")
+
+
 def _module(sig, dtype, body, compiled):
     args = ", ".join(sig.args())
     head = [f"# Generated by lossdsl for loss '{compiled.definition.name}', {dtype}. Do not edit.",
             "import math", "import numba", "import numpy as np", "from llvmlite import ir as llvm_ir",
             "from numba import types", "from numba.core import cgutils", "from numba.extending import intrinsic",
-            "", f"F = np.{dtype}", THREADS, EXP32 if dtype == "float32" else EXP64, HELPERS.replace("@HELPER", HELPER_DECORATOR), "",
+            "", f"F = np.{dtype}", THREADS, EXP32 if dtype == "float32" else EXP64, SUMS, _cpu_helpers(), "",
             # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES); no reassoc:
-            # it would fold the compensation terms of _exp and _log1p away
+            # it would fold the compensation terms of _exp and _log1p away (only _acc and _radd have it)
             "@numba.njit(parallel=True, cache=True, error_model='numpy', nogil=True,",
             "            fastmath={'nsz', 'contract'})",
             f"def kernel({args}):"]
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
     threads = ["    threads = _swap_threads(1) if serial else 0"]
-    tail = ["    if serial:", "        _swap_threads(threads)", "    return bad", ""]
+    tail = ["    if serial:", "        _swap_threads(threads)", "    return bad, total", ""]
     if sig.batch:
-        lines = head + threads + ["    bad = 0", "    for _once in range(1):"] + body + tail
+        lines = head + threads + ["    bad = 0", "    total = 0.0", "    for _once in range(1):"] + body + tail
     else:
-        lines = head + threads + [f"    N = {first}", "    bad = 0", "    for n in numba.prange(N):"] + body + tail
+        # a row loss's sample is a row's worth of work: one per block, or few rows would leave
+        # threads idle (256 rows of 50k logits would be one block)
+        block = 1 if any(d.axes for d in sig.inputs + sig.targets) else BLOCK
+        lines = head + threads + [
+            f"    N = {first}", "    bad = 0", f"    part = np.empty((N + {block} - 1) // {block}, np.float64)",
+            "    for blk in numba.prange(part.size):",
+            "        acc = 0.0",
+            # an unsigned n: numba then indexes without the wraparound select, which
+            # LLVM cannot prove dead here and would vectorize as gathers and scatters
+            f"        for n in range(np.uint64(blk * {block}), np.uint64(min(N, blk * {block} + {block}))):"]
+        lines += body + ["        part[blk] = acc", "    total = _pairsum(part)"] + tail
     return "\n".join(lines)

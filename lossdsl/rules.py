@@ -14,8 +14,9 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, expm1, fsum, log1p, logcosh,
-                         lse_minus, mul0, nanflag, sigmoid, softplus, sqexp, subpeak, substitute, xdivy, xexp, xexpm1, xlogy)
+from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, log1p, logcosh,
+                         lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp,
+                         subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -134,6 +135,34 @@ def _sqexp(node):
         return None
     rest = [f for f in node.args if f is not exps[0] and f is not squares[0]]
     return sp.Mul(sqexp(squares[0].base, exps[0].args[0]), *rest)
+
+
+def _scaled_square(node):
+    # c·b² -> xsq(b, c), c not a number (a param: 1/(2β)): (b·c)·b keeps b² from rounding to a subnormal
+    if not node.is_Mul:
+        return None
+    sq = [f for f in node.args if f.is_Pow and f.exp == 2 and not f.base.is_number]
+    if len(sq) != 1:
+        return None
+    c = node / sq[0]
+    if c.is_number or c.has(sp.exp, sqexp, xexp):
+        return None
+    return xsq(sq[0].base, c)
+
+
+def _tanh_grad(node):
+    # c - c·tanh²(a) (possibly inside a longer sum, c a number: 2 - 2tanh² of a chain rule) -> c/cosh²(a)
+    if not node.is_Add:
+        return None
+    for c in node.args:
+        if not c.is_number or c == 0:
+            continue
+        for t in node.args:
+            k, r = t.as_coeff_Mul()
+            if k == -c and r.is_Pow and r.exp == 2 and isinstance(r.base, sp.tanh):
+                rest = [a for a in node.args if a is not c and a is not t]
+                return sp.Add(c * sp.cosh(r.base.args[0]) ** -2, *rest)
+    return None
 
 
 def _exp_only(e, s):
@@ -260,7 +289,27 @@ def _difference_of_squares(node):
         for t2, c2, y_ in sq:
             if c1 == 1 and c2 == -1:
                 rest = [a for a in node.args if a is not t1 and a is not t2]
+                common = set(sp.Add.make_args(x_)) & set(sp.Add.make_args(y_))
+                if len(common) == 1 and len(x_.args) == len(y_.args) == 2:
+                    # (a - p)² - (a - n)²: squared distances from a common point, with their limits at
+                    # infinite coordinates (sympy's (n - p)(2a - n - p) is inf·0 at a = inf, n = p)
+                    a = common.pop()
+                    return sp.Add(sqdist_diff(a, a - x_, a - y_), *rest)
                 return sp.Add(sp.Mul(x_ - y_, x_ + y_), *rest)
+    return None
+
+
+def _rescue_overflow(node):
+    # ... + Σ_k sqdist_diff(...) -> ... + overflow_or(Σ_k sqdist_diff(...), Σ_k sqdist_diff_small(...)):
+    # the terms overflow (inf - inf, or inf where they cancel) or meet infinite coordinates where the
+    # sum's sign is still defined; the scaled copy is summed in the same loop. (On the sum's parent, so
+    # the copy is not rescued again.)
+    if isinstance(node, overflow_or) or node.is_Atom:
+        return None
+    for r in node.args:
+        if type(r) is Sum and type(r.body) is sqdist_diff:
+            small = Sum(r.index, r.size, sqdist_diff_small(*r.body.args), r.cond)
+            return node.func(*[overflow_or(r, small) if a is r else a for a in node.args])
     return None
 
 
@@ -286,6 +335,51 @@ def _norm_times_unit(node):
     return None
 
 
+def _tangent_projection(node):
+    # x_l/‖z‖ - (Σ_d x_d·z_d/‖z‖²)·z_l/‖z‖ (the adjoint x of u = z/‖z‖ carried to z) -> at the largest
+    # |z_L|: (x_L·Σ_{d≠L} u_d² - u_L·Σ_{d≠L} x_d·u_d)/‖z‖, elsewhere (x_l - u_l·Σ_d x_d·u_d)/‖z‖. At L,
+    # 1 - u_L² and x_L - u_L·x_L·u_L cancel (Σ u² = 1): small coordinates next to a huge one are lost
+    if not node.is_Add:
+        return None
+    for t in node.args:
+        f = [a for a in sp.Mul.make_args(t) if type(a) is Sum]
+        if len(f) != 1 or not isinstance(f[0].body, sp.Mul):
+            continue
+        r, rest = f[0], t / f[0]
+        inner = [a for a in r.body.args if isinstance(a, xdivy) and isinstance(a.args[0], xdivy)]
+        if len(inner) != 1 or inner[0].args[1] != inner[0].args[0].args[1] or r.cond is not sp.true:
+            continue
+        norm = inner[0].args[1]
+        if not isinstance(norm, Norm) or norm.cond is not sp.true:
+            continue
+        el_d = inner[0].args[0].args[0]                # z(m, d)
+        x_d = r.body / inner[0]
+        outer = [a for a in sp.Mul.make_args(rest) if isinstance(a, xdivy) and a.args[1] == norm]
+        if len(outer) != 1 or sp.Mul.make_args(rest / outer[0]) != (-1,):
+            continue
+        el_l = outer[0].args[0]                        # z(m, l)
+        at = {el_d.args[i]: el_l.args[i] for i in range(len(el_d.args)) if el_d.args[i] == r.index}
+        if len(at) != 1 or substitute(el_d, at) != el_l:
+            continue
+        l = at[r.index]
+        x_l = substitute(x_d, at)
+        forms = (x_l / norm, xdivy(x_l, norm), sp.Piecewise((0, sp.Eq(norm, 0)), (x_l / norm, True)),
+                 x_l * sp.Piecewise((0, sp.Eq(norm, 0)), (1 / norm, True)))
+        first = next((a for a in node.args if a in forms), None)
+        if first is None:
+            continue
+        k = r.index
+        peak = Max(k, r.size, sp.Abs(el_d), sp.true)
+        u = lambda e: xdivy(e, norm)                   # noqa: E731
+        others = sp.Eq(IsArg(peak, k), 0)
+        peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
+        elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
+        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(peak_form / norm, elsewhere / norm, IsArg(peak, l)), True))
+        rest_terms = [a for a in node.args if a is not t and a is not first]
+        return sp.Add(new, *rest_terms)
+    return None
+
+
 def _log_softmax_split(node):
     # logsumexp_k b(k) + c·b(t) -> lse_minus(logsumexp, b(t)) + (1 + c)·b(t), c ≠ -1: the log-softmax
     # difference is formed first (0 at a +inf b(t) that is the max, not inf - inf), the rest weighted
@@ -302,9 +396,38 @@ def _log_softmax_split(node):
             c = t / el
             if c.has(el) or not any(substitute(r.body, {r.index: a}) == el for a in el.args):
                 continue
-            rest = [a for a in node.args if a is not r and a is not t]
-            return sp.Add(lse_minus(r, el), sp.expand(c + 1) * el, *rest)
+            rest = sp.Add(sp.expand(c + 1) * el, *[a for a in node.args if a is not r and a is not t])
+            if rest != 0 and _weighs_nothing(rest, r):
+                # ε·(b(t) - mean_k b(k)) of label smoothing, where infinities meet: the element grows like
+                # itself and the mean like its share of it (b(t) = ±inf = mean: b(t) wins), and the
+                # lse - b(t) like the max against the mean's share (+inf, -inf at a +inf b(k), k ≠ t:
+                # the lse wins, for weights up to 1 as a smoothing in [0, 1])
+                elems = [a for a in sp.Add.make_args(rest) if not a.has(Reduce)]
+                if len(elems) == 1:
+                    rest = addexp(rest - elems[0], elems[0])
+                return addexp(rest, lse_minus(r, el))
+            return sp.Add(lse_minus(r, el), rest)
     return None
+
+
+def _weighs_nothing(e, r):
+    """e = Σ c_i·(an element, or a sum over elements, of the array r reduces), with Σ c_i·(count) = 0."""
+    arrays = {a.func for a in r.body.atoms(sp.core.function.AppliedUndef)}
+
+    def weight(t):
+        # the weight of a term c·b(t) or c·Σ_k b(k)·w: c, c·Σ_k w; None if it is not of that form
+        inner = [f for f in sp.Mul.make_args(t) if f.has(sp.core.function.AppliedUndef)]
+        if len(inner) != 1:
+            return None
+        f, c = inner[0], t / inner[0]
+        if isinstance(f, sp.core.function.AppliedUndef):
+            return c if f.func in arrays else None
+        if type(f) in (Sum, ScaledSum) and f.cond is sp.true:
+            ws = [weight(b) for b in sp.Add.make_args(sp.expand(f.body))]
+            return None if None in ws or any(w.has(f.index) for w in ws) else c * f.size * sp.Add(*ws)
+        return None
+    ws = [weight(t) for t in sp.Add.make_args(sp.expand(e))]
+    return None not in ws and sp.expand(sp.Add(*ws)) == 0
 
 
 def _log1p(node):
@@ -407,6 +530,9 @@ NODE_RULES = (
     Rule("sqexp", "x²·e^y = (x·e^(y/2))²; x² underflows (or overflows) where e^y overflows (underflows): 0 vs "
                   "1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out",
          x ** 2 * sp.exp(y), sqexp(x, y), (1e-200, 700.0), _sqexp),
+    Rule("scaled_square", "c·x² = (x·c)·x: x² is subnormal at x = 1e-160 (1e-320, 11 bits), where c·x² with c = 1e10 "
+                          "keeps 52; x² overflows at x = 1e160 where c·x² with c = 1e-10 does not",
+         y * x ** 2, xsq(x, y), (1e-160, 1e10), _scaled_square),
     Rule("linear_vs_exp", "c·x + b·e^(kx): at x = ∓inf the terms are ∓inf and ±inf (NaN) where the exponential "
                           "wins (s + r²e^(-s) at s = -inf is inf)",
          x + sp.exp(-x), addexp(x, sp.exp(-x)), (-float("inf"),), _linear_vs_exp),
@@ -426,8 +552,16 @@ NODE_RULES = (
     Rule("difference_of_squares", "x² - y² = (x - y)(x + y): x² overflows at x = 1.5e154 (inf vs 1.25e308 for "
                                   "y = 1e154), and cancels for x ≈ y",
          x ** 2 - y ** 2, (x - y) * (x + y), (1.5e154, 1e154), _difference_of_squares),
+    Rule("rescue_overflow", "Σ_k ((a_k - p_k)² - (a_k - n_k)²) redone with the points scaled by 2^-h where it is "
+                            "not finite: at a = [1e200, 0], p = [-1e200, 0], n = [0, 3e200] the terms are 3e400 "
+                            "and -9e400 (inf - inf = NaN), the sum -6e400 (value 0 of a triplet loss)",
+         None, None, (), _rescue_overflow),
     Rule("norm_times_unit", "‖b‖·(a/‖b‖) = a: the quotient underflows (or is inf/inf) where a is finite; the "
                             "gradient of ‖b‖²", None, None, (), _norm_times_unit, post=True),
+    Rule("tangent_projection", "x_l/‖z‖ - (Σ_d x_d·u_d)·u_l/‖z‖ (u = z/‖z‖) = (x_L·Σ_{d≠L} u_d² - "
+                               "u_L·Σ_{d≠L} x_d·u_d)/‖z‖ at the largest |z_L|: 1 - u_L² cancels (z = [1e11, "
+                               "1e-3], x = [1, 0]: 0 vs 1e-39)",
+         None, None, (), _tangent_projection, post=True),
     Rule("log_softmax_split", "lse_k b_k + c·b_t = (lse_k b_k - b_t) + (1 + c)·b_t: the log-softmax first "
                               "(cross-entropy with label smoothing at a +inf target logit: 0, not inf - inf)",
          None, None, (), _log_softmax_split),
@@ -437,8 +571,9 @@ NODE_RULES = (
          sp.exp(x) - 1, expm1(x), (1e-17,)),
     Rule("logcosh", "log cosh x: cosh overflows for |x| > 710, and rounds to 1 for |x| < 1e-8",
          sp.log(sp.cosh(x)), logcosh(x), (1000.0,)),
-    Rule("tanh_grad", "1 - tanh²(x) = 1/cosh²(x); the subtraction cancels to 0 for |x| > 19",
-         1 - sp.tanh(x) ** 2, sp.cosh(x) ** -2, (20.0,)),
+    Rule("tanh_grad", "c - c·tanh²(x) = c/cosh²(x); the subtraction cancels to 0 for |x| > 19 (and loses bits "
+                      "well before: 41 ulps at x = 6)",
+         1 - sp.tanh(x) ** 2, sp.cosh(x) ** -2, (20.0,), _tanh_grad),
     Rule("xlogy", "x·log(y) = xlogy(x, y), which is 0 at x = 0 (0·log 0 = 0·-inf is NaN)",
          x * sp.log(y), xlogy(x, y), (0.0, 0.0), _xlogy, post=True),
     Rule("logsumexp", "log Σ e^b = m + log Σ e^(b-m), m = max b; e^b overflows for b > 709",

@@ -651,3 +651,33 @@ def test_nan_real_target_gives_nan(name):
     f = load(name)
     v = np.asarray(f(*inputs, *targets, reduction="none"))
     assert np.isnan(v[0, 0]) and np.isnan(f(*inputs, *targets)), v
+
+
+def test_in_kernel_sum_is_accurate():
+    """mean and sum are summed inside the kernel (float64, 16 terms a vector lane, then pairwise,
+    like numpy's pairwise sum): within a few ulps of math.fsum where a running sum is far off."""
+    import math
+    f = load("mae")
+    n = 1 << 18
+    rng = np.random.default_rng(5)
+    # float32 losses summed in float64: a float32 running sum stays at 2^24 (2^24 + 1 rounds back)
+    x = np.ones(n, np.float32)
+    x[0] = 2.0 ** 24
+    assert float(f(x, np.zeros_like(x), reduction="sum")) == np.float32(2.0 ** 24 + n - 1)
+    assert float(f(x, np.zeros_like(x))) == np.float32((2.0 ** 24 + n - 1) / n)
+    # float64: large + many small (first, and anywhere), values spread over 16 decades
+    big = np.ones(n)
+    big[0] = 2.0 ** 53
+    spread = rng.random(n) * 10.0 ** rng.integers(-8, 9, n)
+    lognormal = np.concatenate([[1e12], rng.lognormal(0, 3, n - 1)])
+    for x in (big, rng.permutation(big), spread, lognormal, rng.permutation(lognormal)):
+        exact = math.fsum(x)
+        got = float(f(x, np.zeros_like(x), reduction="sum"))
+        assert abs(got - exact) <= 8 * np.spacing(exact), (got, exact)
+    for x in (big, spread):         # where the test has teeth: a running sum is 700+ ulps off
+        assert abs(float(np.cumsum(x)[-1]) - math.fsum(x)) > 100 * np.spacing(math.fsum(x))
+    # the same sum through weights (the weighted losses are what is summed)
+    w = rng.random(n)
+    got = float(f(spread, np.zeros_like(spread), weight=w, reduction="sum"))
+    exact = math.fsum(spread * w)
+    assert abs(got - exact) <= 8 * np.spacing(exact), (got, exact)

@@ -58,6 +58,7 @@ CASES = {
                    lambda v: np.sum(v + 1) - np.sum(v)),
     "difference_of_squares": ("loss = x^2 - t^2", [1.5e154, 1e154], lambda v, t: v * v - t * t,
                               lambda v, t: v * v - t * t),
+    "scaled_square": ("loss = t * x^2", [1e-160, 1e10], lambda v, t: t * v * v, lambda v, t: t * (v * v)),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
     "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
                  lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
@@ -124,7 +125,8 @@ def test_rule_fires_on_its_template(rule):
 def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
-                           "log_softmax_split", "norm_difference"}
+                           "log_softmax_split", "norm_difference", "rescue_overflow",
+                           "tangent_projection"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -136,6 +138,15 @@ def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
     want = truth(lambda v: 1 / M.cosh(v) ** 2, 20.0)
     assert close(float(g[0]), want)
     assert 1 - np.tanh(20.0) ** 2 == 0.0
+    # with a factor from the chain rule, d/dx e^(-tanh²x) = -(2 - 2tanh²x)·tanh x·e^(-tanh²x): 41 ulps
+    # at x = 6 (found by tests/test_fuzz.py), 2/cosh² keeps it within 2
+    f = lossdsl.compile("loss w\n  input x\n  loss = exp(-(tanh(x))^2)\n")["w"]
+    _, (g,) = f.value_and_grad(np.array([6.0]), reduction="sum")
+    assert "tanh_grad" in f.rules
+    want = truth(lambda v: -2 * M.tanh(v) / M.cosh(v) ** 2 * M.exp(-M.tanh(v) ** 2), 6.0)
+    assert close(float(g[0]), want, ulps=2)
+    t = np.tanh(6.0)
+    assert not close(-(2 - 2 * t * t) * t * np.exp(-t * t), want, ulps=16)
 
 
 def test_sigmoid_and_softplus_gradients_are_stable():
@@ -398,3 +409,67 @@ def test_norm_difference_with_a_shared_infinite_coordinate():
     assert v[0] == 0.0 and np.all(g1 == 0.0) and np.all(g2 == 0.0)
     with np.errstate(all="ignore"):
         assert np.isnan(np.sqrt(np.sum((z1 - z2) ** 2)))
+
+
+def test_log_softmax_split_takes_the_limit_of_label_smoothing():
+    # ε·(z_y - mean z) + (lse - z_y) with a +inf logit k ≠ y: -inf + inf = NaN in the textbook sum; the
+    # lse grows like the max and ε·mean like ε/K of it, so the loss is inf. At z_y = ±inf = mean, z_y wins.
+    f = lossdsl.load("cross_entropy")
+    z = np.array([[1.0, np.inf, -3.0], [np.inf, 1.0, 2.0], [-np.inf, 1.0, 2.0], [1.0, 2.0, 3.0]], np.float32)
+    v = f(z, np.array([0, 0, 0, 0]), reduction="none", label_smoothing=0.1)
+    zs = [M.mpf(float(c)) for c in z[3]]
+    lse = M.log(sum(M.exp(c) for c in zs))
+    want = float(0.9 * (lse - zs[0]) + 0.1 * (lse - sum(zs) / 3))
+    assert list(v[:3]) == [np.inf] * 3 and abs(float(v[3]) - want) <= 2 * np.spacing(np.float32(want))
+    with np.errstate(all="ignore"):
+        ls = np.float32(0.1)
+        assert np.isnan(ls * z[0, 0] - ls * z[0].mean() + (np.inf + np.log1p(np.float32(0))))
+
+
+def test_rescue_overflow_keeps_the_sign_of_a_difference_of_squared_distances():
+    # ‖a - p‖² - ‖a - n‖² summed per coordinate (merge_sums, difference_of_squares -> sqdist_diff): at
+    # a = [1e200, 0], p = [-1e200, 0], n = [0, 3e200] the terms are 3e400 and -9e400, inf - inf = NaN in
+    # floats; the copy from points scaled by 2^-700 sums to the truth's sign (value 0, no gradient)
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("triplet")
+    assert {"rescue_overflow", "difference_of_squares"} <= set(f.rules)
+    inf = np.inf
+    rows = [([1e200, 0.0], [-1e200, 0.0], [0.0, 3e200]),         # overflowing terms of opposite signs
+            ([inf, 1.0], [inf, 2.0], [4.0, 1.0]),                # a shared infinity: its coordinate is 0
+            ([-inf, 1.0], [3.0, 1.0], [5.0, 1.0]),               # a infinite alone: (n - p)·2a = -inf
+            ([-inf, -inf, -inf, 5.0], [709.0, 0.0, 0.0, -426.0], [483.0, -inf, -inf, -inf]),  # 2Z² - Z²: inf
+            ([3.0, 1e-300], [1.0, 0.0], [2.0, 1e-300])]         # no overflow: the plain sum
+    for a, p, n in rows:
+        a, p, n = (np.array([v]) for v in (a, p, n))
+        v, grads = f.value_and_grad(a, p, n, reduction="none")
+        vals = {"a": a[0], "p": p[0], "n": n[0], "margin": 1.0, "D": a.shape[1]}
+        assert v[0] == evaluate(f.expr, vals), (a, p, n, v[0])
+        for name, g in zip(("a", "p", "n"), grads):
+            for j in range(a.shape[1]):
+                want = evaluate(f.gradient(name), vals, index={f.gradient_index(name)[0].name: j})
+                assert want is None or g[0, j] == want, (name, j, a, p, n, g[0, j], want)
+    with np.errstate(all="ignore"):
+        a, p, n = (np.array(r) for r in rows[0])
+        assert np.isnan(np.sum((a - p) ** 2) - np.sum((a - n) ** 2))
+        assert np.isnan(np.sum((n - p) * (2 * a - n - p)))
+
+
+def test_tangent_projection_keeps_the_gradient_at_the_largest_coordinate():
+    # d(c·u)/dz for u = z/‖z‖ is (c - (c·u)·u)/‖z‖; at the largest coordinate of z = [1e11, 1e-3, 0] with
+    # c = [1, 0, 0] that is (1 - u_0²)/‖z‖ = u_1²/‖z‖ = 1e-39, where 1 - u_0² rounds to 0
+    f = lossdsl.compile("loss w\n  batch N\n  input z[N, D]\n  target c[N, D]\n"
+                        "  u[i, d] = z[i, d] / norm[e] z[i, e]\n  loss = sum[i] sum[d] c[i, d] * u[i, d]\n")["w"]
+    assert "tangent_projection" in f.rules
+    z = np.array([[1e11, 1e-3, 0.0], [0.0, 0.0, 0.0], [3.0, -4.0, 1.0]])
+    c = np.array([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0], [1.0, 2.0, -3.0]])
+    _, (g,) = f.value_and_grad(z, c)
+    for i in (0, 2):
+        zs, cs = [M.mpf(float(v)) for v in z[i]], [M.mpf(float(v)) for v in c[i]]
+        nz = M.sqrt(sum(v * v for v in zs))
+        cu = sum(a * b / nz for a, b in zip(cs, zs))
+        for j in range(3):
+            want = float((cs[j] - cu * zs[j] / nz) / nz)
+            assert close(float(g[i, j]), want, ulps=8), (i, j, g[i, j], want)
+    assert np.all(g[1] == 0.0)                 # a zero row: u = 0, and its gradient 0 by convention
+    u = z[0] / np.linalg.norm(z[0])
+    assert (c[0, 0] - (c[0] @ u) * u[0]) / np.linalg.norm(z[0]) == 0.0
