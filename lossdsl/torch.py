@@ -135,16 +135,20 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key, weight, params, reduction, ignore_index, *arrays):
         value, *grads = _run(key, list(arrays), weight, params, reduction, ignore_index, True)
-        # The gradients are new tensors, neither inputs nor outputs, so they may sit on ctx as they
-        # are; save_for_backward's bookkeeping is a noticeable part of a small batch's call.
-        ctx.key, ctx.grads, ctx.inputs, ctx.n_targets = key, grads, arrays[:len(grads)], len(arrays) - len(grads)
+        ctx.key, ctx.n_in, ctx.n_targets = key, len(grads), len(arrays) - len(grads)
+        # saved, not kept on ctx: autograd frees saved tensors once a backward is done with them
+        # (unless the graph is retained), so a gradient handed over as it is becomes .grad
+        # without a copy; a reference on ctx would make autograd copy it (2x on large batches)
+        ctx.save_for_backward(*grads, *arrays[:len(grads)])
         return value
 
     @staticmethod
     def backward(ctx, upstream):
-        scaled = _scaled(ctx.grads, upstream, ctx.n_targets, eager=True)
+        saved = ctx.saved_tensors
+        grads, inputs = saved[:ctx.n_in], saved[ctx.n_in:]
+        scaled = _scaled(grads, upstream, ctx.n_targets, eager=True)
         if torch.is_grad_enabled():         # create_graph=True: differentiating these again is refused
-            scaled = list(_FirstOrderOnly.apply(ctx.key, len(ctx.inputs), *ctx.inputs, *scaled))
+            scaled = list(_FirstOrderOnly.apply(ctx.key, len(inputs), *inputs, *scaled))
         return (None,) * 5 + tuple(scaled)
 
 
