@@ -232,6 +232,17 @@ class Emitter:
             self.finish(r, acc[r], peak.get(r))
             self.register(r, acc[r], peak.get(r))
 
+
+    def _element(self, group, bodies, conds, bound):
+        """Print the group's bodies and conditions at the current element (CSE'd together, names
+        local to it); (reduction, body name, condition name) for each."""
+        named = [(self.fresh("b"), bodies[r]) for r in group]
+        conds_named = [(self.fresh("c"), conds[r]) for r in group]
+        saved = dict(self.known), dict(self.reduction_symbol)
+        self.scope(named + conds_named, bound)
+        self.known, self.reduction_symbol = saved
+        return [(r, b, c) for r, (b, _), (c, _) in zip(group, named, conds_named)]
+
     def lane_loops(self, size, group, bound):
         """Logsumexps computed in LANES interleaved lanes, so that LLVM vectorizes both passes (the
         kernels have no reassociation to do it for a plain reduction): each lane's max and argmax
@@ -255,12 +266,7 @@ class Emitter:
             self.line(f"    for {lane} in range(min({LANES}, {n} - {kb})):")
             self.line(f"        {kvar} = {kb} + {lane}")
             self.depth += 2
-            named = [(self.fresh("b"), bodies[r]) for r in group]
-            conds_named = [(self.fresh("c"), conds[r]) for r in group]
-            saved = dict(self.known), dict(self.reduction_symbol)
-            self.scope(named + conds_named, bound | {k})
-            self.known, self.reduction_symbol = saved
-            for r, (b, _), (c, _) in zip(group, named, conds_named):
+            for r, b, c in self._element(group, bodies, conds, bound | {k}):
                 step(r, b, c)
             self.depth -= 2
 
@@ -287,12 +293,7 @@ class Emitter:
             self.line(f"{rows[r]} = np.empty({n}, F)")
         self.line(f"for {kvar} in range({n}):")
         self.depth += 1
-        named = [(self.fresh("b"), bodies[r]) for r in group]
-        conds_named = [(self.fresh("c"), conds[r]) for r in group]
-        saved = dict(self.known), dict(self.reduction_symbol)
-        self.scope(named + conds_named, bound | {k})
-        self.known, self.reduction_symbol = saved
-        for r, (b, _), (c, _) in zip(group, named, conds_named):
+        for r, b, c in self._element(group, bodies, conds, bound | {k}):
             # Σ_{k != argmax} e^(b - m), as accumulate()
             self.line(f"{rows[r]}[{kvar}] = _exp({b} - {peak[r]}) if {c} and {kvar} != {self.argvar[r]} else F(0.0)")
         self.depth -= 1
