@@ -33,6 +33,33 @@ if SIM:
     # polls them; at the default 5 ms GIL switch interval every barrier waits for switches. At
     # 0.2 ms the simulated kernels run 2.5-3x faster (wall and CPU time, measured).
     sys.setswitchinterval(2e-4)
+
+    def _serialize_shared_arrays():
+        """The simulator hands a block's threads one shared array by looking it up by the calling
+        line and inserting it when missing, with no lock (numba-cuda 0.x FakeCUDAShared.array):
+        two threads switched out between the lookup and the insert get different arrays, and a
+        block reduction then reads np.empty garbage (cross_entropy float64 counted a bad target
+        in 1 run of 6 at this switch interval). Same lookup, under a lock; the frame is read
+        directly instead of through traceback.extract_stack."""
+        import threading
+        from numba.cuda.simulator.kernelapi import FakeCUDAShared
+        from numba.cuda import types
+        from numba.cuda.np import numpy_support
+        lock, original = threading.Lock(), FakeCUDAShared.array
+
+        def array(self, shape, dtype, alignment=None):
+            if shape == 0 or alignment is not None:         # dynamic shared memory: no lookup
+                return original(self, shape, dtype, alignment)
+            caller = sys._getframe(1)
+            key = (caller.f_code.co_filename, caller.f_lineno)
+            with lock:
+                res = self._allocations.get(key)
+                if res is None:
+                    dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                    res = self._allocations[key] = np.empty(shape, dt)
+            return res
+        FakeCUDAShared.array = array
+    _serialize_shared_arrays()
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 needs_sim = pytest.mark.skipif(not SIM, reason="runs inside the simulator child process (test_simulator_suite)")
 needs_parent = pytest.mark.skipif(SIM, reason="runs in the normal test process")
