@@ -198,24 +198,26 @@ class Loss:
     def value_and_grad(self, *args, reduction="mean", weight=None, ignore_index=None, **params):
         return self._run(args, reduction, weight, ignore_index, params, grad=True)
 
-    def _run(self, args, reduction, weight, ignore_index, params, grad, stream=None):
-        """The one call path: device arrays go to the CUDA kernels (on ``stream``), the rest to the CPU's."""
+    def _run(self, args, reduction, weight, ignore_index, params, grad, stream=None, empty=np.empty):
+        """The one call path: device arrays go to the CUDA kernels (on ``stream``), the rest to the
+        CPU's, whose results ``empty`` allocates (np.empty, or buffers.empty for reused memory)."""
         if cuda_dispatch.on_device(args, weight):
             return cuda_dispatch.run(self, args, reduction, weight, ignore_index, params, grad, stream)
         arrays = [np.asarray(a) for a in args]
         weight = None if weight is None else np.asarray(weight)
         call = checked(self, arrays, reduction, weight, ignore_index, params)
-        return _run_host(self, call, arrays, weight, grad)
+        return _run_host(self, call, arrays, weight, grad, empty=empty)
 
 
 SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
 
 
-def _run_host(loss, call, arrays, weight, grad, results=None):
+def _run_host(loss, call, arrays, weight, grad, results=None, empty=np.empty):
     """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce.
 
     ``results``: (value, *gradients) C-contiguous arrays of the results' shapes and dtype (a
-    framework's result buffers) that the kernel writes into, in place of new arrays."""
+    framework's result buffers) that the kernel writes into, in place of new arrays made by
+    ``empty(shape, dtype)``."""
     dtype, n_in = call.dtype, len(loss._inputs)
     inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
     targets = [np.ascontiguousarray(a.astype(t, copy=False).reshape(s))
@@ -228,15 +230,14 @@ def _run_host(loss, call, arrays, weight, grad, results=None):
     k = loss.kernel(call.dtype_name, call.fixed)
     want_out = call.reduction == "none"
     if results is None:
-        grads = [np.empty_like(a) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
-        out = np.empty(call.n_samples if want_out else 0, dtype)
+        grads = [empty(a.shape, a.dtype) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
+        out = empty(call.n_samples, dtype) if want_out else np.empty(0, dtype)
     else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
         grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else \
             [np.empty((0,) * a.ndim, dtype) for a in inputs]
         out = results[0].reshape(call.n_samples) if want_out else np.empty(0, dtype)
     scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
-    # Small calls run on the calling thread: a parallel launch costs tens of microseconds, more
-    # while a framework's own thread pool (torch's OpenMP) still spins on the same cores.
+    # Small calls run on the calling thread: a parallel launch costs tens of microseconds.
     bad, total = k(*inputs, *targets, *call.param_values, *call.sizes, w, out, *grads, scale,
                    call.ignore, weight is not None, grad, want_out, call.elements < SERIAL_BELOW)
     if bad:

@@ -12,7 +12,9 @@ backward only scales those saved gradients by the upstream gradient. Eagerly thi
 ``lossdsl::value_and_grad``, with a fake (shape-only) implementation, so the loss sits in the
 graph without a break.
 
-- CPU tensors are viewed as numpy arrays (no copy; a non-contiguous one is copied once);
+- CPU tensors are viewed as numpy arrays (no copy; a non-contiguous one is copied once); large
+  results are written into memory released by earlier calls (buffers.py: the previous step's
+  gradient, freed by ``zero_grad``), not into fresh pages that the OS must fault in and zero;
   CUDA tensors go to the CUDA kernels through ``__cuda_array_interface__`` on torch's current
   stream, and the results stay on that device.
 - float16 / bfloat16 are computed in float32; value and gradients come back in the input's dtype.
@@ -27,7 +29,7 @@ try:
 except ImportError as e:        # pragma: no cover - depends on the installation
     raise ImportError("lossdsl.torch needs PyTorch: pip install 'lossdsl[torch]'") from e
 
-from . import api
+from . import api, buffers
 from .call import Call, check_reduction, param_values
 from .errors import LossError
 
@@ -87,9 +89,10 @@ def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
     loss = _LOSSES[key]
     first = arrays[0]
     stream = _numba_stream(first.device) if first.is_cuda else None
+    # results in reused memory: each step's gradient takes the pages of the one released before it
     value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
                              None if weight is None else _kernel_array(weight), ignore_index,
-                             dict(zip(loss.params, params)), with_grad, stream)
+                             dict(zip(loss.params, params)), with_grad, stream, buffers.empty)
     if not with_grad:
         return [_tensor(value, first)] + [first.new_empty(0) for _ in loss.inputs]
     return [_tensor(value, first)] + [_tensor(g, a) for g, a in zip(grads, arrays)]
