@@ -240,6 +240,40 @@ def test_backward_adopts_the_kernels_gradient_without_a_copy(monkeypatch):
     assert written and z.grad.data_ptr() == written[0]
 
 
+def _large_step(f, z, y):
+    """One training step's loss and backward on a batch whose gradient is leased (buffers.LARGE)."""
+    f(z, y).backward()
+    return z.grad
+
+
+def test_released_gradient_memory_is_reused_and_held_memory_is_not():
+    """Large gradients go into memory released by the step before (no fresh pages to fault in and
+    zero), never into memory something can still see: a kept .grad, a view of it, a numpy view."""
+    f, rng = lt.function("cross_entropy"), np.random.default_rng(3)
+    z = torch.from_numpy(rng.standard_normal((2048, 1000)).astype(np.float32)).requires_grad_()
+    y = torch.from_numpy(rng.integers(0, 1000, 2048))
+    z_ref = z.detach().clone().requires_grad_()
+    F.cross_entropy(z_ref, y).backward()
+
+    first = _large_step(f, z, y)
+    held = {"tensor": first, "view": first[7:9], "numpy": first.numpy()[3]}
+    for name, kept in held.items():
+        before = kept.clone() if isinstance(kept, torch.Tensor) else kept.copy()
+        z.grad = None
+        z.data.mul_(-1.0)       # a different gradient: overwriting the kept memory would show
+        second = _large_step(f, z, y)
+        z.data.mul_(-1.0)
+        assert second.data_ptr() != first.data_ptr(), name
+        np.testing.assert_array_equal(np.asarray(kept), np.asarray(before), err_msg=name)
+        del second
+    ptr = first.data_ptr()
+    z.grad = None
+    del held, kept, first       # the last references to the first gradient go
+    third = _large_step(f, z, y)
+    assert third.data_ptr() == ptr
+    torch.testing.assert_close(third, z_ref.grad)
+
+
 def test_second_derivatives_are_a_clear_error():
     z = torch.randn(5, dtype=torch.float64, requires_grad=True)
     y = torch.rand(5, dtype=torch.float64)
