@@ -12,6 +12,7 @@ made from them all keep the lease alive. Only when the last of them is gone does
 the memory back for the next ``empty`` of that size, so nothing is reused while anything can
 still see it.
 """
+import math
 import threading
 
 import numpy as np
@@ -40,7 +41,7 @@ class _Lease:
 def empty(shape, dtype):
     """An uninitialized C-contiguous array, in released memory of the same size when there is some."""
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = math.prod(shape) * dtype.itemsize
     if size < LARGE:
         return np.empty(shape, dtype)
     with _lock:
