@@ -7,7 +7,8 @@
    lossdsl.jax (jit of value_and_grad) against optax's loss under the same jit.
    Target: lossdsl.torch within 2x of torch's own.
 2. Throughput on the large shapes of benchmarks/RESULTS.md: the bridge's forward + backward
-   against the direct kernel call on the same data. Target: within 5%.
+   against the direct kernel call on the same data. Target: within 5%. lossdsl.torch is also
+   compared with the direct call writing into reused memory as the bridge does (its own cost).
 Each timing is the best of several runs after a warm-up; everything is measured in one run, the
 direct call and the bridges taking turns (a machine shared with other work slows them alike).
 ``--only`` measures one bridge (with the direct call), leaving the other out of the report.
@@ -41,16 +42,18 @@ WHY = """Where the time goes (measured on the 2-core machine, 2026-11-30, with p
 - Not threads. torch's ops and numba's kernels run on one OpenMP pool (numba's omppool binds to the
   libgomp torch loaded: the same worker thread runs both), and XLA calls the jax bridge's FFI
   handler on the calling thread, so the kernel uses that same pool; OMP_WAIT_POLICY=passive (no
-  spinning after a parallel region) changed nothing.
+  spinning after a parallel region) made no difference beyond the noise.
 - Fresh memory. The direct call writes its gradient into a new array each call: the OS faults in
   and zeroes every page first, 25-30% of a large call (cross_entropy: 24.8 ms into a new array, 18.6
   into one used before). lossdsl.torch leases its results (lossdsl/buffers.py): the gradient that
   the previous step released (optimizer.zero_grad, .grad = None) takes no new pages, hence torch /
   direct below 1. Measured the same way as the bridge writes, the direct call into reused memory is
-  the column "torch / direct into reused memory": the bridge's own cost, ~1-2 ms of autograd
-  bookkeeping (Function.apply, the engine's backward, tensor wrapping) that runs after the kernel
-  has flushed the caches: torch's own F.cross_entropy forward + backward on 8 x 10 takes 0.5-1 ms
-  right after streaming 256 MB, against 63 µs in a tight loop.
+  the column "torch / direct into reused memory": the bridge's own cost, the autograd bookkeeping
+  around the kernel (Function.apply, the engine's backward, wrapping results as tensors), 1-2 ms
+  on cross_entropy and 3-6 ms (median) on bce, because it runs right after the kernel has flushed
+  the caches: torch's own F.cross_entropy forward + backward on 8 x 10 takes 0.5-1 ms right after
+  streaming 256 MB, against 63 µs in a tight loop, and a bare autograd.Function around the direct
+  call costs as much. That part is torch's, paid by any autograd op at that point of a step.
 - jax. XLA allocates the results, so the kernel writes fresh pages every call (as jax's own ops
   do); its inputs sit in 4 KiB pages where numpy's large arrays get 2 MiB ones (transparent huge
   pages), so reading them costs more TLB misses however the kernel is called (last column: the
