@@ -40,6 +40,7 @@ class _Lease:
 
 def empty(shape, dtype):
     """An uninitialized C-contiguous array, in released memory of the same size when there is some."""
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
     if size < LARGE:
@@ -49,4 +50,4 @@ def empty(shape, dtype):
         block = None if i is None else _free.pop(i)
     if block is None:
         block = np.empty(size, np.uint8)
-    return np.asarray(_Lease(block, tuple(int(n) for n in shape), dtype))
+    return np.asarray(_Lease(block, shape, dtype))

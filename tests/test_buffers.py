@@ -25,8 +25,9 @@ def test_other_sizes_and_small_arrays_get_their_own_memory():
     ptr = a.ctypes.data
     del a
     assert buffers.empty((N,), np.float32).ctypes.data != ptr        # half the size
-    small = buffers.empty((10,), np.float32)
-    assert small.base is None                                         # plain np.empty
+    small = buffers.empty(10, np.float32)                            # an int shape, as np.empty's
+    assert small.base is None and small.shape == (10,)                # plain np.empty
+    assert buffers.empty(N, np.float32).shape == (N,)
 
 
 def test_kept_blocks_are_bounded():
