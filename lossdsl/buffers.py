@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 LARGE = 1 << 22     # bytes: smaller arrays come from malloc's own free lists, already reused
-KEEP = 4            # released blocks kept (the oldest goes back to the system): a step's results
+KEEP = 8            # released blocks kept (the oldest goes back to the system): a step's results
 
 _free = []          # released blocks (uint8 arrays), most recent last
 _lock = threading.RLock()   # reentrant: a lease may be collected while empty() holds it
