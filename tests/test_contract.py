@@ -145,6 +145,20 @@ def test_ntxent_matches_numpy(dtype, n, dim):
     close(g, wg, dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_ntxent_positive_on_the_diagonal(dtype):
+    """d_s's points (render_cpu._points), written after the loop of its generic e^(s - lse)/N: the
+    diagonal l = m and the positive l = pos(m), here the same element on some rows."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(70, 3)).astype(dtype)
+    pos = (np.arange(70) + 1) % 70
+    pos[::3] = np.arange(70)[::3]
+    v, (g,) = lossdsl.load("ntxent").value_and_grad(z, pos)
+    want, (wg,) = ref_ntxent(z, pos)
+    close(v, want, dtype)
+    close(g, wg, dtype)
+
+
 def test_kernel_calling_np_dot_loads_from_the_disk_cache(cross_nce):
     """A kernel calling BLAS through np.dot is cached by numba like any other: after this process
     forgets it, the next call loads it from disk and compiles nothing."""
