@@ -3,13 +3,16 @@
 A sum whose body splits into a factor of (p, k) and a factor of (k, q) is element (p, q) of the
 product P·Q. A batch kernel computes the whole product once through BLAS (np.dot, blocked for
 the cache) rather than as a scalar triple loop per element: ntxent's similarities u·uᵀ/τ, and
-the adjoint forms reverse mode gives them, d_sᵀ·u/τ and d_s·u/τ.
+the adjoint reverse mode gives it, (d_sᵀ·u + d_s·u)/τ, as one product (A + Aᵀ)·u
+(``merge_transposed``).
 """
 from dataclasses import dataclass
 
 import sympy as sp
 
-from .primitives import Reduce, Sum
+from sympy.core.function import AppliedUndef
+
+from .primitives import Reduce, Sum, substitute
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,32 @@ def products(e, is_index, order=()):
             if prod is not None:
                 found[node] = prod
     return list(found.values())
+
+
+def merge_transposed(e):
+    """Σ_k A(k, p)·R + Σ_k A(p, k)·R as Σ_k (A(p, k) + A(k, p))·R: one matrix product of A + Aᵀ
+    for two, where reverse mode differentiates a Gram matrix s = u·uᵀ (both factors read u): the
+    adjoint of u is d_sᵀ·u + d_s·u. Matched on a sum of two such reductions, R the same."""
+    def merge(add):
+        sums = [a for a in add.args if type(a) is Sum and a.cond is sp.true and a.body.is_Mul]
+        for i, s1 in enumerate(sums):
+            for s2 in sums[i + 1:]:
+                k = s1.index
+                if s2.size != s1.size:
+                    continue
+                b2 = substitute(s2.body, {s2.index: k})
+                for f in s1.body.args:
+                    if not (isinstance(f, AppliedUndef) and len(f.args) == 2 and k in f.args
+                            and f.args[0] != f.args[1]):
+                        continue
+                    ft = f.func(*f.args[::-1])
+                    if s1.body.xreplace({f: ft}) == b2:
+                        rest = [a for a in add.args if a is not s1 and a is not s2]
+                        pk = f if f.args[1] == k else ft
+                        merged = Sum(k, s1.size, (pk + pk.func(*pk.args[::-1])) * (s1.body / f), sp.true)
+                        return sp.Add(merged, *rest)
+        return add
+    return e.replace(lambda x: x.is_Add and any(type(a) is Sum for a in x.args), merge)
 
 
 def _split(r, is_index, order):

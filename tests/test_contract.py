@@ -14,7 +14,7 @@ import sympy as sp
 
 import lossdsl
 from lossdsl import api, jit
-from lossdsl.contract import products
+from lossdsl.contract import merge_transposed, products
 from lossdsl.primitives import Sum
 from test_embedding_losses import ref_ntxent
 
@@ -35,6 +35,18 @@ def test_recognizes_products_and_their_adjoint_forms():
     assert found(Sum(i, N, ds(i, m) * u(i, d), sp.true), (m, d)) == [(m, d, ds(i, m), u(i, d))]
     # elementwise factors of one side stay with that side: (a[i, d] - 1)·b[j, d]²
     assert found(Sum(d, D, (a(i, d) - 1) * b(j, d) ** 2, sp.true), (i, j)) == [(i, j, a(i, d) - 1, b(j, d) ** 2)]
+
+
+def test_merges_a_product_and_its_transpose():
+    # Σ_i ds[i, m]·u[i, d] + Σ_j ds[m, j]·u[j, d] = Σ_j (ds[m, j] + ds[j, m])·u[j, d]
+    e = merge_transposed(Sum(i, N, ds(i, m) * u(i, d), sp.true) + Sum(j, N, ds(m, j) * u(j, d), sp.true))
+    assert e == Sum(i, N, (ds(m, i) + ds(i, m)) * u(i, d), sp.true)
+    assert found(e, (m, d)) == [(m, d, ds(m, i) + ds(i, m), u(i, d))]
+    # other right factors, sizes or a factor of one index pair only: left as they are
+    for e in (Sum(i, N, ds(i, m) * u(i, d), sp.true) + Sum(j, N, ds(m, j) * a(j, d), sp.true),
+              Sum(i, N, ds(i, m) * u(i, d), sp.true) + Sum(j, D, ds(m, j) * u(j, d), sp.true),
+              Sum(i, N, ds(i, m) * u(i, d), sp.true) + Sum(j, N, b(m, j) * u(j, d), sp.true)):
+        assert merge_transposed(e) == e
 
 
 @pytest.mark.parametrize("e", [
@@ -83,10 +95,12 @@ def close(got, want, dtype):
 
 
 def test_kernels_take_the_gemm_path(cross_nce):
-    # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q; ntxent: u·uᵀ, d_sᵀ·u and d_s·u: no triple loop left
-    for f in (cross_nce, lossdsl.load("ntxent")):
-        src = f.source(dtype="float64")
-        assert src.count("np.dot(") == 3, src
+    # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q: no triple loop left. ntxent: u·uᵀ, and its
+    # adjoint d_sᵀ·u + d_s·u as one product (d_s + d_sᵀ)·u, d_s symmetrized in its own buffer
+    src = cross_nce.source(dtype="float64")
+    assert src.count("np.dot(") == 3 and "_symadd(" not in src.split("def kernel")[1], src
+    src = lossdsl.load("ntxent").source(dtype="float64").split("def kernel")[1]
+    assert src.count("np.dot(") == 2 and src.count("_symadd(D") == 1, src
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -120,13 +134,27 @@ def test_cross_nce_ties_and_nan(cross_nce):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("n,dim", [(2, 1), (2, 3), (3, 1), (7, 5), (16, 3), (35, 2)])
+@pytest.mark.parametrize("n,dim", [(2, 1), (2, 3), (3, 1), (7, 5), (16, 3), (35, 2), (64, 3), (130, 4), (257, 2)])
 def test_ntxent_matches_numpy(dtype, n, dim):
     rng = np.random.default_rng(n * 10 + dim)
     z = rng.normal(size=(n, dim)).astype(dtype)
     pos = (np.arange(n) + rng.integers(1, n, n)) % n
     v, (g,) = lossdsl.load("ntxent").value_and_grad(z, pos, tau=0.3)
     want, (wg,) = ref_ntxent(z, pos, tau=0.3)
+    close(v, want, dtype)
+    close(g, wg, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_ntxent_positive_on_the_diagonal(dtype):
+    """d_s's points (render_cpu._points), written after the loop of its generic e^(s - lse)/N: the
+    diagonal l = m and the positive l = pos(m), here the same element on some rows."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(70, 3)).astype(dtype)
+    pos = (np.arange(70) + 1) % 70
+    pos[::3] = np.arange(70)[::3]
+    v, (g,) = lossdsl.load("ntxent").value_and_grad(z, pos)
+    want, (wg,) = ref_ntxent(z, pos)
     close(v, want, dtype)
     close(g, wg, dtype)
 
