@@ -573,19 +573,20 @@ def render(compiled, dtype):
 def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     """One sample: reductions and value, then each gradient (vector ones as loops over their axes,
     or written by the value's sum pass over the same axis: ``Rider``)."""
+    ready = set(em.names)         # params, sizes, this sample's scalars
     hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
     em.line("wn = w[n] if has_w else F(1.0)")
     em.line("c = wn * scale")
-    # the loop invariants that read no reduction (1/K of a mean, β/2) before the sums, so gradients
-    # that read them can ride
-    early = [(var, e) for var, e in hoisted if not e.atoms(Reduce)]
+    # the loop invariants of those alone (1/K of a mean, β/2) before the sums, so gradients that
+    # read them can ride
+    early = [(var, e) for var, e in hoisted if not e.atoms(Reduce) and e.free_symbols <= ready]
     em.scope(early, set())
     hoisted = [h for h in hoisted if h not in early]
-    later = {sp.Symbol("_" + var, real=True) for var, _ in hoisted}      # computed after the sums
+    ready |= {sp.Symbol("_" + var, real=True) for var, _ in early}
     riders = {}         # Rider -> its map's position
     for i, (d, g, idx) in enumerate(maps):
         # a gradient of the element alone: no reduction, nothing computed after the value's passes
-        if len(idx) == 1 and not g.atoms(Reduce) and not (g.free_symbols & later):
+        if len(idx) == 1 and not g.atoms(Reduce) and g.free_symbols <= ready | {idx[0]}:
             r = Rider(f"{sig.grad_of[d.name]}[n, {{}}]", g, idx[0])
             riders[r] = i
             em.riders.setdefault(low.sizes[d.axes[0]], []).append(r)
