@@ -577,9 +577,11 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
     hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
     em.line("wn = w[n] if has_w else F(1.0)")
     em.line("c = wn * scale")
-    # the loop invariants of those alone (1/K of a mean, β/2) before the sums, so gradients that
-    # read them can ride
-    early = [(var, e) for var, e in hoisted if not e.atoms(Reduce) and e.free_symbols <= ready]
+    # the maps' loop invariants of those alone (1/K of a mean, β/2) before the sums, so gradients
+    # that read them can ride (the rest stay in the value's scope: CSE shares work with it)
+    read = set().union(*(g.free_symbols for _, g, _ in maps))
+    early = [(var, e) for var, e in hoisted
+             if sp.Symbol("_" + var, real=True) in read and not e.atoms(Reduce) and e.free_symbols <= ready]
     em.scope(early, set())
     hoisted = [h for h in hoisted if h not in early]
     ready |= {sp.Symbol("_" + var, real=True) for var, _ in early}
