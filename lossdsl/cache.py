@@ -1,17 +1,18 @@
 """``lossdsl cache``: what the kernel cache holds, clearing it, pruning what an older compiler left.
 
 Only names lossdsl writes are touched (``k_<sha>.py``, numba's ``__pycache__/k_<sha>.*``,
-``index/<sha>``, and temp files of those names), so a directory shared with other files, or
-one that is not lossdsl's at all, keeps everything else.
+``index/<sha>``, the grammar's ``parser_<sha>.pickle``, and temp files of those names), so a
+directory shared with other files, or one that is not lossdsl's at all, keeps everything else.
 """
 import os
 import re
 from contextlib import suppress
 
 from . import jit
+from .lower import parser_file_name
 
-_TEMP = r"(\..+\.tmp)?"          # jit._write_atomic's temp names: FILE.<random>.tmp
-_TOP = re.compile(jit.MODULE_NAME.pattern + r"\.py" + _TEMP)
+_TEMP = r"(\..+\.tmp)?"          # paths.write_atomic's temp names: FILE.<random>.tmp
+_TOP = re.compile(rf"({jit.MODULE_NAME.pattern}\.py|parser_[0-9a-f]{{24}}\.pickle)" + _TEMP)
 _PYCACHE = re.compile(jit.MODULE_NAME.pattern + r"\..+")
 _INDEX = re.compile(jit.INDEX_NAME.pattern + _TEMP)
 
@@ -93,7 +94,8 @@ def prune(base=None):
     files, entries = _files(base), _entries(base)
     keep = {e[0] for e in entries.values() if e is not None and e[1] == current}
     doomed = [p for p, e in entries.items() if e is None or e[1] != current]
-    doomed += [p for p in files if p.parent.name != "index" and _module_of(p) not in keep]
+    doomed += [p for p in files if p.parent.name != "index" and _module_of(p) not in keep
+               and p.name != parser_file_name()]
     removed = _remove(doomed, files)
     _tidy(base)
     return removed

@@ -9,6 +9,7 @@ The directory is ``$LOSSDSL_CACHE_DIR``, else the user's cache dir. It holds
     __pycache__/k_<sha>.*.nbi/.nbc    numba's index and compiled code for it
     index/<sha256(key, compiler)[:32]>  "k_<sha>\\n<compiler fingerprint>\\n": the module of a
                                       loss, so a second process skips the symbolic pipeline
+    parser_<sha256(grammar)[:24]>.pickle  the grammar's parser tables (lower.parser)
 
 Nothing read from it is trusted: a module must match the hash in its name, an index entry its
 format and the compiler, and numba's files are loaded by a load that may fail. A damaged file is
@@ -31,7 +32,8 @@ from numba.core import caching
 from numba.core.dispatcher import Dispatcher
 
 from .errors import CacheWarning
-from .paths import GRAMMAR
+from .paths import GRAMMAR, cache_dir
+from .paths import write_atomic as _write_atomic
 
 MODULE_NAME = re.compile(r"k_[0-9a-f]{24}")
 INDEX_NAME = re.compile(r"[0-9a-f]{32}")
@@ -41,14 +43,6 @@ _lock = threading.RLock()   # one thread at a time reads, writes and runs module
 _loaded = {}                # digest -> module, in this process
 _usable_dirs = set()        # cache dirs checked writable in this process
 _broken_dirs = set()        # cache dirs that are not: kernels compile in memory (warned once)
-
-
-def cache_dir():
-    env = os.environ.get("LOSSDSL_CACHE_DIR")
-    if env:
-        return Path(os.path.abspath(env))    # numba locates its cache from the module's path
-    root = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(root) / "lossdsl"
 
 
 def _fingerprint():
@@ -92,20 +86,6 @@ def _numba_files(base, name):
 
 def _discard_module(base, name):
     _unlink(base / f"{name}.py", *_numba_files(base, name))
-
-
-def _write_atomic(path, data):
-    """Write ``data`` (bytes) to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(exist_ok=True)     # `lossdsl cache --clear` may have removed it meanwhile
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)     # mkstemp's 0600 would hide a shared cache from others
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 def _probe(directory):

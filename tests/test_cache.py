@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import lossdsl
-from lossdsl import api, cache, jit
+from lossdsl import api, cache, jit, lower
 from lossdsl.cli import main
 
 X = np.linspace(-2, 3, 11).astype(np.float32)
@@ -32,6 +32,7 @@ def fresh(cache_dir, monkeypatch):
     jit._usable_dirs.clear()
     jit._broken_dirs.clear()
     api._load_cached.cache_clear()
+    lower.parser.cache_clear()
     for name in [m for m in sys.modules if m.startswith("lossdsl_kernels.")]:
         del sys.modules[name]
 
@@ -118,6 +119,28 @@ def test_foreign_files_are_left_alone(warm, tmp_path, monkeypatch):
     assert call_mse() == (1, 0)
     assert main(["cache", "--prune"]) == 0 and main(["cache", "--clear"]) == 0
     assert snapshot(base) == foreign
+
+
+@pytest.mark.parametrize("damage", [garbage, truncate])
+def test_damaged_parser_file_is_built_again(warm, tmp_path, monkeypatch, damage):
+    """The grammar's parser tables (a pickle lark wrote) load from the cache; a damaged file is
+    built again and replaced, and parses the same."""
+    base = tmp_path / "cache"
+    shutil.copytree(warm, base)
+    path = base / lower.parser_file_name()
+    text = "loss sq\n  input x\n  target y : real\n  loss = (x - y)^2\n"
+    want = lower.parser().parse(text)
+    damage(path)
+    bad = path.read_bytes()
+    fresh(base, monkeypatch)
+    assert lower.parser().parse(text) == want
+    assert path.read_bytes() != bad                          # written again
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the parser was built, not loaded")
+    monkeypatch.setattr(lower.Lark, "__init__", no_build)
+    fresh(base, monkeypatch)
+    assert lower.parser().parse(text) == want                # and that file loads
 
 
 # --------------------------------------------------------------------------- unwritable cache
@@ -262,6 +285,7 @@ def test_cli_info_prune_clear(warm, tmp_path, monkeypatch, capsys):
     (base / f"{name}.py").write_bytes(old)
     (base / "__pycache__" / f"{name}.kernel-9.py311.nbi").write_bytes(b"old")
     (base / "index" / ("0" * 32)).write_text(f"{name}\n{'0' * 64}\n")
+    (base / f"parser_{'0' * 24}.pickle").write_bytes(b"another grammar's")
     size = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
 
     out = cli(capsys)
@@ -270,12 +294,13 @@ def test_cli_info_prune_clear(warm, tmp_path, monkeypatch, capsys):
     assert cli(capsys, "--info") == out
 
     out = cli(capsys, "--prune")
-    assert "removed 3 files" in out
+    assert "removed 4 files" in out
     assert not list(base.rglob(f"{name}*")) and len(list(base.glob("k_*.py"))) == 1
+    assert [p.name for p in base.glob("parser_*")] == [lower.parser_file_name()]   # the current one kept
     assert call_mse() == (1, 0)                       # the current kernel survived, still cached
 
     out = cli(capsys, "--clear")
-    assert "removed 4 files" in out and snapshot(base) == {}
+    assert "removed 5 files" in out and snapshot(base) == {}
     assert "kernels: 0" in cli(capsys)
     fresh(base, monkeypatch)
     assert call_mse() == (0, 1)                       # rebuilt from nothing

@@ -520,6 +520,12 @@ def _classes(*vals):
     return np.array(vals, dtype=np.int64)
 
 
+def _unit_with(shape, at, value):
+    y = _unit(shape)
+    y[at] = value
+    return y
+
+
 _Z = _a((7, 5))
 _Y_OK = _classes(0, 1, 2, 3, 4, 0, 1)
 
@@ -534,6 +540,10 @@ ERROR_CASES = [
      ["multiclass_hinge", "y"]),
     ("class_target_float", "cross_entropy", (_Z, _Y_OK.astype(np.float64)), {},
      ["cross_entropy", "y"]),
+    ("vector_target_above_1", "multilabel_bce", (_Z, _unit_with((7, 5), (3, 2), 1.5)), {},
+     ["multilabel_bce", "y", "1.5"]),
+    ("vector_target_nan", "vae_elbo", (_Z, _a((7, 2)), _a((7, 2)), _unit_with((7, 5), (6, 4), np.nan)), {},
+     ["vae_elbo", "x", "nan"]),
     ("shape_scalar", "mse", (_a((4, 6)), _a((6, 4))), {}, ["mse", ("y", "yhat")]),
     ("shape_rows", "cross_entropy", (_Z, _classes(0, 1, 2, 3, 4, 0)), {},
      ["cross_entropy", ("y", "z")]),
