@@ -16,7 +16,8 @@ __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1",
            "sqdist_diff", "sqdist_diff_small", "overflow_or", "at_peak", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus"]
+           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus",
+           "unit", "isinf"]
 
 
 def _power(text, exp):
@@ -120,6 +121,35 @@ class xdivy(_Elementwise):
 
     def naive(self):
         return self.args[0] / self.args[1]
+
+
+class unit(_Elementwise):
+    """x/n for x a coordinate of a vector with norm n and c infinite coordinates: where c > 0, the limit
+    sign(x)/sqrt(c) at the infinite ones and 0 at the others (x/n is inf/inf = NaN there); 0 at x = 0."""
+    nargs = 3
+    latex_name = "unit"
+
+    def fdiff(self, argindex=1):
+        # as xdivy (c counts, it has no derivative)
+        x, n, c = self.args
+        if argindex == 1:
+            return sp.Piecewise((0, sp.Eq(n, 0)), (1 / n, True))
+        return -xdivy(self, n) if argindex == 2 else sp.S.Zero
+
+    def naive(self):
+        return xdivy(self.args[0], self.args[1])
+
+
+class isinf(_Elementwise):
+    """1 where |x| is infinite, else 0: the count of a unit vector's infinite coordinates."""
+    nargs = 1
+    latex_name = "isinf"
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def naive(self):
+        return sp.S.Zero
 
 
 class xexp(_Elementwise):

@@ -14,9 +14,10 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, log1p, logcosh,
+from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, isinf, log1p,
+                         logcosh,
                          lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp,
-                         subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
+                         subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -319,7 +320,7 @@ def _norm_times_unit(node):
     if not node.is_Mul:
         return None
     for f in node.args:
-        if not (isinstance(f, xdivy) and isinstance(f.args[1], Norm)):
+        if not (isinstance(f, (xdivy, unit)) and isinstance(f.args[1], Norm)):
             continue
         r = f.args[1]
         rest = list(node.args)
@@ -346,7 +347,7 @@ def _tangent_projection(node):
         if len(f) != 1 or not isinstance(f[0].body, sp.Mul):
             continue
         r, rest = f[0], t / f[0]
-        inner = [a for a in r.body.args if isinstance(a, xdivy) and isinstance(a.args[0], xdivy)]
+        inner = [a for a in r.body.args if isinstance(a, xdivy) and isinstance(a.args[0], (xdivy, unit))]
         if len(inner) != 1 or inner[0].args[1] != inner[0].args[0].args[1] or r.cond is not sp.true:
             continue
         norm = inner[0].args[1]
@@ -354,7 +355,7 @@ def _tangent_projection(node):
             continue
         el_d = inner[0].args[0].args[0]                # z(m, d)
         x_d = r.body / inner[0]
-        outer = [a for a in sp.Mul.make_args(rest) if isinstance(a, xdivy) and a.args[1] == norm]
+        outer = [a for a in sp.Mul.make_args(rest) if isinstance(a, (xdivy, unit)) and a.args[1] == norm]
         if len(outer) != 1 or sp.Mul.make_args(rest / outer[0]) != (-1,):
             continue
         el_l = outer[0].args[0]                        # z(m, l)
@@ -370,13 +371,28 @@ def _tangent_projection(node):
             continue
         k = r.index
         peak = Max(k, r.size, sp.Abs(el_d), sp.true)
-        u = lambda e: xdivy(e, norm)                   # noqa: E731
+        u = lambda e: unit(e, norm, _infinite_count(norm))     # noqa: E731
         others = sp.Eq(IsArg(peak, k), 0)
         peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
         new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(peak_form / norm, elsewhere / norm, IsArg(peak, l)), True))
         rest_terms = [a for a in node.args if a is not t and a is not first]
         return sp.Add(new, *rest_terms)
+    return None
+
+
+def _infinite_count(norm):
+    return Sum(norm.index, norm.size, isinf(norm.body), norm.cond)
+
+
+def _unit_vector(node):
+    # xdivy(b(t), norm_k b(k)) -> unit(b(t), norm, Σ_k isinf(b(k))): a coordinate of the unit vector, whose
+    # limit at infinite coordinates is sign(b(t))/sqrt(count) (b(t)/norm is inf/inf = NaN)
+    if not (isinstance(node, xdivy) and isinstance(node.args[1], Norm)):
+        return None
+    a, r = node.args
+    if isinstance(a, sp.core.function.AppliedUndef) and any(substitute(r.body, {r.index: t}) == a for t in a.args):
+        return unit(a, r, _infinite_count(r))
     return None
 
 
@@ -587,6 +603,8 @@ NODE_RULES = (
                             "(inf - inf is NaN; the other coordinates decide)", None, None, (), _norm_difference),
     Rule("div_norm", "a / ‖b‖ = xdivy(a, ‖b‖): normalizing a zero vector gives 0 (and gradient 0), not 0/0",
          None, None, (), _div_norm, post=True),
+    Rule("unit_vector", "b_t/‖b‖ = unit(b_t, ‖b‖, count of infinite b_k): at b = [inf, 1] the unit vector is "
+                        "[1, 0], where b_t/‖b‖ is inf/inf = NaN", None, None, (), _unit_vector, post=True),
 )
 
 

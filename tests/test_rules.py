@@ -126,7 +126,7 @@ def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
                            "log_softmax_split", "norm_difference", "rescue_overflow",
-                           "tangent_projection"}
+                           "tangent_projection", "unit_vector"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -473,3 +473,29 @@ def test_tangent_projection_keeps_the_gradient_at_the_largest_coordinate():
     assert np.all(g[1] == 0.0)                 # a zero row: u = 0, and its gradient 0 by convention
     u = z[0] / np.linalg.norm(z[0])
     assert (c[0, 0] - (c[0] @ u) * u[0]) / np.linalg.norm(z[0]) == 0.0
+
+
+def test_unit_vector_takes_the_limit_at_infinite_coordinates():
+    # z/‖z‖ at z = [inf, 1, -inf, 2] is inf/inf = NaN in floats; the limit (the infinite coordinates
+    # growing alike) is [1, 0, -1, 0]/sqrt(2). The gradient there is 0 (the projection over ‖z‖ = inf);
+    # the finite row keeps z/‖z‖ and its gradient (c - (c·u)·u)/‖z‖.
+    f = lossdsl.compile("loss w\n  batch N\n  input z[N, D]\n  target c[N, D]\n"
+                        "  u[i, d] = z[i, d] / norm[e] z[i, e]\n  loss = sum[i] sum[d] c[i, d] * u[i, d]\n")["w"]
+    assert "unit_vector" in f.rules
+    inf = np.inf
+    c = np.array([[1.0, 5.0, -2.0, 3.0], [1.0, 2.0, 0.0, -1.0]])
+    for dtype in (np.float64, np.float32):
+        z = np.array([[inf, 1.0, -inf, 2.0], [3.0, -4.0, 1.0, 0.5]], dtype)
+        v, (g,) = f.value_and_grad(z, c.astype(dtype), reduction="none")
+        zs = [M.mpf(float(a)) for a in z[1]]
+        nz = M.sqrt(sum(a * a for a in zs))
+        cu = sum(a * b / nz for a, b in zip(c[1], zs))
+        want = float(3 / M.sqrt(2) + cu)                 # a batch loss: one value, the sum over the rows
+        assert abs(float(np.ravel(v)[0]) - want) <= 4 * abs(float(np.spacing(dtype(want))))
+        assert np.all(g[0] == 0.0)
+        for j in range(4):
+            want = float((c[1, j] - cu * zs[j] / nz) / nz)
+            assert abs(float(g[1, j]) - want) <= 8 * abs(float(np.spacing(dtype(want)))), (dtype, j, g[1, j], want)
+    with np.errstate(invalid="ignore"):
+        z = np.array([inf, 1.0, -inf, 2.0])
+        assert np.isnan(z / np.sqrt(np.sum(z * z))).any()
