@@ -227,6 +227,26 @@ def _scale_into_sum(node):
     return None
 
 
+def _weight_into_sum(node):
+    # c·Σ_k b(k) -> Σ_k c·b(k), c a product of params (-β/2 of a β-VAE's KL term) and b an exponential
+    # expression: the sum overflows where the weighted terms do not (e^709.79/2 = 9.05e307). c goes onto
+    # each term of the body and through addexp (c·(a + b) = c·a + c·b), where it meets the exponential
+    # (scaled_expm1)
+    if not node.is_Mul:
+        return None
+    sums = [f for f in node.args if type(f) is Sum]
+    if len(sums) != 1 or not sums[0].body.has(sp.exp, expm1, addexp):
+        return None
+    r = sums[0]
+    c = node / r
+    if c.is_number or c.has(sp.core.function.AppliedUndef, Reduce):
+        return None
+
+    def scaled(t):
+        return addexp(scaled(t.args[0]), scaled(t.args[1])) if isinstance(t, addexp) else c * t
+    return Sum(r.index, r.size, sp.Add(*[scaled(t) for t in sp.Add.make_args(r.body)]), r.cond)
+
+
 def _scaled_expm1(node):
     # c·expm1(s) -> xexpm1(c, s): expm1 overflows at s = 709.79 where c·(e^s - 1) with c < 1 does not
     if not node.is_Mul:
@@ -238,6 +258,30 @@ def _scaled_expm1(node):
     if rest in (sp.S.One, sp.S.NegativeOne):
         return None
     return xexpm1(rest, ms[0].args[0])
+
+
+def _xexp_minus_weight(node):
+    # xexp(c, s) - c (possibly inside a longer sum) -> xexpm1(c, s): c·e^s - c cancels near s = 0 (the logvar
+    # gradient of a β-VAE, -β/2 + β/2·e^logvar, once the weight is on each term: 0 vs 5e-21 at 1e-20)
+    if not node.is_Add:
+        return None
+    for t in node.args:
+        if not isinstance(t, xexp):
+            continue
+        c = t.args[0]
+        for w in node.args:
+            if w == -c or _guarded(w, -c):
+                rest = [a for a in node.args if a is not t and a is not w]
+                return sp.Add(xexpm1(c, t.args[1]), *rest)
+    return None
+
+
+def _guarded(w, c):
+    """w is c under a zero-weight guard, (0 if β = 0 else c), where c vanishes at β = 0 anyway."""
+    if not (isinstance(w, sp.Piecewise) and len(w.args) == 2 and w.args[0].expr == 0 and w.args[1].expr == c):
+        return False
+    cond = w.args[0].cond
+    return isinstance(cond, sp.Eq) and cond.rhs == 0 and cond.lhs.is_Symbol and c.subs(cond.lhs, 0) == 0
 
 
 def _fsum_max(node):
@@ -557,9 +601,14 @@ NODE_RULES = (
          None, None, (), _into_piecewise),
     Rule("scale_into_sum", "(Σ_k b_k)/K = Σ_k b_k/K (a mean): the sum overflows first (the mean of "
                            "[1e308, 1e308] is inf, not 1e308)", None, None, (), _scale_into_sum),
+    Rule("weight_into_sum", "c·Σ_k b_k = Σ_k c·b_k for a param weight c: the sum overflows where the weighted "
+                            "terms do not (-β/2·Σ(1 + logvar - μ² - e^logvar) at logvar = 709.79, β = 1: inf, "
+                            "not 9.05e307)", None, None, (), _weight_into_sum, post=True),
     Rule("scaled_expm1", "y·expm1(x) = xexpm1(y, x): expm1 overflows at x = 709.79 where the product with "
                          "y < 1 does not (inf vs 9.05e307 for y = 1/2)",
          y * expm1(x), xexpm1(y, x), (709.79, 0.5), _scaled_expm1),
+    Rule("xexp_minus_weight", "c·e^x - c = xexpm1(c, x); cancels to 0 for |x| < 1e-16",
+         None, None, (), _xexp_minus_weight),
     Rule("fsum_max", "m - c + max_k b_k, c an element of the same array, summed with TwoSum: two of the terms "
                      "cancel in any order of additions (equal logits 1e30: 0 vs 1 for m = 1)",
          None, None, (), _fsum_max),

@@ -126,7 +126,7 @@ def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
                            "log_softmax_split", "norm_difference", "rescue_overflow",
-                           "tangent_projection", "unit_vector"}
+                           "tangent_projection", "unit_vector", "weight_into_sum", "xexp_minus_weight"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -499,3 +499,23 @@ def test_unit_vector_takes_the_limit_at_infinite_coordinates():
     with np.errstate(invalid="ignore"):
         z = np.array([inf, 1.0, -inf, 2.0])
         assert np.isnan(z / np.sqrt(np.sum(z * z))).any()
+
+
+def test_weight_into_sum_keeps_the_kl_term_of_a_beta_vae_finite():
+    # -β/2·Σ_l (1 + logvar - μ² - e^logvar) at logvar = 709.79: the sum is -inf (e^709.79 overflows) where
+    # β/2·e^709.79 = 9.05e307 is not. With β on each term, the logvar gradient -β/2 + β/2·e^x is xexpm1
+    # again (xexp_minus_weight: 0 vs 5e-21 at x = 1e-20), and β = 0 at μ = -inf is 0, not 0·inf
+    f = lossdsl.load("vae_elbo")
+    assert {"weight_into_sum", "xexp_minus_weight"} <= set(f.rules)
+    xhat, x = np.array([[0.5, -1.0]]), np.array([[1.0, 0.0]])
+    mu, logvar = np.array([[0.5, -2.0]]), np.array([[709.79, 1e-20]])
+    v, (_, gm, gl) = f.value_and_grad(xhat, mu, logvar, x, reduction="none")
+    lv, m = [M.mpf(float(a)) for a in logvar[0]], [M.mpf(float(a)) for a in mu[0]]
+    want = M.log1p(M.exp(-0.5)) + M.log1p(M.exp(-1)) - sum(1 + a - b * b - M.exp(a) for a, b in zip(lv, m)) / 2
+    assert close(float(v[0]), float(want))
+    assert close(float(gl[0, 0]), float(M.expm1(lv[0]) / 2)) and close(float(gl[0, 1]), float(M.expm1(lv[1]) / 2))
+    with np.errstate(over="ignore"):
+        assert -0.5 * np.sum(1 + logvar - mu ** 2 - np.exp(logvar)) == np.inf
+    assert -0.5 + 0.5 * np.exp(1e-20) == 0.0
+    v, (_, gm, gl) = f.value_and_grad(xhat, np.array([[-np.inf, 1.0]]), logvar, x, reduction="none", beta=0.0)
+    assert close(float(v[0]), float(M.log1p(M.exp(-0.5)) + M.log1p(M.exp(-1)))) and np.all(gm == 0) and np.all(gl == 0)
