@@ -311,10 +311,7 @@ def _addexp(a, b):
 
 @HELPER
 def _xsq(x, c):
-    # c·x² as (x·c)·x: the square alone would round to a subnormal (or overflow) first; 0 for a zero weight
-    # c, also at x = ±inf (NaN stays NaN)
-    if c == 0 and x == x:
-        return F(0.0)
+    # c·x² as (x·c)·x: the square alone would round to a subnormal (or overflow) first
     return (x * c) * x
 
 

@@ -698,6 +698,11 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
         return sp.Piecewise(*pieces)
     args = [_zero_weights(a, is_input, excluded) for a in expr.args]
     new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    if isinstance(new, xsq) and not is_input(new.args[1]) and _may_be_infinite(new.args[0], is_input):
+        # c·x² (scaled_square) is a product too: β/2·μ² of a β-VAE with the weight on each term
+        guard = sp.Eq(new.args[1], 0)
+        if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
+            return sp.Piecewise((_nan_of(new.args[0], is_input), guard), (new, True))
     if new.is_Mul:
         weights = [f for f in new.args if not f.is_number and not is_input(f) and not f.is_positive]
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
