@@ -140,16 +140,20 @@ class unit(_Elementwise):
         return xdivy(self.args[0], self.args[1])
 
 
-class isinf(_Elementwise):
-    """1 where |x| is infinite, else 0: the count of a unit vector's infinite coordinates."""
+class _Flag(_Elementwise):
+    """A piecewise constant of x, 0 in exact arithmetic (and in the naive form): derivative 0."""
     nargs = 1
-    latex_name = "isinf"
 
     def fdiff(self, argindex=1):
         return sp.S.Zero
 
     def naive(self):
         return sp.S.Zero
+
+
+class isinf(_Flag):
+    """1 where |x| is infinite, else 0: the count of a unit vector's infinite coordinates."""
+    latex_name = "isinf"
 
 
 class xexp(_Elementwise):
@@ -335,16 +339,9 @@ class subpeak(_Elementwise):
         return self.args[0] - self.args[1]
 
 
-class nanflag(_Elementwise):
+class nanflag(_Flag):
     """0, or NaN where x is NaN: a zero weight's guard 0·A = 0 (A = ±inf) keeps a NaN input's NaN."""
-    nargs = 1
     latex_name = "nanflag"
-
-    def fdiff(self, argindex=1):
-        return sp.S.Zero
-
-    def naive(self):
-        return sp.S.Zero
 
 
 class mul0(_Elementwise):
