@@ -124,14 +124,16 @@ class xdivy(_Elementwise):
 
 
 class unit(_Elementwise):
-    """x/n for x a coordinate of a vector with norm n and c infinite coordinates: where c > 0, the limit
-    sign(x)/sqrt(c) at the infinite ones and 0 at the others (x/n is inf/inf = NaN there); 0 at x = 0."""
-    nargs = 3
+    """x/n for x a coordinate of a vector with norm n, computed as (x/m)/q with m the largest |coordinate| and
+    q the norm of the vector over m (n = m·q, which can overflow or round to a subnormal where q cannot);
+    where the vector has c > 0 infinite coordinates, the limit sign(x)/sqrt(c) at those and 0 at the others
+    (x/n is inf/inf = NaN there); 0 at x = 0."""
+    nargs = 5
     latex_name = "unit"
 
     def fdiff(self, argindex=1):
-        # as xdivy (c counts, it has no derivative)
-        x, n, c = self.args
+        # as xdivy(x, n): c, m and q are n in other forms, their derivatives are carried by n's
+        x, n = self.args[:2]
         if argindex == 1:
             return sp.Piecewise((0, sp.Eq(n, 0)), (1 / n, True))
         return -xdivy(self, n) if argindex == 2 else sp.S.Zero

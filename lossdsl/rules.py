@@ -415,7 +415,7 @@ def _tangent_projection(node):
             continue
         k = r.index
         peak = Max(k, r.size, sp.Abs(el_d), sp.true)
-        u = lambda e: unit(e, norm, _infinite_count(norm))     # noqa: E731
+        u = lambda e: _unit_of(e, norm)                # noqa: E731
         others = sp.Eq(IsArg(peak, k), 0)
         peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
@@ -425,18 +425,23 @@ def _tangent_projection(node):
     return None
 
 
-def _infinite_count(norm):
-    return Sum(norm.index, norm.size, isinf(norm.body), norm.cond)
+def _unit_of(a, norm):
+    """unit(a, ‖b‖, ...): its count of infinite b_k, max |b_k| and norm of b/max, over the norm's range."""
+    k, size, body, cond = norm.args
+    peak = Max(k, size, sp.Abs(body), cond)
+    return unit(a, norm, Sum(k, size, isinf(body), cond), peak, Norm(k, size, xdivy(body, peak), cond))
 
 
 def _unit_vector(node):
-    # xdivy(b(t), norm_k b(k)) -> unit(b(t), norm, Σ_k isinf(b(k))): a coordinate of the unit vector, whose
-    # limit at infinite coordinates is sign(b(t))/sqrt(count) (b(t)/norm is inf/inf = NaN)
+    # xdivy(b(t), norm_k b(k)) -> unit(b(t), norm, Σ_k isinf(b(k)), m, norm_k b(k)/m), m = max_k |b(k)|: a
+    # coordinate of the unit vector, (b(t)/m)/‖b/m‖ (‖b‖ overflows at b = [fmax, fmax]: u = 0, not 0.707;
+    # it rounds to a subnormal for subnormal b), with its limit at infinite coordinates sign(b(t))/sqrt(count)
+    # (b(t)/‖b‖ is inf/inf = NaN)
     if not (isinstance(node, xdivy) and isinstance(node.args[1], Norm)):
         return None
     a, r = node.args
     if isinstance(a, sp.core.function.AppliedUndef) and any(substitute(r.body, {r.index: t}) == a for t in a.args):
-        return unit(a, r, _infinite_count(r))
+        return _unit_of(a, r)
     return None
 
 

@@ -499,6 +499,19 @@ def test_unit_vector_takes_the_limit_at_infinite_coordinates():
     with np.errstate(invalid="ignore"):
         z = np.array([inf, 1.0, -inf, 2.0])
         assert np.isnan(z / np.sqrt(np.sum(z * z))).any()
+    # huge and subnormal rows: u = (z/m)/‖z/m‖, m = max |z_k|, where ‖z‖ overflows (u = 0 for [fmax, fmax])
+    # or rounds to a subnormal (a few bits left)
+    for dtype in (np.float64, np.float32):
+        big, sub = np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal
+        z = np.array([[big, -big, 1.0, 0.0], [3 * sub, 5 * sub, 0.0, 7 * sub]], dtype)
+        v, (g,) = f.value_and_grad(z, c[:, :4].astype(dtype), reduction="none")
+        want = 0.0
+        for i in range(2):
+            zs = [M.mpf(float(a)) for a in z[i]]
+            want += float(sum(a * b for a, b in zip(c[i], zs)) / M.sqrt(sum(a * a for a in zs)))
+        assert abs(float(np.ravel(v)[0]) - want) <= 4 * abs(float(np.spacing(dtype(want)))), (dtype, v, want)
+        with np.errstate(all="ignore"):
+            assert np.all(z[0] / np.sqrt(np.sum(z[0] * z[0])) == 0)
 
 
 def test_weight_into_sum_keeps_the_kl_term_of_a_beta_vae_finite():
