@@ -15,9 +15,8 @@ import sympy as sp
 from sympy import KroneckerDelta
 
 from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, isinf, log1p,
-                         logcosh,
-                         lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp,
-                         subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
+                         logcosh, lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small,
+                         sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
