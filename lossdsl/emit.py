@@ -24,8 +24,8 @@ from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, at_peak,
-                         expand, expm1, fsum, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff, sqdist_diff_small,
-                         sqexp, subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
+                         expand, expm1, fsum, isinf, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff,
+                         sqdist_diff_small, sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
 
 
 class ExpDiff(sp.Function):
@@ -40,6 +40,7 @@ CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p
          sp.tanh: "_tanh", sp.cosh: "math.cosh", sp.sinh: "_sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
+         unit: "_unit", isinf: "_isinf",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
          addexp: "_addexp", xsq: "_xsq", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
          overflow_or: "_overflow_or", at_peak: "_at_peak",

@@ -46,7 +46,10 @@ from .interval import (_CE, _FL, FORMATS, NAN, Arithmetic, Iv, NoTruth, _exact_z
 __all__ = ["FORMATS", "Evaluator", "evaluate", "round_to", "NoTruth", "ExactError"]
 
 DEFAULT_CAP = 4096         # bits of working precision before giving up
-_BIG = (1100, 1500, 2000)  # infinities become ±2^e·(1 + rank/16), one scheme per exponent
+# infinities become ±2^e·(1 + rank/16), one scheme per exponent; the largest beyond 2^3222, the inverse of a
+# product of three subnormals, so that growth hidden behind them shows (focal at z = -inf, y = 5e-324 grows
+# like y³·|z|: 0 at 2^2000, inf in the limit)
+_BIG = (1100, 1500, 4000)
 
 
 class ExactError(Exception):

@@ -16,7 +16,8 @@ __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1",
            "sqdist_diff", "sqdist_diff_small", "overflow_or", "at_peak", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus"]
+           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus",
+           "unit", "isinf"]
 
 
 def _power(text, exp):
@@ -120,6 +121,41 @@ class xdivy(_Elementwise):
 
     def naive(self):
         return self.args[0] / self.args[1]
+
+
+class unit(_Elementwise):
+    """x/n for x a coordinate of a vector with norm n, computed as (x/m)/q with m the largest |coordinate| and
+    q the norm of the vector over m (n = m·q, which can overflow or round to a subnormal where q cannot);
+    where the vector has c > 0 infinite coordinates, the limit sign(x)/sqrt(c) at those and 0 at the others
+    (x/n is inf/inf = NaN there); 0 at x = 0."""
+    nargs = 5
+    latex_name = "unit"
+
+    def fdiff(self, argindex=1):
+        # as xdivy(x, n): c, m and q are n in other forms, their derivatives are carried by n's
+        x, n = self.args[:2]
+        if argindex == 1:
+            return sp.Piecewise((0, sp.Eq(n, 0)), (1 / n, True))
+        return -xdivy(self, n) if argindex == 2 else sp.S.Zero
+
+    def naive(self):
+        return xdivy(self.args[0], self.args[1])
+
+
+class _Flag(_Elementwise):
+    """A piecewise constant of x, 0 in exact arithmetic (and in the naive form): derivative 0."""
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def naive(self):
+        return sp.S.Zero
+
+
+class isinf(_Flag):
+    """1 where |x| is infinite, else 0: the count of a unit vector's infinite coordinates."""
+    latex_name = "isinf"
 
 
 class xexp(_Elementwise):
@@ -305,16 +341,9 @@ class subpeak(_Elementwise):
         return self.args[0] - self.args[1]
 
 
-class nanflag(_Elementwise):
+class nanflag(_Flag):
     """0, or NaN where x is NaN: a zero weight's guard 0·A = 0 (A = ±inf) keeps a NaN input's NaN."""
-    nargs = 1
     latex_name = "nanflag"
-
-    def fdiff(self, argindex=1):
-        return sp.S.Zero
-
-    def naive(self):
-        return sp.S.Zero
 
 
 class mul0(_Elementwise):

@@ -413,6 +413,22 @@ def _xdivy(x, y):
 
 
 @HELPER
+def _unit(x, n, c, m, q):
+    # x/n as (x/m)/q, n = m·q: n overflows or rounds to a subnormal where q, in [1, sqrt(size)], does not;
+    # a row with c > 0 infinite coordinates is their unit vector sign/sqrt(c) (inf/inf is NaN)
+    if c > 0 and n == n:
+        return (F(1.0) if x > 0 else F(-1.0)) / math.sqrt(c) if abs(x) == F(math.inf) else F(0.0)
+    if x == 0 and n == n:
+        return F(0.0)
+    return (x / m) / q
+
+
+@HELPER
+def _isinf(x):
+    return F(1.0) if abs(x) == F(math.inf) else F(0.0)
+
+
+@HELPER
 def _max2(a, b):
     if a != a or b != b:
         return a + b

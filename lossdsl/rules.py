@@ -14,9 +14,9 @@ from typing import Callable, Optional
 import sympy as sp
 from sympy import KroneckerDelta
 
-from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, log1p, logcosh,
-                         lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small, sqexp,
-                         subpeak, substitute, xdivy, xexp, xexpm1, xlogy, xsq)
+from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, isinf, log1p,
+                         logcosh, lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small,
+                         sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -226,6 +226,26 @@ def _scale_into_sum(node):
     return None
 
 
+def _weight_into_sum(node):
+    # c·Σ_k b(k) -> Σ_k c·b(k), c a product of params (-β/2 of a β-VAE's KL term) and b an exponential
+    # expression: the sum overflows where the weighted terms do not (e^709.79/2 = 9.05e307). c goes onto
+    # each term of the body and through addexp (c·(a + b) = c·a + c·b), where it meets the exponential
+    # (scaled_expm1)
+    if not node.is_Mul:
+        return None
+    sums = [f for f in node.args if type(f) is Sum]
+    if len(sums) != 1 or not sums[0].body.has(sp.exp, expm1, addexp):
+        return None
+    r = sums[0]
+    c = node / r
+    if c.is_number or c.has(sp.core.function.AppliedUndef, Reduce):
+        return None
+
+    def scaled(t):
+        return addexp(scaled(t.args[0]), scaled(t.args[1])) if isinstance(t, addexp) else c * t
+    return Sum(r.index, r.size, sp.Add(*[scaled(t) for t in sp.Add.make_args(r.body)]), r.cond)
+
+
 def _scaled_expm1(node):
     # c·expm1(s) -> xexpm1(c, s): expm1 overflows at s = 709.79 where c·(e^s - 1) with c < 1 does not
     if not node.is_Mul:
@@ -237,6 +257,30 @@ def _scaled_expm1(node):
     if rest in (sp.S.One, sp.S.NegativeOne):
         return None
     return xexpm1(rest, ms[0].args[0])
+
+
+def _xexp_minus_weight(node):
+    # xexp(c, s) - c (possibly inside a longer sum) -> xexpm1(c, s): c·e^s - c cancels near s = 0 (the logvar
+    # gradient of a β-VAE, -β/2 + β/2·e^logvar, once the weight is on each term: 0 vs 5e-21 at 1e-20)
+    if not node.is_Add:
+        return None
+    for t in node.args:
+        if not isinstance(t, xexp):
+            continue
+        c = t.args[0]
+        for w in node.args:
+            if w == -c or _guarded(w, -c):
+                rest = [a for a in node.args if a is not t and a is not w]
+                return sp.Add(xexpm1(c, t.args[1]), *rest)
+    return None
+
+
+def _guarded(w, c):
+    """w is c under a zero-weight guard, (0 if β = 0 else c), where c vanishes at β = 0 anyway."""
+    if not (isinstance(w, sp.Piecewise) and len(w.args) == 2 and w.args[0].expr == 0 and w.args[1].expr == c):
+        return False
+    cond = w.args[0].cond
+    return isinstance(cond, sp.Eq) and cond.rhs == 0 and cond.lhs.is_Symbol and c.subs(cond.lhs, 0) == 0
 
 
 def _fsum_max(node):
@@ -319,7 +363,7 @@ def _norm_times_unit(node):
     if not node.is_Mul:
         return None
     for f in node.args:
-        if not (isinstance(f, xdivy) and isinstance(f.args[1], Norm)):
+        if not (isinstance(f, (xdivy, unit)) and isinstance(f.args[1], Norm)):
             continue
         r = f.args[1]
         rest = list(node.args)
@@ -346,7 +390,7 @@ def _tangent_projection(node):
         if len(f) != 1 or not isinstance(f[0].body, sp.Mul):
             continue
         r, rest = f[0], t / f[0]
-        inner = [a for a in r.body.args if isinstance(a, xdivy) and isinstance(a.args[0], xdivy)]
+        inner = [a for a in r.body.args if isinstance(a, xdivy) and isinstance(a.args[0], (xdivy, unit))]
         if len(inner) != 1 or inner[0].args[1] != inner[0].args[0].args[1] or r.cond is not sp.true:
             continue
         norm = inner[0].args[1]
@@ -354,7 +398,7 @@ def _tangent_projection(node):
             continue
         el_d = inner[0].args[0].args[0]                # z(m, d)
         x_d = r.body / inner[0]
-        outer = [a for a in sp.Mul.make_args(rest) if isinstance(a, xdivy) and a.args[1] == norm]
+        outer = [a for a in sp.Mul.make_args(rest) if isinstance(a, (xdivy, unit)) and a.args[1] == norm]
         if len(outer) != 1 or sp.Mul.make_args(rest / outer[0]) != (-1,):
             continue
         el_l = outer[0].args[0]                        # z(m, l)
@@ -370,13 +414,33 @@ def _tangent_projection(node):
             continue
         k = r.index
         peak = Max(k, r.size, sp.Abs(el_d), sp.true)
-        u = lambda e: xdivy(e, norm)                   # noqa: E731
+        u = lambda e: _unit_of(e, norm)                # noqa: E731
         others = sp.Eq(IsArg(peak, k), 0)
         peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
         new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(peak_form / norm, elsewhere / norm, IsArg(peak, l)), True))
         rest_terms = [a for a in node.args if a is not t and a is not first]
         return sp.Add(new, *rest_terms)
+    return None
+
+
+def _unit_of(a, norm):
+    """unit(a, ‖b‖, ...): its count of infinite b_k, max |b_k| and norm of b/max, over the norm's range."""
+    k, size, body, cond = norm.args
+    peak = Max(k, size, sp.Abs(body), cond)
+    return unit(a, norm, Sum(k, size, isinf(body), cond), peak, Norm(k, size, xdivy(body, peak), cond))
+
+
+def _unit_vector(node):
+    # xdivy(b(t), norm_k b(k)) -> unit(b(t), norm, Σ_k isinf(b(k)), m, norm_k b(k)/m), m = max_k |b(k)|: a
+    # coordinate of the unit vector, (b(t)/m)/‖b/m‖ (‖b‖ overflows at b = [fmax, fmax]: u = 0, not 0.707;
+    # it rounds to a subnormal for subnormal b), with its limit at infinite coordinates sign(b(t))/sqrt(count)
+    # (b(t)/‖b‖ is inf/inf = NaN)
+    if not (isinstance(node, xdivy) and isinstance(node.args[1], Norm)):
+        return None
+    a, r = node.args
+    if isinstance(a, sp.core.function.AppliedUndef) and any(substitute(r.body, {r.index: t}) == a for t in a.args):
+        return _unit_of(a, r)
     return None
 
 
@@ -541,9 +605,14 @@ NODE_RULES = (
          None, None, (), _into_piecewise),
     Rule("scale_into_sum", "(Σ_k b_k)/K = Σ_k b_k/K (a mean): the sum overflows first (the mean of "
                            "[1e308, 1e308] is inf, not 1e308)", None, None, (), _scale_into_sum),
+    Rule("weight_into_sum", "c·Σ_k b_k = Σ_k c·b_k for a param weight c: the sum overflows where the weighted "
+                            "terms do not (-β/2·Σ(1 + logvar - μ² - e^logvar) at logvar = 709.79, β = 1: inf, "
+                            "not 9.05e307)", None, None, (), _weight_into_sum, post=True),
     Rule("scaled_expm1", "y·expm1(x) = xexpm1(y, x): expm1 overflows at x = 709.79 where the product with "
                          "y < 1 does not (inf vs 9.05e307 for y = 1/2)",
          y * expm1(x), xexpm1(y, x), (709.79, 0.5), _scaled_expm1),
+    Rule("xexp_minus_weight", "c·e^x - c = xexpm1(c, x); cancels to 0 for |x| < 1e-16",
+         None, None, (), _xexp_minus_weight),
     Rule("fsum_max", "m - c + max_k b_k, c an element of the same array, summed with TwoSum: two of the terms "
                      "cancel in any order of additions (equal logits 1e30: 0 vs 1 for m = 1)",
          None, None, (), _fsum_max),
@@ -587,6 +656,8 @@ NODE_RULES = (
                             "(inf - inf is NaN; the other coordinates decide)", None, None, (), _norm_difference),
     Rule("div_norm", "a / ‖b‖ = xdivy(a, ‖b‖): normalizing a zero vector gives 0 (and gradient 0), not 0/0",
          None, None, (), _div_norm, post=True),
+    Rule("unit_vector", "b_t/‖b‖ = unit(b_t, ‖b‖, count of infinite b_k): at b = [inf, 1] the unit vector is "
+                        "[1, 0], where b_t/‖b‖ is inf/inf = NaN", None, None, (), _unit_vector, post=True),
 )
 
 
@@ -631,6 +702,11 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
         return sp.Piecewise(*pieces)
     args = [_zero_weights(a, is_input, excluded) for a in expr.args]
     new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    if isinstance(new, xsq) and not is_input(new.args[1]) and _may_be_infinite(new.args[0], is_input):
+        # c·x² (scaled_square) is a product too: β/2·μ² of a β-VAE with the weight on each term
+        guard = sp.Eq(new.args[1], 0)
+        if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
+            return sp.Piecewise((_nan_of(new.args[0], is_input), guard), (new, True))
     if new.is_Mul:
         weights = [f for f in new.args if not f.is_number and not is_input(f) and not f.is_positive]
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):

@@ -117,6 +117,10 @@ def test_nan_and_infinities():
     assert evaluate(lse, vals) == want
     assert evaluate(sp.exp(v(sp.Integer(1)) - lse), vals) == 0.0
     assert evaluate(xlogy(x, y), {"x": 0.0, "y": 0.0}) == 0.0
+    # y³·|x| at x = -inf, y = 5e-324 (focal's soft-label term) grows without bound; with x = -2^2000 it
+    # rounds to 0 (2^-3222·2^2000), so the largest substitution must be beyond that: no false truth 0
+    assert evaluate(y ** 3 * softplus(-x), {"x": -math.inf, "y": 5e-324}) in (None, math.inf)
+    assert float(mpmath.mpf(5e-324) ** 3 * mpmath.mpf(2) ** 2000) < 5e-324
 
 
 def test_reductions_and_argmax():

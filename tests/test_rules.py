@@ -126,7 +126,7 @@ def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
                            "log_softmax_split", "norm_difference", "rescue_overflow",
-                           "tangent_projection"}
+                           "tangent_projection", "unit_vector", "weight_into_sum", "xexp_minus_weight"}
     assert {r.name for r in NODE_RULES} <= tested
 
 
@@ -473,3 +473,62 @@ def test_tangent_projection_keeps_the_gradient_at_the_largest_coordinate():
     assert np.all(g[1] == 0.0)                 # a zero row: u = 0, and its gradient 0 by convention
     u = z[0] / np.linalg.norm(z[0])
     assert (c[0, 0] - (c[0] @ u) * u[0]) / np.linalg.norm(z[0]) == 0.0
+
+
+def test_unit_vector_takes_the_limit_at_infinite_coordinates():
+    # z/‖z‖ at z = [inf, 1, -inf, 2] is inf/inf = NaN in floats; the limit (the infinite coordinates
+    # growing alike) is [1, 0, -1, 0]/sqrt(2). The gradient there is 0 (the projection over ‖z‖ = inf);
+    # the finite row keeps z/‖z‖ and its gradient (c - (c·u)·u)/‖z‖.
+    f = lossdsl.compile("loss w\n  batch N\n  input z[N, D]\n  target c[N, D]\n"
+                        "  u[i, d] = z[i, d] / norm[e] z[i, e]\n  loss = sum[i] sum[d] c[i, d] * u[i, d]\n")["w"]
+    assert "unit_vector" in f.rules
+    inf = np.inf
+    c = np.array([[1.0, 5.0, -2.0, 3.0], [1.0, 2.0, 0.0, -1.0]])
+    for dtype in (np.float64, np.float32):
+        z = np.array([[inf, 1.0, -inf, 2.0], [3.0, -4.0, 1.0, 0.5]], dtype)
+        v, (g,) = f.value_and_grad(z, c.astype(dtype), reduction="none")
+        zs = [M.mpf(float(a)) for a in z[1]]
+        nz = M.sqrt(sum(a * a for a in zs))
+        cu = sum(a * b / nz for a, b in zip(c[1], zs))
+        want = float(3 / M.sqrt(2) + cu)                 # a batch loss: one value, the sum over the rows
+        assert abs(float(np.ravel(v)[0]) - want) <= 4 * abs(float(np.spacing(dtype(want))))
+        assert np.all(g[0] == 0.0)
+        for j in range(4):
+            want = float((c[1, j] - cu * zs[j] / nz) / nz)
+            assert abs(float(g[1, j]) - want) <= 8 * abs(float(np.spacing(dtype(want)))), (dtype, j, g[1, j], want)
+    with np.errstate(invalid="ignore"):
+        z = np.array([inf, 1.0, -inf, 2.0])
+        assert np.isnan(z / np.sqrt(np.sum(z * z))).any()
+    # huge and subnormal rows: u = (z/m)/‖z/m‖, m = max |z_k|, where ‖z‖ overflows (u = 0 for [fmax, fmax])
+    # or rounds to a subnormal (a few bits left)
+    for dtype in (np.float64, np.float32):
+        big, sub = np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal
+        z = np.array([[big, -big, 1.0, 0.0], [3 * sub, 5 * sub, 0.0, 7 * sub]], dtype)
+        v, (g,) = f.value_and_grad(z, c[:, :4].astype(dtype), reduction="none")
+        want = 0.0
+        for i in range(2):
+            zs = [M.mpf(float(a)) for a in z[i]]
+            want += float(sum(a * b for a, b in zip(c[i], zs)) / M.sqrt(sum(a * a for a in zs)))
+        assert abs(float(np.ravel(v)[0]) - want) <= 4 * abs(float(np.spacing(dtype(want)))), (dtype, v, want)
+        with np.errstate(all="ignore"):
+            assert np.all(z[0] / np.sqrt(np.sum(z[0] * z[0])) == 0)
+
+
+def test_weight_into_sum_keeps_the_kl_term_of_a_beta_vae_finite():
+    # -β/2·Σ_l (1 + logvar - μ² - e^logvar) at logvar = 709.79: the sum is -inf (e^709.79 overflows) where
+    # β/2·e^709.79 = 9.05e307 is not. With β on each term, the logvar gradient -β/2 + β/2·e^x is xexpm1
+    # again (xexp_minus_weight: 0 vs 5e-21 at x = 1e-20), and β = 0 at μ = -inf is 0, not 0·inf
+    f = lossdsl.load("vae_elbo")
+    assert {"weight_into_sum", "xexp_minus_weight"} <= set(f.rules)
+    xhat, x = np.array([[0.5, -1.0]]), np.array([[1.0, 0.0]])
+    mu, logvar = np.array([[0.5, -2.0]]), np.array([[709.79, 1e-20]])
+    v, (_, gm, gl) = f.value_and_grad(xhat, mu, logvar, x, reduction="none")
+    lv, m = [M.mpf(float(a)) for a in logvar[0]], [M.mpf(float(a)) for a in mu[0]]
+    want = M.log1p(M.exp(-0.5)) + M.log1p(M.exp(-1)) - sum(1 + a - b * b - M.exp(a) for a, b in zip(lv, m)) / 2
+    assert close(float(v[0]), float(want))
+    assert close(float(gl[0, 0]), float(M.expm1(lv[0]) / 2)) and close(float(gl[0, 1]), float(M.expm1(lv[1]) / 2))
+    with np.errstate(over="ignore"):
+        assert -0.5 * np.sum(1 + logvar - mu ** 2 - np.exp(logvar)) == np.inf
+    assert -0.5 + 0.5 * np.exp(1e-20) == 0.0
+    v, (_, gm, gl) = f.value_and_grad(xhat, np.array([[-np.inf, 1.0]]), logvar, x, reduction="none", beta=0.0)
+    assert close(float(v[0]), float(M.log1p(M.exp(-0.5)) + M.log1p(M.exp(-1)))) and np.all(gm == 0) and np.all(gl == 0)
