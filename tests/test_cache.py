@@ -32,6 +32,7 @@ def fresh(cache_dir, monkeypatch):
     jit._usable_dirs.clear()
     jit._broken_dirs.clear()
     api._load_cached.cache_clear()
+    api._library_definition.cache_clear()     # parsed again: the parser file is read or written
     lower.parser.cache_clear()
     for name in [m for m in sys.modules if m.startswith("lossdsl_kernels.")]:
         del sys.modules[name]
