@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cuda_dispatch, ir, jit
+from . import blas, cuda_dispatch, ir, jit
 from .call import checked
 from .errors import ArgumentError, LossError, LossTypeError
 from .lower import parse
@@ -182,7 +182,7 @@ class Loss:
             if module is None:
                 from . import render_cpu
                 module = jit.load_module(render_cpu.render(self._compiled_for(fixed), dtype), key)
-            self._kernels[dtype, fixed] = module.kernel
+            self._kernels[dtype, fixed] = blas.one_thread(module.kernel) if module.MATRIX_PRODUCTS else module.kernel
         return self._kernels[dtype, fixed]
 
     def _compiled_for(self, fixed):
