@@ -7,8 +7,7 @@
    lossdsl.jax (jit of value_and_grad) against optax's loss under the same jit.
    Target: lossdsl.torch within 2x of torch's own.
 2. Throughput on the large shapes of benchmarks/RESULTS.md: the bridge's forward + backward
-   against the direct kernel call on the same data. Target: within 5%. lossdsl.torch is also
-   compared with the direct call writing into reused memory as the bridge does (its own cost).
+   against the direct kernel call on the same data. Target: within 5%.
 Each timing is the best of several runs after a warm-up; everything is measured in one run, the
 direct call and the bridges taking turns (a machine shared with other work slows them alike).
 ``--only`` measures one bridge (with the direct call), leaving the other out of the report.
@@ -21,7 +20,6 @@ import numba
 import numpy as np
 
 import lossdsl
-from lossdsl import buffers
 
 try:
     import torch
@@ -43,12 +41,12 @@ WHY = """Where the time goes (measured on the 2-core machine, 2026-11-30, with p
   libgomp torch loaded: the same worker thread runs both), and XLA calls the jax bridge's FFI
   handler on the calling thread, so the kernel uses that same pool; OMP_WAIT_POLICY=passive (no
   spinning after a parallel region) made no difference beyond the noise.
-- Fresh memory. The direct call writes its gradient into a new array each call: the OS faults in
-  and zeroes every page first, 25-30% of a large call (cross_entropy: 24.8 ms into a new array, 18.6
-  into one used before). lossdsl.torch leases its results (lossdsl/buffers.py): the gradient that
-  the previous step released (optimizer.zero_grad, .grad = None) takes no new pages, hence torch /
-  direct below 1. Measured the same way as the bridge writes, the direct call into reused memory is
-  the column "torch / direct into reused memory": the bridge's own cost, the autograd bookkeeping
+- Fresh memory. A gradient written into a new array costs the OS a fault and a zeroing of every
+  page first, 25-30% of a large call (cross_entropy: 24.8 ms into a new array, 18.6 into one used
+  before). Every CPU call leases its large results (lossdsl/buffers.py): the gradient that the
+  previous step released (optimizer.zero_grad, .grad = None; the direct call's dropped arrays)
+  takes no new pages, for the bridge and the direct call alike. What torch / direct shows is the
+  bridge's own cost, the autograd bookkeeping
   around the kernel (Function.apply, the engine's backward, wrapping results as tensors), 1-2 ms
   on cross_entropy and 3-6 ms (median) on bce, because it runs right after the kernel has flushed
   the caches: torch's own F.cross_entropy forward + backward on 8 x 10 takes 0.5-1 ms right after
@@ -142,8 +140,7 @@ def large(repeat):
                 for t in ins:
                     t.grad = None
                 f(*ts).backward()
-            # the direct call into reused memory, as lossdsl.torch writes: the bridge's own cost
-            fns += [bridge, lambda: loss._run(arrays, "mean", None, None, {}, True, empty=buffers.empty)]
+            fns.append(bridge)
         if jax is not None:
             js = [jax.numpy.asarray(a) for a in arrays]
             fj = lj.function(name)
@@ -173,15 +170,15 @@ def report(tiny_rows, large_rows, flags=""):
         out += ["", f"lossdsl.torch / torch: {t['lossdsl.torch'] / t['torch F.cross_entropy']:.2f}x "
                     f"(target: at most 2x)."]
     head = ["loss", "shape", "direct ms"] \
-        + (["lossdsl.torch ms", "torch / direct", "torch / direct into reused memory"] if torch else []) \
+        + (["lossdsl.torch ms", "torch / direct"] if torch else []) \
         + (["lossdsl.jax ms", "jax / direct", "jax / direct on jax's arrays"] if jax else [])
     out += ["", "## Throughput on the large shapes of RESULTS.md", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, shape, direct, *rest in large_rows:
         cells = [name, shape, ms(direct)]
         if torch:
-            bridge, reused, *rest = rest
-            cells += [ms(bridge), f"{bridge / direct:.3f}", f"{bridge / reused:.3f}"]
+            bridge, *rest = rest
+            cells += [ms(bridge), f"{bridge / direct:.3f}"]
         if jax:
             bridge, on_jax = rest
             cells += [ms(bridge), f"{bridge / direct:.3f}", f"{bridge / on_jax:.3f}"]

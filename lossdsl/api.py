@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, cuda_dispatch, ir, jit
+from . import blas, buffers, cuda_dispatch, ir, jit
 from .call import checked
 from .errors import ArgumentError, LossError, LossTypeError
 from .lower import parse
@@ -198,26 +198,25 @@ class Loss:
     def value_and_grad(self, *args, reduction="mean", weight=None, ignore_index=None, **params):
         return self._run(args, reduction, weight, ignore_index, params, grad=True)
 
-    def _run(self, args, reduction, weight, ignore_index, params, grad, stream=None, empty=np.empty):
-        """The one call path: device arrays go to the CUDA kernels (on ``stream``), the rest to the
-        CPU's, whose results ``empty`` allocates (np.empty, or buffers.empty for reused memory)."""
+    def _run(self, args, reduction, weight, ignore_index, params, grad, stream=None):
+        """The one call path: device arrays go to the CUDA kernels (on ``stream``), the rest to the CPU's."""
         if cuda_dispatch.on_device(args, weight):
             return cuda_dispatch.run(self, args, reduction, weight, ignore_index, params, grad, stream)
         arrays = [np.asarray(a) for a in args]
         weight = None if weight is None else np.asarray(weight)
         call = checked(self, arrays, reduction, weight, ignore_index, params)
-        return _run_host(self, call, arrays, weight, grad, empty=empty)
+        return _run_host(self, call, arrays, weight, grad)
 
 
 SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
 
 
-def _run_host(loss, call, arrays, weight, grad, results=None, empty=np.empty):
+def _run_host(loss, call, arrays, weight, grad, results=None):
     """Lay the checked arrays out for the CPU kernel (contiguous, one copy at most), run it, reduce.
 
     ``results``: (value, *gradients) C-contiguous arrays of the results' shapes and dtype (a
-    framework's result buffers) that the kernel writes into, in place of new arrays made by
-    ``empty(shape, dtype)``."""
+    framework's result buffers) that the kernel writes into, in place of new arrays; large new
+    arrays take the memory of results released before (buffers.py: no page faults)."""
     dtype, n_in = call.dtype, len(loss._inputs)
     inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
     targets = [np.ascontiguousarray(a.astype(t, copy=False).reshape(s))
@@ -230,8 +229,8 @@ def _run_host(loss, call, arrays, weight, grad, results=None, empty=np.empty):
     k = loss.kernel(call.dtype_name, call.fixed)
     want_out = call.reduction == "none"
     if results is None:
-        grads = [empty(a.shape, a.dtype) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
-        out = empty(call.n_samples, dtype) if want_out else np.empty(0, dtype)
+        grads = [buffers.empty(a.shape, a.dtype) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
+        out = buffers.empty(call.n_samples, dtype) if want_out else np.empty(0, dtype)
     else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
         grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else \
             [np.empty((0,) * a.ndim, dtype) for a in inputs]

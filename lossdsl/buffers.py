@@ -4,7 +4,9 @@ A fresh large array costs a page fault per page, and the OS zeroes every page be
 writes it: 25-30% of a large loss call (cross_entropy 16384 x 1000 float32: 24.8 ms into fresh
 arrays, 18.6 ms into arrays used before; bce 2^24 0.82x, triplet 65536 x 128 0.70x; measured on 2
 cores). A training loop releases each step's gradient (``optimizer.zero_grad()``, ``.grad = None``)
-before the next step makes one of the same size, so that step can write into the same memory.
+before the next step makes one of the same size, so that step can write into the same memory;
+so does a loop over ``Loss.value_and_grad`` that drops the last step's arrays (every CPU call's
+large results come from here: api._run_host).
 
 ``empty(shape, dtype)`` is ``np.empty`` whose memory, for arrays of ``LARGE`` bytes and more, is
 leased: the array's base is a ``_Lease``, and views, tensors (``torch.from_numpy``) and arrays
@@ -19,6 +21,7 @@ import numpy as np
 
 LARGE = 1 << 22     # bytes: smaller arrays come from malloc's own free lists, already reused
 KEEP = 8            # released blocks kept (the oldest goes back to the system): a step's results
+KEEP_BYTES = 1 << 30    # and at most this much memory held for reuse (one huge call is not kept)
 
 _free = []          # released blocks (uint8 arrays), most recent last
 _lock = threading.RLock()   # reentrant: a lease may be collected while empty() holds it
@@ -36,6 +39,8 @@ class _Lease:
         with lock:
             free.append(self._block)
             del free[:-KEEP]
+            while sum(b.nbytes for b in free) > KEEP_BYTES:
+                del free[0]
 
 
 def empty(shape, dtype):

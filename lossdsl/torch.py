@@ -29,7 +29,7 @@ try:
 except ImportError as e:        # pragma: no cover - depends on the installation
     raise ImportError("lossdsl.torch needs PyTorch: pip install 'lossdsl[torch]'") from e
 
-from . import api, buffers
+from . import api
 from .call import Call, check_reduction, param_values
 from .errors import LossError
 
@@ -89,10 +89,9 @@ def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
     loss = _LOSSES[key]
     first = arrays[0]
     stream = _numba_stream(first.device) if first.is_cuda else None
-    # results in reused memory: each step's gradient takes the pages of the one released before it
     value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
                              None if weight is None else _kernel_array(weight), ignore_index,
-                             dict(zip(loss.params, params)), with_grad, stream, buffers.empty)
+                             dict(zip(loss.params, params)), with_grad, stream)
     if not with_grad:
         return [_tensor(value, first)] + [first.new_empty(0) for _ in loss.inputs]
     return [_tensor(value, first)] + [_tensor(g, a) for g, a in zip(grads, arrays)]

@@ -34,3 +34,32 @@ def test_kept_blocks_are_bounded():
     leased = [buffers.empty((N + i,), np.float32) for i in range(buffers.KEEP + 3)]
     del leased
     assert len(buffers._free) <= buffers.KEEP
+    assert sum(b.nbytes for b in buffers._free) <= buffers.KEEP_BYTES
+
+
+def test_a_released_block_over_the_byte_bound_is_not_kept(monkeypatch):
+    monkeypatch.setattr(buffers, "KEEP_BYTES", 3 * buffers.LARGE)
+    kept = [buffers.empty((N,), np.float32) for _ in range(2)]
+    big = buffers.empty((2 * N,), np.float32)
+    del kept, big                                   # 4 LARGE released: the oldest goes
+    assert sum(b.nbytes for b in buffers._free) <= 3 * buffers.LARGE
+
+
+def test_the_numpy_api_reuses_the_memory_of_dropped_gradients():
+    import lossdsl
+    mse = lossdsl.load("mse")
+    x, y = np.ones(N, np.float32), np.zeros(N, np.float32)
+    _, (g,) = mse.value_and_grad(x, y)
+    ptr, held = g.ctypes.data, g
+    del g
+    _, (g2,) = mse.value_and_grad(x, y)             # the first gradient is still held: new memory
+    assert g2.ctypes.data != ptr and np.all(held == 2.0 / N)
+    released = {ptr, g2.ctypes.data}
+    del held, g2
+    _, (g3,) = mse.value_and_grad(x, y)              # both released: one of them is taken
+    assert g3.ctypes.data in released
+    base = g3
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, buffers._Lease)         # from buffers.empty, not np.empty's malloc
+    np.testing.assert_allclose(g3, 2.0 / N)
