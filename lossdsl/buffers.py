@@ -45,11 +45,12 @@ class _Lease:
 
 def empty(shape, dtype):
     """An uninitialized C-contiguous array, in released memory of the same size when there is some."""
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else shape
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if size < LARGE:
+    if size < LARGE:            # first and cheap: small calls are the ones where a microsecond shows
         return np.empty(shape, dtype)
+    shape = tuple(int(n) for n in shape)
     with _lock:
         i = next((i for i in range(len(_free) - 1, -1, -1) if _free[i].nbytes == size), None)
         block = None if i is None else _free.pop(i)
