@@ -711,7 +711,9 @@ def report(rows, peers, threads, command, dtype, repeat, compiled=None):
               "after a warm-up (times in ms; the 8 x 10 row, per-call overhead, in µs); torch.compile and jax.jit compiled before the timing; memcpy: "
               "np.copyto of the inputs, targets and gradients (the memory floor); ratio = best peer / "
               "lossdsl (above 1: lossdsl is faster); value rel. diff: the largest relative difference "
-              f"of a peer's value from lossdsl's (tolerance {TOLERANCE[dtype]:g})", "",
+              f"of a peer's value from lossdsl's (tolerance {TOLERANCE[dtype]:g}); lossdsl's large results "
+              "take the memory of the previous call's dropped ones (lossdsl/buffers.py), the peers "
+              "allocate theirs per call", "",
               table(rows, peers, dtype)]
     if compiled:
         imported, first, cached = compiled
