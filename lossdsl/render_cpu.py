@@ -506,10 +506,6 @@ class VectorEmitter(Emitter):
             self.line("if want_grad:")
             self.line(f"    {r.target.format(kvar)} = c * {b}")
             return
-        # a masked sum adds 0 off the mask: a select; an if around the add kept LLVM from
-        # vectorizing the loop (kl_div's second pass: 2.3x slower)
-        if cond is not None and isinstance(r, Sum) and getattr(step, "__func__", None) is Emitter.accumulate:
-            return step(r, f"({b} if {cond} else F(0.0))", kvar, state)
         return super().step_where(cond, step, r, b, kvar, state)
 
     def step_peak(self, r, b, kvar, peak):
@@ -703,7 +699,7 @@ def _shared_rows(em, low, stages):
     uses = {}
     for n, (e, idx, axes) in enumerate(stages):
         sizes = index_sizes(e, idx, [low.sizes[a] for a in axes])
-        for r in e.atoms(Reduce):
+        for r in sorted(e.atoms(Reduce), key=sp.default_sort_key):     # a set: same source every run
             row = em.row_index(r)
             if row is None or r.body.atoms(Reduce) or r.has(IsArg) or sizes.get(row) is None:
                 continue
