@@ -399,9 +399,13 @@ class Emitter:
         self.known, self.reduction_symbol = saved
         cvar = dict(zip([r for r in group if conds[r] is not sp.true], [n for n, _ in conds_named]))
         for r, (bvar, _) in zip(group, named):
-            self.step_where(cvar.get(r), step, r, bvar, kvar, state)
+            self.step_where(cvar.get(r), self.step_of(r, step), r, bvar, kvar, state)
         self.depth -= 1
         self.open_loops -= 1
+
+    def step_of(self, r, step):
+        """The step element ``r`` of a pass takes: the pass's own, unless a back end gives ``r`` one."""
+        return step
 
     def step_where(self, cond, step, r, b, kvar, state):
         """``step`` for element ``b`` where ``cond`` (a variable; None: everywhere) holds."""

@@ -501,12 +501,13 @@ class VectorEmitter(Emitter):
             self.line(f"if {self.argvar[r]} == {end}:")
             self.line(f"    {self.argvar[r]} = -1")
 
-    def step_where(self, cond, step, r, b, kvar, state):
-        if isinstance(r, Rider):
-            self.line("if want_grad:")
-            self.line(f"    {r.target.format(kvar)} = c * {b}")
-            return
-        return super().step_where(cond, step, r, b, kvar, state)
+    def step_of(self, r, step):
+        return self.ride if isinstance(r, Rider) else step
+
+    def ride(self, r, b, kvar, state):
+        # a rider's step in the sum pass: its gradient entry, c·expr at this element
+        self.line("if want_grad:")
+        self.line(f"    {r.target.format(kvar)} = c * {b}")
 
     def step_peak(self, r, b, kvar, peak):
         m = peak[r]
