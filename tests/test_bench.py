@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lossdsl
-from lossdsl import bench
+from lossdsl import bench, peers
 from lossdsl.cli import main
 
 
@@ -22,8 +22,8 @@ def run(capsys, *argv):
 
 def test_every_library_loss_has_a_workload_and_peers():
     assert {w.loss for w in bench.WORKLOADS} == set(lossdsl.names())
-    assert set(bench.NUMPY) == set(lossdsl.names())
-    assert set(bench._torch_peers()) == set(lossdsl.names())
+    assert set(peers.NUMPY) == set(lossdsl.names())
+    assert set(peers.torch_peers()) == set(lossdsl.names())
     assert any(w.tiny for w in bench.WORKLOADS)
 
 
@@ -60,7 +60,7 @@ def test_numpy_reference_matches_lossdsl(name, params):
     w = next(w for w in bench.workloads(name) if w.params == params and not w.tiny)
     _, arrays = w.arrays("small", "float32")
     v, grads = lossdsl.load(name).value_and_grad(*arrays, **params)
-    rv, rgrads = bench.numpy_value_and_grad(name, *arrays, **params)
+    rv, rgrads = peers.numpy_value_and_grad(name, *arrays, **params)
     assert np.asarray(rv).dtype == np.float32
     np.testing.assert_allclose(float(rv), float(v), rtol=1e-5)
     assert len(rgrads) == len(grads)
