@@ -8,11 +8,13 @@
    Target: lossdsl.torch within 2x of torch's own.
 2. Throughput on the large shapes of benchmarks/RESULTS.md: the bridge's forward + backward
    against the direct kernel call on the same data. Target: within 5%.
-Each timing is the best of several runs after a warm-up; everything is measured in one run, the
-direct call and the bridges taking turns (a machine shared with other work slows them alike).
+Each timing is the best (and the median) of several runs after a warm-up; everything is measured
+in one run, the direct call and the bridges taking turns (a machine shared with other work slows
+them alike; on a busy machine compare the best times, and the ratios within one run only).
 ``--only`` measures one bridge (with the direct call), leaving the other out of the report.
 """
 import argparse
+import os
 import platform
 import time
 
@@ -60,12 +62,17 @@ WHY = """Where the time goes (measured on the 2-core machine, 2026-11-30, with p
   pages) and 1.3 ms the jit dispatch and the FFI handler outside the kernel."""
 
 
-def best(fn, repeat, inner=1):
-    return interleaved([fn], repeat, inner)[0]
+class Timing(float):
+    """The best time of a call (a float, what ratios use), with the median beside it."""
+
+    def __new__(cls, times):
+        t = super().__new__(cls, min(times))
+        t.median = sorted(times)[len(times) // 2]
+        return t
 
 
 def interleaved(fns, repeat, inner=1):
-    """The best time of each of ``fns``, measured in turns after one warm-up call each."""
+    """The Timing of each of ``fns``, measured in turns after one warm-up call each."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -75,7 +82,7 @@ def interleaved(fns, repeat, inner=1):
             for _ in range(inner):
                 fn()
             ts.append((time.perf_counter() - t) / inner)
-    return [min(ts) for ts in times]
+    return [Timing(ts) for ts in times]
 
 
 def tiny(repeat):
@@ -83,10 +90,14 @@ def tiny(repeat):
     z = rng.standard_normal((8, 10)).astype(np.float32)
     y = rng.integers(0, 10, 8)
     ce = lossdsl.load("cross_entropy")
-    rows = [("lossdsl direct (numpy)", best(lambda: ce.value_and_grad(z, y), repeat, 2000))]
+
+    def direct():
+        ce.value_and_grad(z, y)
+    rows = []
     if torch is not None:
         zt, yt = torch.from_numpy(z).requires_grad_(), torch.from_numpy(y)
         f = lt.function("cross_entropy")
+        bare = _bare_function(ce)
 
         def ours():
             zt.grad = None
@@ -95,24 +106,51 @@ def tiny(repeat):
         def theirs():
             zt.grad = None
             F.cross_entropy(zt, yt).backward()
+
+        def floor():
+            zt.grad = None
+            bare(zt, yt).backward()
         compiled = torch.compile(lambda z, y: f(z, y))
 
         def ours_compiled():
             zt.grad = None
             compiled(zt, yt).backward()
-        rows += [("lossdsl.torch", best(ours, repeat, 2000)), ("torch F.cross_entropy", best(theirs, repeat, 2000)),
-                 ("lossdsl.torch under torch.compile (the custom op)", best(ours_compiled, repeat, 500))]
+        t_direct, t_ours, t_theirs, t_floor = interleaved([direct, ours, theirs, floor], repeat, 2000)
+        rows += [("lossdsl direct (numpy)", t_direct), ("lossdsl.torch", t_ours), ("torch F.cross_entropy", t_theirs),
+                 ("a bare torch.autograd.Function around the direct call", t_floor),
+                 ("lossdsl.torch under torch.compile (the custom op)", interleaved([ours_compiled], repeat, 500)[0])]
+    else:
+        rows.append(("lossdsl direct (numpy)", interleaved([direct], repeat, 2000)[0]))
     if jax is not None:
         zj, yj = jax.numpy.asarray(z), jax.numpy.asarray(y)
         fj = lj.function("cross_entropy")
         ours_j = jax.jit(jax.value_and_grad(lambda z: fj(z, yj)))
         theirs_j = jax.jit(jax.value_and_grad(
             lambda z: optax.softmax_cross_entropy_with_integer_labels(z, yj).mean()))
-        direct, ours, theirs = interleaved([lambda: ce.value_and_grad(z, y), lambda: jax.block_until_ready(ours_j(zj)),
-                                            lambda: jax.block_until_ready(theirs_j(zj))], repeat, 2000)
-        rows[0] = (rows[0][0], min(rows[0][1], direct))
-        rows += [("lossdsl.jax (jit)", ours), ("optax (jit)", theirs)]
+        t_direct, ours, theirs = interleaved([direct, lambda: jax.block_until_ready(ours_j(zj)),
+                                              lambda: jax.block_until_ready(theirs_j(zj))], repeat, 2000)
+        rows += [("lossdsl direct (numpy), in turns with the jax calls", t_direct),
+                 ("lossdsl.jax (jit)", ours), ("optax (jit)", theirs)]
     return rows
+
+
+def _bare_function(loss):
+    """The least an autograd.Function around the direct call does (numpy views in, the value and
+    the saved gradients out, handed back as they are): what lossdsl.torch costs at best, the rest
+    being torch's own."""
+    n_targets = len(loss.targets)
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            value, grads = loss.value_and_grad(*[t.numpy(force=True) for t in tensors])
+            ctx.save_for_backward(*[torch.from_numpy(g) for g in grads])
+            return torch.from_numpy(np.asarray(value))
+
+        @staticmethod
+        def backward(ctx, upstream):
+            return (*ctx.saved_tensors, *(None,) * n_targets)
+    return Bare.apply
 
 
 def large_cases():
@@ -134,27 +172,34 @@ def large(repeat):
         if torch is not None:
             ts = [torch.from_numpy(a) for a in arrays]
             ins = [t.requires_grad_() for t in ts[:n_in]]
-            f = lt.function(name)
+            f, bare = lt.function(name), _bare_function(loss)
 
             def bridge():
                 for t in ins:
                     t.grad = None
                 f(*ts).backward()
-            fns.append(bridge)
+
+            def floor():
+                for t in ins:
+                    t.grad = None
+                bare(*ts).backward()
+            fns += [bridge, floor]
         if jax is not None:
             js = [jax.numpy.asarray(a) for a in arrays]
             fj = lj.function(name)
-            vg = jax.jit(jax.value_and_grad(lambda *x: fj(*x, *js[n_in:]), argnums=tuple(range(n_in))))
-            fns.append(lambda: jax.block_until_ready(vg(*js[:n_in])))
+            # targets as arguments, as a training step's batch (closed over, they are constants of the executable)
+            vg = jax.jit(jax.value_and_grad(fj, argnums=tuple(range(n_in))))
+            fns.append(lambda: jax.block_until_ready(vg(*js)))
             views = [np.asarray(j) for j in js]         # jax's own buffers, no copy
             fns.append(lambda: loss.value_and_grad(*views))
         rows.append([name, shape, *interleaved(fns, repeat)])
     return rows
 
 
-def report(tiny_rows, large_rows, flags=""):
-    ms = lambda s: f"{s * 1e3:.1f}"            # noqa: E731
-    us = lambda s: f"{s * 1e6:.1f}"            # noqa: E731
+def report(tiny_rows, large_rows, flags="", load=()):
+    ms = lambda s: f"{s * 1e3:.1f} ({s.median * 1e3:.1f})"            # noqa: E731
+    us = lambda s: f"{s * 1e6:.1f} ({s.median * 1e6:.1f})"            # noqa: E731
+    ratio = lambda a, b: f"{a / b:.3f} ({a.median / b.median:.3f})"   # noqa: E731
     out = ["# Framework bridges: overhead and throughput", "",
            f"Produced by `python benchmarks/bench_bridges.py{flags}` on {time.strftime('%Y-%m-%d')}.", "",
            f"- machine: {platform.machine()}, {numba.config.NUMBA_NUM_THREADS} cores, "
@@ -162,26 +207,28 @@ def report(tiny_rows, large_rows, flags=""):
            f"- python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
            + (f", torch {torch.__version__}" if torch else ", torch not measured")
            + (f", jax {jax.__version__}, optax {optax.__version__}" if jax else ", jax not measured"),
-           "- forward + backward of the mean loss, float32, best of several runs after a warm-up", "",
+           "- forward + backward of the mean loss, float32, best (median) of several runs after a warm-up, "
+           "the calls of a table taking turns",
+           "- load average (1 minute) before and after: " + ", ".join(f"{x:.1f}" for x in load), "",
            "## Per-call overhead: cross_entropy 8 x 10", "", "| call | µs per forward + backward |", "|---|---|"]
     out += [f"| {name} | {us(t)} |" for name, t in tiny_rows]
     t = dict(tiny_rows)
     if "lossdsl.torch" in t:
-        out += ["", f"lossdsl.torch / torch: {t['lossdsl.torch'] / t['torch F.cross_entropy']:.2f}x "
+        out += ["", f"lossdsl.torch / torch: {ratio(t['lossdsl.torch'], t['torch F.cross_entropy'])} "
                     f"(target: at most 2x)."]
     head = ["loss", "shape", "direct ms"] \
-        + (["lossdsl.torch ms", "torch / direct"] if torch else []) \
+        + (["lossdsl.torch ms", "torch / direct", "bare Function / direct"] if torch else []) \
         + (["lossdsl.jax ms", "jax / direct", "jax / direct on jax's arrays"] if jax else [])
     out += ["", "## Throughput on the large shapes of RESULTS.md", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, shape, direct, *rest in large_rows:
         cells = [name, shape, ms(direct)]
         if torch:
-            bridge, *rest = rest
-            cells += [ms(bridge), f"{bridge / direct:.3f}"]
+            bridge, floor, *rest = rest
+            cells += [ms(bridge), ratio(bridge, direct), ratio(floor, direct)]
         if jax:
             bridge, on_jax = rest
-            cells += [ms(bridge), f"{bridge / direct:.3f}", f"{bridge / on_jax:.3f}"]
+            cells += [ms(bridge), ratio(bridge, direct), ratio(bridge, on_jax)]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Target: each bridge within 5% of the direct call (ratio at most 1.05)."]
     out += ["", WHY]
@@ -203,7 +250,9 @@ def main():
     repeat = args.repeat or (3 if args.quick else 7)
     flags = (" --quick" if args.quick else "") + (f" --repeat {args.repeat}" if args.repeat else "") \
         + (f" --only {args.only}" if args.only else "")
-    text = report(tiny(repeat), large(repeat), flags)
+    load = [os.getloadavg()[0]]
+    tiny_rows, large_rows = tiny(repeat), large(repeat)
+    text = report(tiny_rows, large_rows, flags, load + [os.getloadavg()[0]])
     print(text)
     if args.out:
         with open(args.out, "w") as fh:
