@@ -95,7 +95,7 @@ def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
 def _call(loss, arrays, weight, params, reduction, ignore_index, with_grad):
     """The value and (when ``with_grad``) the inputs' gradients as tensors, from ``Loss._run``."""
     first = arrays[0]
-    if not first.is_cpu or first.dtype in _HALF:
+    if not first.is_cpu or any(a.dtype in _HALF for a in arrays):
         stream = _numba_stream(first.device) if first.is_cuda else None
         value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
                                  None if weight is None else _kernel_array(weight), ignore_index,

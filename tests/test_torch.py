@@ -162,6 +162,21 @@ def test_half_precision_computed_in_float32(dtype):
     torch.testing.assert_close(z.grad.float(), z32.grad, rtol=1e-2, atol=1e-3)
 
 
+def test_a_half_input_after_a_float32_one_is_computed_in_float32():
+    """Only the first input decides nothing: a float16 input anywhere goes through float32 and gets
+    its gradient back in float16, the others in float32 (the fast path is for all-float32 calls)."""
+    a, p, n = (torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ph = p.half()
+    ins = [a.clone().requires_grad_(), ph.clone().requires_grad_(), n.clone().requires_grad_()]
+    lt.function("triplet")(*ins).backward()
+    ref = [a.clone().requires_grad_(), ph.float().requires_grad_(), n.clone().requires_grad_()]
+    ta, tp, tn = ref         # the library's triplet: squared distances, margin 1 (as in the test above)
+    torch.clamp(((ta - tp) ** 2).sum(-1) - ((ta - tn) ** 2).sum(-1) + 1.0, min=0).mean().backward()
+    assert [t.grad.dtype for t in ins] == [torch.float32, torch.float16, torch.float32]
+    for got, want in zip(ins, ref):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=1e-3, atol=1e-3)
+
+
 def test_cpu_tensors_are_shared_not_copied():
     z = torch.randn(8, 3)
     assert np.shares_memory(lt._kernel_array(z), z.numpy())
