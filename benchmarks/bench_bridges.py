@@ -37,29 +37,38 @@ except ImportError:
     jax = None
 
 
-WHY = """Where the time goes (measured on the 2-core machine, 2026-11-30, with perf and per-phase timers):
+WHY = """Where the time goes (2-core machine shared with other work, 2026-11-30; process CPU time
+and page faults from getrusage, per-phase timers, cProfile):
 
-- Not threads. torch's ops and numba's kernels run on one OpenMP pool (numba's omppool binds to the
-  libgomp torch loaded: the same worker thread runs both), and XLA calls the jax bridge's FFI
-  handler on the calling thread, so the kernel uses that same pool; OMP_WAIT_POLICY=passive (no
-  spinning after a parallel region) made no difference beyond the noise.
-- Fresh memory. A gradient written into a new array costs the OS a fault and a zeroing of every
-  page first, 25-30% of a large call (cross_entropy: 24.8 ms into a new array, 18.6 into one used
-  before). Every CPU call leases its large results (lossdsl/buffers.py): the gradient that the
-  previous step released (optimizer.zero_grad, .grad = None; the direct call's dropped arrays)
-  takes no new pages, for the bridge and the direct call alike. What torch / direct shows is the
-  bridge's own cost, the autograd bookkeeping
-  around the kernel (Function.apply, the engine's backward, wrapping results as tensors), 1-2 ms
-  on cross_entropy and 3-6 ms (median) on bce, because it runs right after the kernel has flushed
-  the caches: torch's own F.cross_entropy forward + backward on 8 x 10 takes 0.5-1 ms right after
-  streaming 256 MB, against 63 µs in a tight loop, and a bare autograd.Function around the direct
-  call costs as much. That part is torch's, paid by any autograd op at that point of a step.
-- jax. XLA allocates the results, so the kernel writes fresh pages every call (as jax's own ops
-  do); its inputs sit in 4 KiB pages where numpy's large arrays get 2 MiB ones (transparent huge
-  pages), so reading them costs more TLB misses however the kernel is called (last column: the
-  direct call on jax's own buffers, `np.asarray` of the jax arrays, no copy). Of cross_entropy's
-  +2.4 ms over the direct call, 1.5 ms are the kernel on XLA's buffers (0.65 of it the 4 KiB input
-  pages) and 1.3 ms the jit dispatch and the FFI handler outside the kernel."""
+- Tiny batch, direct call. What remains around the kernel's own call (about 2.5 µs, most of it
+  numba unboxing 13 arguments) is one dict look-up of the checked signature (call.checked) and the
+  per-signature layout decisions made once (api._Host): 11.5 -> 7.3 µs of CPU per call.
+- Tiny batch, lossdsl.torch. It now costs what the bare torch.autograd.Function around the direct
+  call costs (the row above it): Function.apply and the autograd engine's backward, about 65 µs of
+  CPU on this machine, are torch's, paid by any Python autograd.Function (torch's own
+  F.cross_entropy runs two C++ nodes). Our part is the direct call plus numpy views of the tensors.
+  On a busy machine torch's own F.cross_entropy is erratic with 2 threads (its OpenMP regions wait
+  for a descheduled worker: 0.2-2.4 ms per call seen), so compare this ratio on a quiet machine.
+- Large shapes, lossdsl.torch. Within the noise of the direct call: process CPU time per call
+  cross_entropy 40.1 vs 40.2 ms, bce 76.7 vs 77.8, triplet 45.0 vs 42.6 (best of 9), no page
+  faults; the bare autograd.Function column gives the same figures. Both leases their large
+  results (buffers.py): the gradient released by the step before (zero_grad, .grad = None) takes
+  no fresh pages. torch's and numba's work share one OpenMP pool and the calling thread.
+- Large shapes, lossdsl.jax: the kernel writes XLA's result buffers, which glibc maps fresh for
+  every call (blocks over 32 MiB are always mmap'd, its M_MMAP_THRESHOLD cannot go higher), so
+  each call pays page faults and the zeroing of every result page: per call 671 faults and
+  +12 ms of CPU on cross_entropy (52.3 vs 40.0 ms), 544 and +12 ms on bce, 1584 and +14 ms on
+  triplet, with the huge-page advice xla_ffi gives result buffers (without it: 16001-24579
+  faults, +24-42 ms). The kernel on jax's own input buffers with a leased result (last column's
+  reference) is within 1-3% of the direct call; outside the kernel a large call spends about 1 ms
+  (jit dispatch, the FFI handler, unmapping the last call's results; 8 x 10: 35 µs in all, 8 of
+  them XLA's own dispatch and 8 the ctypes handler): the result memory is the gap. Run with
+  GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 (malloc never
+  maps, never trims: memory is reused, a process-wide choice the library must not make) the
+  faults go to 0 and the ratio drops to 1.11 / 1.20 / 1.16 (CPU time), the rest being 4 KiB
+  pages under XLA's heap buffers (TLB misses) where numpy's arrays get 2 MiB pages. Every jax op
+  that makes a large array pays the same; jax's own way to reuse memory is buffer donation
+  (jax.jit(..., donate_argnums)), which a loss's gradient output cannot use for its inputs."""
 
 
 class Timing(float):
