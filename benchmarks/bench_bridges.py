@@ -47,8 +47,9 @@ and page faults from getrusage, per-phase timers, cProfile):
   call costs (the row above it): Function.apply and the autograd engine's backward, about 65 µs of
   CPU on this machine, are torch's, paid by any Python autograd.Function (torch's own
   F.cross_entropy runs two C++ nodes). Our part is the direct call plus numpy views of the tensors.
-  On a busy machine torch's own F.cross_entropy is erratic with 2 threads (its OpenMP regions wait
-  for a descheduled worker: 0.2-2.4 ms per call seen), so compare this ratio on a quiet machine.
+  On a busy machine torch's own F.cross_entropy is erratic with 2 threads (it waits for a
+  descheduled OpenMP worker: 0.2-2.8 ms per call seen, in a process that never imported lossdsl
+  too), hence the rows on one torch thread, where it takes its quiet-machine 50 µs.
 - Large shapes, lossdsl.torch. Within the noise of the direct call: process CPU time per call
   cross_entropy 40.1 vs 40.2 ms, bce 76.7 vs 77.8, triplet 45.0 vs 42.6 (best of 9), no page
   faults; the bare autograd.Function column gives the same figures. Both leases their large
@@ -125,8 +126,17 @@ def tiny(repeat):
             zt.grad = None
             compiled(zt, yt).backward()
         t_direct, t_ours, t_theirs, t_floor = interleaved([direct, ours, theirs, floor], repeat, 2000)
+        # again on one torch thread: an 8 x 10 batch gains nothing from a second one, and torch's
+        # own call waits for a descheduled worker when the machine is busy (a noisy comparison)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t_ours1, t_theirs1 = interleaved([ours, theirs], repeat, 2000)
+        finally:
+            torch.set_num_threads(threads)
         rows += [("lossdsl direct (numpy)", t_direct), ("lossdsl.torch", t_ours), ("torch F.cross_entropy", t_theirs),
                  ("a bare torch.autograd.Function around the direct call", t_floor),
+                 ("lossdsl.torch, torch on 1 thread", t_ours1), ("torch F.cross_entropy, torch on 1 thread", t_theirs1),
                  ("lossdsl.torch under torch.compile (the custom op)", interleaved([ours_compiled], repeat, 500)[0])]
     else:
         rows.append(("lossdsl direct (numpy)", interleaved([direct], repeat, 2000)[0]))
@@ -223,7 +233,9 @@ def report(tiny_rows, large_rows, flags="", load=()):
     out += [f"| {name} | {us(t)} |" for name, t in tiny_rows]
     t = dict(tiny_rows)
     if "lossdsl.torch" in t:
-        out += ["", f"lossdsl.torch / torch: {ratio(t['lossdsl.torch'], t['torch F.cross_entropy'])} "
+        one = ", torch on 1 thread"
+        out += ["", f"lossdsl.torch / torch: {ratio(t['lossdsl.torch'], t['torch F.cross_entropy'])}; "
+                    f"on 1 thread: {ratio(t['lossdsl.torch' + one], t['torch F.cross_entropy' + one])} "
                     f"(target: at most 2x)."]
     head = ["loss", "shape", "direct ms"] \
         + (["lossdsl.torch ms", "torch / direct", "bare Function / direct"] if torch else []) \
