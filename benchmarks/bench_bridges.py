@@ -44,15 +44,16 @@ and page faults from getrusage, per-phase timers, cProfile):
   numba unboxing 13 arguments) is one dict look-up of the checked signature (call.checked) and the
   per-signature layout decisions made once (api._Host): 11.5 -> 7.3 µs of CPU per call.
 - Tiny batch, lossdsl.torch. It now costs what the bare torch.autograd.Function around the direct
-  call costs (the row above it): Function.apply and the autograd engine's backward, about 65 µs of
-  CPU on this machine, are torch's, paid by any Python autograd.Function (torch's own
+  call costs (the row above it): Function.apply and the autograd engine's backward, 27-65 µs of
+  CPU per call on this machine depending on its load, are torch's, paid by any Python
+  autograd.Function (torch's own
   F.cross_entropy runs two C++ nodes). Our part is the direct call plus numpy views of the tensors.
   On a busy machine torch's own F.cross_entropy is erratic with 2 threads (it waits for a
   descheduled OpenMP worker: 0.2-2.8 ms per call seen, in a process that never imported lossdsl
   too), hence the rows on one torch thread, where it takes its quiet-machine 50 µs.
 - Large shapes, lossdsl.torch. Within the noise of the direct call: process CPU time per call
   cross_entropy 40.1 vs 40.2 ms, bce 76.7 vs 77.8, triplet 45.0 vs 42.6 (best of 9), no page
-  faults; the bare autograd.Function column gives the same figures. Both leases their large
+  faults; the bare autograd.Function column gives the same figures. Both lease their large
   results (buffers.py): the gradient released by the step before (zero_grad, .grad = None) takes
   no fresh pages. torch's and numba's work share one OpenMP pool and the calling thread.
 - Large shapes, lossdsl.jax: the kernel writes XLA's result buffers, which glibc maps fresh for
