@@ -95,7 +95,7 @@ def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
 def _call(loss, arrays, weight, params, reduction, ignore_index, with_grad):
     """The value and (when ``with_grad``) the inputs' gradients as tensors, from ``Loss._run``."""
     first = arrays[0]
-    if not first.is_cpu or any(a.dtype in _HALF for a in arrays):
+    if not first.is_cpu or _any_half(arrays):
         stream = _numba_stream(first.device) if first.is_cuda else None
         value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
                                  None if weight is None else _kernel_array(weight), ignore_index,
@@ -108,6 +108,13 @@ def _call(loss, arrays, weight, params, reduction, ignore_index, with_grad):
                              params, with_grad)
     value = torch.from_numpy(value if type(value) is np.ndarray else np.asarray(value))
     return value, (grads and [torch.from_numpy(g) for g in grads])
+
+
+def _any_half(tensors):
+    for t in tensors:           # a loop, not any(generator): this runs on every small call
+        if t.dtype in _HALF:
+            return True
+    return False
 
 
 def _tensor(x, like):
