@@ -8,11 +8,13 @@
    Target: lossdsl.torch within 2x of torch's own.
 2. Throughput on the large shapes of benchmarks/RESULTS.md: the bridge's forward + backward
    against the direct kernel call on the same data. Target: within 5%.
-Each timing is the best of several runs after a warm-up; everything is measured in one run, the
-direct call and the bridges taking turns (a machine shared with other work slows them alike).
+Each timing is the best (and the median) of several runs after a warm-up; everything is measured
+in one run, the direct call and the bridges taking turns (a machine shared with other work slows
+them alike; on a busy machine compare the best times, and the ratios within one run only).
 ``--only`` measures one bridge (with the direct call), leaving the other out of the report.
 """
 import argparse
+import os
 import platform
 import time
 
@@ -35,37 +37,53 @@ except ImportError:
     jax = None
 
 
-WHY = """Where the time goes (measured on the 2-core machine, 2026-11-30, with perf and per-phase timers):
+WHY = """Where the time goes (2-core machine shared with other work, 2026-11-30; process CPU time
+and page faults from getrusage, per-phase timers, cProfile):
 
-- Not threads. torch's ops and numba's kernels run on one OpenMP pool (numba's omppool binds to the
-  libgomp torch loaded: the same worker thread runs both), and XLA calls the jax bridge's FFI
-  handler on the calling thread, so the kernel uses that same pool; OMP_WAIT_POLICY=passive (no
-  spinning after a parallel region) made no difference beyond the noise.
-- Fresh memory. A gradient written into a new array costs the OS a fault and a zeroing of every
-  page first, 25-30% of a large call (cross_entropy: 24.8 ms into a new array, 18.6 into one used
-  before). Every CPU call leases its large results (lossdsl/buffers.py): the gradient that the
-  previous step released (optimizer.zero_grad, .grad = None; the direct call's dropped arrays)
-  takes no new pages, for the bridge and the direct call alike. What torch / direct shows is the
-  bridge's own cost, the autograd bookkeeping
-  around the kernel (Function.apply, the engine's backward, wrapping results as tensors), 1-2 ms
-  on cross_entropy and 3-6 ms (median) on bce, because it runs right after the kernel has flushed
-  the caches: torch's own F.cross_entropy forward + backward on 8 x 10 takes 0.5-1 ms right after
-  streaming 256 MB, against 63 µs in a tight loop, and a bare autograd.Function around the direct
-  call costs as much. That part is torch's, paid by any autograd op at that point of a step.
-- jax. XLA allocates the results, so the kernel writes fresh pages every call (as jax's own ops
-  do); its inputs sit in 4 KiB pages where numpy's large arrays get 2 MiB ones (transparent huge
-  pages), so reading them costs more TLB misses however the kernel is called (last column: the
-  direct call on jax's own buffers, `np.asarray` of the jax arrays, no copy). Of cross_entropy's
-  +2.4 ms over the direct call, 1.5 ms are the kernel on XLA's buffers (0.65 of it the 4 KiB input
-  pages) and 1.3 ms the jit dispatch and the FFI handler outside the kernel."""
+- Tiny batch, direct call. What remains around the kernel's own call (about 2.5 µs, most of it
+  numba unboxing 13 arguments) is one dict look-up of the checked signature (call.checked) and the
+  per-signature layout decisions made once (api._Host): 11.5 -> 7.3 µs of CPU per call.
+- Tiny batch, lossdsl.torch. It now costs what the bare torch.autograd.Function around the direct
+  call costs (the row above it): Function.apply and the autograd engine's backward, 27-65 µs of
+  CPU per call on this machine depending on its load, are torch's, paid by any Python
+  autograd.Function (torch's own
+  F.cross_entropy runs two C++ nodes). Our part is the direct call plus numpy views of the tensors.
+  On a busy machine torch's own F.cross_entropy is erratic with 2 threads (it waits for a
+  descheduled OpenMP worker: 0.2-2.8 ms per call seen, in a process that never imported lossdsl
+  too), hence the rows on one torch thread, where it takes its quiet-machine 50 µs.
+- Large shapes, lossdsl.torch. Within the noise of the direct call: process CPU time per call
+  cross_entropy 40.1 vs 40.2 ms, bce 76.7 vs 77.8, triplet 45.0 vs 42.6 (best of 9), no page
+  faults; the bare autograd.Function column gives the same figures. Both lease their large
+  results (buffers.py): the gradient released by the step before (zero_grad, .grad = None) takes
+  no fresh pages. torch's and numba's work share one OpenMP pool and the calling thread.
+- Large shapes, lossdsl.jax: the kernel writes XLA's result buffers, which glibc maps fresh for
+  every call (blocks over 32 MiB are always mmap'd, its M_MMAP_THRESHOLD cannot go higher), so
+  each call pays page faults and the zeroing of every result page: per call 671 faults and
+  +12 ms of CPU on cross_entropy (52.3 vs 40.0 ms), 544 and +12 ms on bce, 1584 and +14 ms on
+  triplet, with the huge-page advice xla_ffi gives result buffers (without it: 16001-24579
+  faults, +24-42 ms). The kernel on jax's own input buffers with a leased result (last column's
+  reference) is within 1-3% of the direct call; outside the kernel a large call spends about 1 ms
+  (jit dispatch, the FFI handler, unmapping the last call's results; 8 x 10: 35 µs in all, 8 of
+  them XLA's own dispatch and 8 the ctypes handler): the result memory is the gap. Run with
+  GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 (malloc never
+  maps, never trims: memory is reused, a process-wide choice the library must not make) the
+  faults go to 0 and the ratio drops to 1.11 / 1.20 / 1.16 (CPU time), the rest being 4 KiB
+  pages under XLA's heap buffers (TLB misses) where numpy's arrays get 2 MiB pages. Every jax op
+  that makes a large array pays the same; jax's own way to reuse memory is buffer donation
+  (jax.jit(..., donate_argnums)), which a loss's gradient output cannot use for its inputs."""
 
 
-def best(fn, repeat, inner=1):
-    return interleaved([fn], repeat, inner)[0]
+class Timing(float):
+    """The best time of a call (a float, what ratios use), with the median beside it."""
+
+    def __new__(cls, times):
+        t = super().__new__(cls, min(times))
+        t.median = sorted(times)[len(times) // 2]
+        return t
 
 
 def interleaved(fns, repeat, inner=1):
-    """The best time of each of ``fns``, measured in turns after one warm-up call each."""
+    """The Timing of each of ``fns``, measured in turns after one warm-up call each."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -75,7 +93,7 @@ def interleaved(fns, repeat, inner=1):
             for _ in range(inner):
                 fn()
             ts.append((time.perf_counter() - t) / inner)
-    return [min(ts) for ts in times]
+    return [Timing(ts) for ts in times]
 
 
 def tiny(repeat):
@@ -83,10 +101,14 @@ def tiny(repeat):
     z = rng.standard_normal((8, 10)).astype(np.float32)
     y = rng.integers(0, 10, 8)
     ce = lossdsl.load("cross_entropy")
-    rows = [("lossdsl direct (numpy)", best(lambda: ce.value_and_grad(z, y), repeat, 2000))]
+
+    def direct():
+        ce.value_and_grad(z, y)
+    rows = []
     if torch is not None:
         zt, yt = torch.from_numpy(z).requires_grad_(), torch.from_numpy(y)
         f = lt.function("cross_entropy")
+        bare = _bare_function(ce)
 
         def ours():
             zt.grad = None
@@ -95,24 +117,60 @@ def tiny(repeat):
         def theirs():
             zt.grad = None
             F.cross_entropy(zt, yt).backward()
+
+        def floor():
+            zt.grad = None
+            bare(zt, yt).backward()
         compiled = torch.compile(lambda z, y: f(z, y))
 
         def ours_compiled():
             zt.grad = None
             compiled(zt, yt).backward()
-        rows += [("lossdsl.torch", best(ours, repeat, 2000)), ("torch F.cross_entropy", best(theirs, repeat, 2000)),
-                 ("lossdsl.torch under torch.compile (the custom op)", best(ours_compiled, repeat, 500))]
+        t_direct, t_ours, t_theirs, t_floor = interleaved([direct, ours, theirs, floor], repeat, 2000)
+        # again on one torch thread: an 8 x 10 batch gains nothing from a second one, and torch's
+        # own call waits for a descheduled worker when the machine is busy (a noisy comparison)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t_ours1, t_theirs1 = interleaved([ours, theirs], repeat, 2000)
+        finally:
+            torch.set_num_threads(threads)
+        rows += [("lossdsl direct (numpy)", t_direct), ("lossdsl.torch", t_ours), ("torch F.cross_entropy", t_theirs),
+                 ("a bare torch.autograd.Function around the direct call", t_floor),
+                 ("lossdsl.torch, torch on 1 thread", t_ours1), ("torch F.cross_entropy, torch on 1 thread", t_theirs1),
+                 ("lossdsl.torch under torch.compile (the custom op)", interleaved([ours_compiled], repeat, 500)[0])]
+    else:
+        rows.append(("lossdsl direct (numpy)", interleaved([direct], repeat, 2000)[0]))
     if jax is not None:
         zj, yj = jax.numpy.asarray(z), jax.numpy.asarray(y)
         fj = lj.function("cross_entropy")
         ours_j = jax.jit(jax.value_and_grad(lambda z: fj(z, yj)))
         theirs_j = jax.jit(jax.value_and_grad(
             lambda z: optax.softmax_cross_entropy_with_integer_labels(z, yj).mean()))
-        direct, ours, theirs = interleaved([lambda: ce.value_and_grad(z, y), lambda: jax.block_until_ready(ours_j(zj)),
-                                            lambda: jax.block_until_ready(theirs_j(zj))], repeat, 2000)
-        rows[0] = (rows[0][0], min(rows[0][1], direct))
-        rows += [("lossdsl.jax (jit)", ours), ("optax (jit)", theirs)]
+        t_direct, ours, theirs = interleaved([direct, lambda: jax.block_until_ready(ours_j(zj)),
+                                              lambda: jax.block_until_ready(theirs_j(zj))], repeat, 2000)
+        rows += [("lossdsl direct (numpy), in turns with the jax calls", t_direct),
+                 ("lossdsl.jax (jit)", ours), ("optax (jit)", theirs)]
     return rows
+
+
+def _bare_function(loss):
+    """The least an autograd.Function around the direct call does (numpy views in, the value and
+    the saved gradients out, handed back as they are): what lossdsl.torch costs at best, the rest
+    being torch's own."""
+    n_targets = len(loss.targets)
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            value, grads = loss.value_and_grad(*[t.numpy(force=True) for t in tensors])
+            ctx.save_for_backward(*[torch.from_numpy(g) for g in grads])
+            return torch.from_numpy(np.asarray(value))
+
+        @staticmethod
+        def backward(ctx, upstream):
+            return (*ctx.saved_tensors, *(None,) * n_targets)
+    return Bare.apply
 
 
 def large_cases():
@@ -134,27 +192,34 @@ def large(repeat):
         if torch is not None:
             ts = [torch.from_numpy(a) for a in arrays]
             ins = [t.requires_grad_() for t in ts[:n_in]]
-            f = lt.function(name)
+            f, bare = lt.function(name), _bare_function(loss)
 
             def bridge():
                 for t in ins:
                     t.grad = None
                 f(*ts).backward()
-            fns.append(bridge)
+
+            def floor():
+                for t in ins:
+                    t.grad = None
+                bare(*ts).backward()
+            fns += [bridge, floor]
         if jax is not None:
             js = [jax.numpy.asarray(a) for a in arrays]
             fj = lj.function(name)
-            vg = jax.jit(jax.value_and_grad(lambda *x: fj(*x, *js[n_in:]), argnums=tuple(range(n_in))))
-            fns.append(lambda: jax.block_until_ready(vg(*js[:n_in])))
+            # targets as arguments, as a training step's batch (closed over, they are constants of the executable)
+            vg = jax.jit(jax.value_and_grad(fj, argnums=tuple(range(n_in))))
+            fns.append(lambda: jax.block_until_ready(vg(*js)))
             views = [np.asarray(j) for j in js]         # jax's own buffers, no copy
             fns.append(lambda: loss.value_and_grad(*views))
         rows.append([name, shape, *interleaved(fns, repeat)])
     return rows
 
 
-def report(tiny_rows, large_rows, flags=""):
-    ms = lambda s: f"{s * 1e3:.1f}"            # noqa: E731
-    us = lambda s: f"{s * 1e6:.1f}"            # noqa: E731
+def report(tiny_rows, large_rows, flags="", load=()):
+    ms = lambda s: f"{s * 1e3:.1f} ({s.median * 1e3:.1f})"            # noqa: E731
+    us = lambda s: f"{s * 1e6:.1f} ({s.median * 1e6:.1f})"            # noqa: E731
+    ratio = lambda a, b: f"{a / b:.3f} ({a.median / b.median:.3f})"   # noqa: E731
     out = ["# Framework bridges: overhead and throughput", "",
            f"Produced by `python benchmarks/bench_bridges.py{flags}` on {time.strftime('%Y-%m-%d')}.", "",
            f"- machine: {platform.machine()}, {numba.config.NUMBA_NUM_THREADS} cores, "
@@ -162,26 +227,30 @@ def report(tiny_rows, large_rows, flags=""):
            f"- python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
            + (f", torch {torch.__version__}" if torch else ", torch not measured")
            + (f", jax {jax.__version__}, optax {optax.__version__}" if jax else ", jax not measured"),
-           "- forward + backward of the mean loss, float32, best of several runs after a warm-up", "",
+           "- forward + backward of the mean loss, float32, best (median) of several runs after a warm-up, "
+           "the calls of a table taking turns",
+           "- load average (1 minute) before and after: " + ", ".join(f"{x:.1f}" for x in load), "",
            "## Per-call overhead: cross_entropy 8 x 10", "", "| call | µs per forward + backward |", "|---|---|"]
     out += [f"| {name} | {us(t)} |" for name, t in tiny_rows]
     t = dict(tiny_rows)
     if "lossdsl.torch" in t:
-        out += ["", f"lossdsl.torch / torch: {t['lossdsl.torch'] / t['torch F.cross_entropy']:.2f}x "
+        one = ", torch on 1 thread"
+        out += ["", f"lossdsl.torch / torch: {ratio(t['lossdsl.torch'], t['torch F.cross_entropy'])}; "
+                    f"on 1 thread: {ratio(t['lossdsl.torch' + one], t['torch F.cross_entropy' + one])} "
                     f"(target: at most 2x)."]
     head = ["loss", "shape", "direct ms"] \
-        + (["lossdsl.torch ms", "torch / direct"] if torch else []) \
+        + (["lossdsl.torch ms", "torch / direct", "bare Function / direct"] if torch else []) \
         + (["lossdsl.jax ms", "jax / direct", "jax / direct on jax's arrays"] if jax else [])
     out += ["", "## Throughput on the large shapes of RESULTS.md", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, shape, direct, *rest in large_rows:
         cells = [name, shape, ms(direct)]
         if torch:
-            bridge, *rest = rest
-            cells += [ms(bridge), f"{bridge / direct:.3f}"]
+            bridge, floor, *rest = rest
+            cells += [ms(bridge), ratio(bridge, direct), ratio(floor, direct)]
         if jax:
             bridge, on_jax = rest
-            cells += [ms(bridge), f"{bridge / direct:.3f}", f"{bridge / on_jax:.3f}"]
+            cells += [ms(bridge), ratio(bridge, direct), ratio(bridge, on_jax)]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Target: each bridge within 5% of the direct call (ratio at most 1.05)."]
     out += ["", WHY]
@@ -203,7 +272,9 @@ def main():
     repeat = args.repeat or (3 if args.quick else 7)
     flags = (" --quick" if args.quick else "") + (f" --repeat {args.repeat}" if args.repeat else "") \
         + (f" --only {args.only}" if args.only else "")
-    text = report(tiny(repeat), large(repeat), flags)
+    load = [os.getloadavg()[0]]
+    tiny_rows, large_rows = tiny(repeat), large(repeat)
+    text = report(tiny_rows, large_rows, flags, load + [os.getloadavg()[0]])
     print(text)
     if args.out:
         with open(args.out, "w") as fh:

@@ -200,15 +200,57 @@ class Loss:
 
     def _run(self, args, reduction, weight, ignore_index, params, grad, stream=None):
         """The one call path: device arrays go to the CUDA kernels (on ``stream``), the rest to the CPU's."""
-        if cuda_dispatch.on_device(args, weight):
-            return cuda_dispatch.run(self, args, reduction, weight, ignore_index, params, grad, stream)
-        arrays = [np.asarray(a) for a in args]
-        weight = None if weight is None else np.asarray(weight)
-        call = checked(self, arrays, reduction, weight, ignore_index, params)
-        return _run_host(self, call, arrays, weight, grad)
+        if not _all_numpy(args, weight):        # numpy arrays (the common case) need neither test
+            if cuda_dispatch.on_device(args, weight):
+                return cuda_dispatch.run(self, args, reduction, weight, ignore_index, params, grad, stream)
+            args = [np.asarray(a) for a in args]
+            weight = None if weight is None else np.asarray(weight)
+        call = checked(self, args, reduction, weight, ignore_index, params)
+        return _run_host(self, call, args, weight, grad)
+
+
+def _all_numpy(args, weight):
+    if weight is not None and type(weight) is not np.ndarray:
+        return False
+    for a in args:
+        if type(a) is not np.ndarray:
+            return False
+    return True
 
 
 SERIAL_BELOW = 1 << 15      # elements under which one thread beats waking the others
+
+
+class _Host:
+    """What the CPU kernel's arguments are for one checked Call, decided once per signature
+    (a small batch's call is a few µs, so per-call dtype and shape arithmetic shows)."""
+
+    def __init__(self, call, n_in):
+        dtype = call.dtype
+        self.in_layouts, self.target_layouts = call.layouts[:n_in], call.layouts[n_in:]
+        self.targets = list(zip(call.target_dtypes, self.target_layouts))
+        # gradients are made in the kernel's layout and handed back in the inputs' shapes
+        self.grad_shapes = None if self.in_layouts == call.input_shapes else call.input_shapes
+        self.empty = buffers.empty if call.elements * dtype.itemsize >= buffers.LARGE else np.empty
+        self.no_array = np.empty(0, dtype)      # size 0: the kernel never writes it, calls can share it
+        self.no_grads = [np.empty((0,) * len(s), dtype) for s in self.in_layouts]
+        self.middle = (*call.param_values, *call.sizes)
+        self.want_out = call.reduction == "none"
+        self.mean = call.reduction == "mean"
+        self.serial = call.elements < SERIAL_BELOW
+        # the scale of the mean: known now unless ignore_index makes the denominator data-dependent
+        self.scale = None if call.ignore_given else self.scale_for(dtype, call.n_samples)
+        self.dtype = dtype
+
+    def scale_for(self, dtype, denominator):
+        return dtype.type(1.0 / denominator if self.mean and denominator else 1.0)
+
+
+def _host(call, n_in):
+    h = call.__dict__.get("_host")
+    if h is None:
+        h = call._host = _Host(call, n_in)
+    return h
 
 
 def _run_host(loss, call, arrays, weight, grad, results=None):
@@ -217,38 +259,41 @@ def _run_host(loss, call, arrays, weight, grad, results=None):
     ``results``: (value, *gradients) C-contiguous arrays of the results' shapes and dtype (a
     framework's result buffers) that the kernel writes into, in place of new arrays; large new
     arrays take the memory of results released before (buffers.py: no page faults)."""
-    dtype, n_in = call.dtype, len(loss._inputs)
-    inputs = [np.ascontiguousarray(a.reshape(s)) for a, s in zip(arrays[:n_in], call.layouts)]
-    targets = [np.ascontiguousarray(a.astype(t, copy=False).reshape(s))
-               for a, t, s in zip(arrays[n_in:], call.target_dtypes, call.layouts[n_in:])]
-    w = np.empty(0, dtype) if weight is None else \
+    n_in = len(loss._inputs)
+    h = _host(call, n_in)
+    dtype = h.dtype
+    inputs = [np.ascontiguousarray(a if a.shape == s else a.reshape(s)) for a, s in zip(arrays, h.in_layouts)]
+    targets = [a if a.dtype == t and a.shape == s and a.flags.c_contiguous else
+               np.ascontiguousarray(a.astype(t, copy=False).reshape(s)) for a, (t, s) in zip(arrays[n_in:], h.targets)]
+    w = h.no_array if weight is None else \
         np.ascontiguousarray(weight.astype(dtype, copy=False).reshape(call.n_samples))
-    denominator = call.n_samples
-    if call.ignore_given:
+    scale, denominator = h.scale, call.n_samples
+    if scale is None:
         denominator = int(np.count_nonzero(targets[call.class_target_index()] != call.ignore))
+        scale = h.scale_for(dtype, denominator)
     k = loss.kernel(call.dtype_name, call.fixed)
-    want_out = call.reduction == "none"
+    want_out = h.want_out
     if results is None:
-        grads = [buffers.empty(a.shape, a.dtype) if grad else np.empty((0,) * a.ndim, dtype) for a in inputs]
-        out = buffers.empty(call.n_samples, dtype) if want_out else np.empty(0, dtype)
+        grads = [h.empty(a.shape, dtype) for a in inputs] if grad else h.no_grads
+        out = buffers.empty(call.n_samples, dtype) if want_out else h.no_array
     else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
-        grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else \
-            [np.empty((0,) * a.ndim, dtype) for a in inputs]
-        out = results[0].reshape(call.n_samples) if want_out else np.empty(0, dtype)
-    scale = dtype.type(1.0 / denominator if call.reduction == "mean" and denominator else 1.0)
+        grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else h.no_grads
+        out = results[0].reshape(call.n_samples) if want_out else h.no_array
     # Small calls run on the calling thread: a parallel launch costs tens of microseconds.
-    bad, total = k(*inputs, *targets, *call.param_values, *call.sizes, w, out, *grads, scale,
-                   call.ignore, weight is not None, grad, want_out, call.elements < SERIAL_BELOW)
+    bad, total = k(*inputs, *targets, *h.middle, w, out, *grads, scale,
+                   call.ignore, weight is not None, grad, want_out, h.serial)
     if bad:
         call.raise_bad_targets(targets)
     if want_out:
         value = out.reshape(call.sample_shape)
     else:
-        if call.reduction == "mean":
+        if h.mean:
             total = total / denominator if denominator else np.nan
         value = dtype.type(total)
         if results is not None:
             results[0][()] = value
     if not grad:
         return value, None
-    return value, tuple(g.reshape(s) for g, s in zip(grads, call.input_shapes))
+    if h.grad_shapes is None:
+        return value, tuple(grads)
+    return value, tuple([g.reshape(s) for g, s in zip(grads, h.grad_shapes)])

@@ -50,7 +50,7 @@ def checked(loss, arrays, reduction="mean", weight=None, ignore_index=None, para
     """``Call(...)``, remembered per signature: a Call depends only on the shapes, dtypes and
     options, so a training loop pays for the checks once (a small batch's call is a few µs)."""
     try:
-        key = (tuple((a.shape, a.dtype) for a in arrays), reduction,
+        key = (*[(a.shape, a.dtype) for a in arrays], reduction,
                None if weight is None else (weight.shape, weight.dtype), ignore_index,
                tuple(sorted(params.items())) if params else ())
         hit = loss._calls.get(key)

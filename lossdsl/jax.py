@@ -58,14 +58,18 @@ def _vjp(loss, reduction, ignore_index, weighted, static, traced):
     """The custom_vjp for one configuration: operands are (inputs, targets, [weight], traced params)."""
     n_in, n_arrays = len(loss.inputs), len(loss.inputs) + len(loss.targets)
 
+    static_params = dict(static)
+
     def host(operands, with_grad, results=None):
         """The kernel on host arrays, writing into ``results`` (value, gradients) when given."""
         arrays = operands[:n_arrays]
         weight = operands[n_arrays] if weighted else None
-        params = dict(static, **{k: float(v) for k, v in zip(traced, operands[n_arrays + weighted:])})
+        params = dict(static, **{k: float(v) for k, v in zip(traced, operands[n_arrays + weighted:])}) \
+            if traced else static_params
         call = checked(loss, arrays, reduction, weight, ignore_index, params)
         value, grads = api._run_host(loss, call, arrays, weight, with_grad, results)
-        return (np.asarray(value),) + (grads or ())
+        if results is None:         # (written into the results given: nothing to hand back)
+            return (np.asarray(value),) + (grads or ())
 
     # on the CPU, XLA's own buffers: operands read in place, value and gradients written in place
     target = f"lossdsl_{next(_targets)}_{loss.name}"

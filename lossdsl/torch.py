@@ -59,10 +59,9 @@ def _compute_dtype(t):
 
 def _kernel_array(t):
     """The tensor as the kernels take it: a numpy view on the CPU, the tensor itself on CUDA."""
-    t = t.detach()
     if t.dtype in _HALF:
-        t = t.float()
-    return t if t.is_cuda else t.numpy()
+        t = t.detach().float()
+    return t.numpy(force=True) if t.is_cpu else t.detach()     # force: no grad, conj/neg resolved
 
 
 def _numba_stream(device):
@@ -87,20 +86,45 @@ class _Spec:
 def _run(key, arrays, weight, params, reduction, ignore_index, with_grad):
     """[value, gradient of each input] from one kernel call (gradients empty unless ``with_grad``)."""
     loss = _LOSSES[key]
-    first = arrays[0]
-    stream = _numba_stream(first.device) if first.is_cuda else None
-    value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
-                             None if weight is None else _kernel_array(weight), ignore_index,
-                             dict(zip(loss.params, params)), with_grad, stream)
+    value, grads = _call(loss, arrays, weight, dict(zip(loss.params, params)), reduction, ignore_index, with_grad)
     if not with_grad:
-        return [_tensor(value, first)] + [first.new_empty(0) for _ in loss.inputs]
-    return [_tensor(value, first)] + [_tensor(g, a) for g, a in zip(grads, arrays)]
+        return [value] + [arrays[0].new_empty(0) for _ in loss.inputs]
+    return [value, *grads]
+
+
+def _call(loss, arrays, weight, params, reduction, ignore_index, with_grad):
+    """The value and (when ``with_grad``) the inputs' gradients as tensors, from ``Loss._run``."""
+    first = arrays[0]
+    if not first.is_cpu or _any_half(arrays):
+        stream = _numba_stream(first.device) if first.is_cuda else None
+        value, grads = loss._run([_kernel_array(a) for a in arrays], reduction,
+                                 None if weight is None else _kernel_array(weight), ignore_index,
+                                 params, with_grad, stream)
+        return _tensor(value, first), (grads and [_tensor(g, a) for g, a in zip(grads, arrays)])
+    # CPU tensors in float32/float64 (or not floats: the checks say so): numpy views both ways
+    # (a tensor elsewhere is passed as it is: Loss._run refuses to mix host and device arrays)
+    value, grads = loss._run([a.numpy(force=True) if a.is_cpu else a for a in arrays], reduction,
+                             None if weight is None else _kernel_array(weight), ignore_index,
+                             params, with_grad)
+    value = torch.from_numpy(value if type(value) is np.ndarray else np.asarray(value))
+    return value, (grads and [torch.from_numpy(g) for g in grads])
+
+
+def _any_half(tensors):
+    for t in tensors:           # a loop, not any(generator): this runs on every small call
+        if t.dtype in _HALF:
+            return True
+    return False
 
 
 def _tensor(x, like):
     """A kernel result as a tensor on ``like``'s device, in its dtype (no copy on the CPU)."""
-    t = torch.from_numpy(np.asarray(x)) if isinstance(x, (np.ndarray, np.generic)) else \
-        torch.as_tensor(x, device=like.device)
+    if type(x) is np.ndarray:
+        t = torch.from_numpy(x)
+    elif isinstance(x, np.generic):         # a reduced value: a numpy scalar
+        t = torch.from_numpy(np.asarray(x))
+    else:
+        t = torch.as_tensor(x, device=like.device)
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
@@ -112,21 +136,23 @@ def _scaled(saved, upstream, n_targets, eager=False):
     pass over the data."""
     if upstream is None:
         return [None] * (len(saved) + n_targets)
-    if eager and upstream.numel() == 1 and not upstream.is_cuda and not _keep_graph() and upstream.item() == 1.0:
+    if eager and upstream.numel() == 1 and upstream.is_cpu and not _keep_graph() and upstream.item() == 1.0:
         scaled = list(saved)
     else:
         scaled = [g * upstream.reshape(upstream.shape + (1,) * (g.ndim - upstream.ndim)) for g in saved]
     return scaled + [None] * n_targets
 
 
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _keep_graph():
     """Will this backward's graph be used again (retain_graph=True)? Unknown counts as yes."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if probe is None else probe()
+    return True if _KEEP_GRAPH is None else _KEEP_GRAPH()
 
 
-def _no_second_derivatives(key):
-    return LossError(f"loss '{_LOSSES[key].name}': second derivatives are not available through "
+def _no_second_derivatives(name):
+    return LossError(f"loss '{name}': second derivatives are not available through "
                      f"lossdsl.torch (its backward scales the saved first derivatives)")
 
 
@@ -135,9 +161,11 @@ class _Eager(torch.autograd.Function):
     per-call cost, which is several times a small batch's kernel time."""
 
     @staticmethod
-    def forward(ctx, key, weight, params, reduction, ignore_index, *arrays):
-        value, *grads = _run(key, list(arrays), weight, params, reduction, ignore_index, True)
-        ctx.key, ctx.n_in, ctx.n_targets = key, len(grads), len(arrays) - len(grads)
+    def forward(ctx, options, *arrays):
+        # the options in one tuple: Function.apply costs per argument (weight gets no gradient)
+        loss, weight, params, reduction, ignore_index = options
+        value, grads = _call(loss, arrays, weight, params, reduction, ignore_index, True)
+        ctx.name, ctx.n_in, ctx.n_targets = loss.name, len(grads), len(arrays) - len(grads)
         # saved, not kept on ctx: autograd frees saved tensors once a backward is done with them
         # (unless the graph is retained), so a gradient handed over as it is becomes .grad
         # without a copy; a reference on ctx would make autograd copy it (2x on large batches)
@@ -150,8 +178,8 @@ class _Eager(torch.autograd.Function):
         grads, inputs = saved[:ctx.n_in], saved[ctx.n_in:]
         scaled = _scaled(grads, upstream, ctx.n_targets, eager=True)
         if torch.is_grad_enabled():         # create_graph=True: differentiating these again is refused
-            scaled = list(_FirstOrderOnly.apply(ctx.key, len(inputs), *inputs, *scaled))
-        return (None,) * 5 + tuple(scaled)
+            scaled = list(_FirstOrderOnly.apply(ctx.name, len(inputs), *inputs, *scaled))
+        return (None, *scaled)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -159,13 +187,13 @@ class _FirstOrderOnly(torch.autograd.Function):
     loss's inputs come along so that the outputs are part of the graph that reaches them."""
 
     @staticmethod
-    def forward(ctx, key, n_inputs, *tensors):
-        ctx.key = key
+    def forward(ctx, name, n_inputs, *tensors):
+        ctx.name = name
         return tuple(None if g is None else g.clone() for g in tensors[n_inputs:])
 
     @staticmethod
     def backward(ctx, *_):
-        raise _no_second_derivatives(ctx.key)
+        raise _no_second_derivatives(ctx.name)
 
 
 @torch.library.custom_op("lossdsl::value_and_grad", mutates_args=())
@@ -201,7 +229,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     if any(g is not None for g in grads[1:]):   # something differentiates the saved gradients
-        raise _no_second_derivatives(ctx.key)
+        raise _no_second_derivatives(_LOSSES[ctx.key].name)
     return None, _scaled(ctx.saved_tensors, grads[0], ctx.n_targets), None, None, None, None, None
 
 
@@ -223,15 +251,19 @@ def function(name_or_loss):
 
     def f(*args, reduction="mean", weight=None, ignore_index=None, **params):
         tensors = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
-        values = param_values(loss, {k: _scalar(v) for k, v in params.items()}) if params else defaults
-        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors[:n_in])
         if weight is not None and not isinstance(weight, torch.Tensor):
             weight = torch.as_tensor(weight)
         if torch.compiler.is_compiling():
+            values = param_values(loss, {k: _scalar(v) for k, v in params.items()}) if params else defaults
+            with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors[:n_in])
             return _value_and_grad(key, tensors, weight, values, reduction, ignore_index, with_grad)[0]
-        if with_grad:
-            return _Eager.apply(key, weight, values, reduction, ignore_index, *tensors)
-        return _run(key, tensors, weight, values, reduction, ignore_index, False)[0]
+        # eagerly the kernel call checks the params (their defaults filled in by Call)
+        params = {k: _scalar(v) for k, v in params.items()} if params else params
+        if torch.is_grad_enabled():
+            for t in tensors[:n_in]:
+                if t.requires_grad:
+                    return _Eager.apply((loss, weight, params, reduction, ignore_index), *tensors)
+        return _call(loss, tensors, weight, params, reduction, ignore_index, False)[0]
 
     f.__name__ = loss.name
     f.__doc__ = f"{loss.doc or loss.name} (lossdsl.torch; differentiable in {', '.join(loss.inputs)})"

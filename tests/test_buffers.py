@@ -63,3 +63,36 @@ def test_the_numpy_api_reuses_the_memory_of_dropped_gradients():
         base = base.base
     assert isinstance(base, buffers._Lease)         # from buffers.empty, not np.empty's malloc
     np.testing.assert_allclose(g3, 2.0 / N)
+
+
+def test_small_calls_hand_out_new_results_each_time():
+    """A signature's kernel arguments are decided once (api._Host, shared size-0 placeholders for
+    what a call does not want); the results a call returns are still its own arrays."""
+    import lossdsl
+    ce = lossdsl.load("cross_entropy")
+    z = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
+    y = np.array([0, 2, 1, 2])
+    v1 = ce(z, y, reduction="none")                  # value only, then value and gradient
+    v2, (g2,) = ce.value_and_grad(z, y, reduction="none")
+    v3, (g3,) = ce.value_and_grad(z * 2, y, reduction="none")
+    assert not np.shares_memory(v1, v2) and not np.shares_memory(v2, v3) and not np.shares_memory(g2, g3)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))        # numpy reference, after the later calls
+    np.testing.assert_allclose(v1, -logp[np.arange(4), y], rtol=1e-6)
+    np.testing.assert_allclose(v2, v1, rtol=0)
+    np.testing.assert_allclose(g2, np.exp(logp) - np.eye(3)[y], rtol=1e-5, atol=1e-7)
+    mean, (gm,) = ce.value_and_grad(z, y)             # the mean's scale, decided once, is 1/4
+    np.testing.assert_allclose(mean, v1.mean(), rtol=1e-6)
+    np.testing.assert_allclose(gm, g2 / 4, rtol=1e-6)
+
+
+def test_the_mean_over_kept_rows_is_not_decided_once():
+    """With ignore_index the mean's denominator depends on the targets: two calls of one signature
+    with different numbers of ignored rows each divide by their own count."""
+    import lossdsl
+    ce = lossdsl.load("cross_entropy")
+    z = np.linspace(-1, 1, 12).reshape(4, 3)
+    per = ce(z, np.array([0, 1, 2, 0]), reduction="none")
+    for y, kept in ((np.array([0, 1, 2, -1]), [0, 1, 2]), (np.array([0, -1, -1, 0]), [0, 3])):
+        value, (g,) = ce.value_and_grad(z, y, ignore_index=-1)
+        np.testing.assert_allclose(value, per[kept].mean(), rtol=1e-12)
+        assert np.all(g[y == -1] == 0)

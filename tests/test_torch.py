@@ -162,6 +162,21 @@ def test_half_precision_computed_in_float32(dtype):
     torch.testing.assert_close(z.grad.float(), z32.grad, rtol=1e-2, atol=1e-3)
 
 
+def test_a_half_input_after_a_float32_one_is_computed_in_float32():
+    """Only the first input decides nothing: a float16 input anywhere goes through float32 and gets
+    its gradient back in float16, the others in float32 (the fast path is for all-float32 calls)."""
+    a, p, n = (torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ph = p.half()
+    ins = [a.clone().requires_grad_(), ph.clone().requires_grad_(), n.clone().requires_grad_()]
+    lt.function("triplet")(*ins).backward()
+    ref = [a.clone().requires_grad_(), ph.float().requires_grad_(), n.clone().requires_grad_()]
+    ta, tp, tn = ref         # the library's triplet: squared distances, margin 1 (as in the test above)
+    torch.clamp(((ta - tp) ** 2).sum(-1) - ((ta - tn) ** 2).sum(-1) + 1.0, min=0).mean().backward()
+    assert [t.grad.dtype for t in ins] == [torch.float32, torch.float16, torch.float32]
+    for got, want in zip(ins, ref):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=1e-3, atol=1e-3)
+
+
 def test_cpu_tensors_are_shared_not_copied():
     z = torch.randn(8, 3)
     assert np.shares_memory(lt._kernel_array(z), z.numpy())
@@ -228,13 +243,13 @@ def test_backward_twice_with_retained_graph():
 def test_backward_adopts_the_kernels_gradient_without_a_copy(monkeypatch):
     """loss.backward(): the gradient the kernel wrote is .grad itself (a copy is a second pass over
     the data: it doubled the bridge's time on large batches when something else still held it)."""
-    run, written = lt._run, []
+    call, written = lt._call, []
 
     def spy(*args):
-        out = run(*args)
-        written.extend(t.data_ptr() for t in out[1:])
-        return out
-    monkeypatch.setattr(lt, "_run", spy)
+        value, grads = call(*args)
+        written.extend(t.data_ptr() for t in grads)
+        return value, grads
+    monkeypatch.setattr(lt, "_call", spy)
     z = torch.randn(64, 10, requires_grad=True)
     lt.function("cross_entropy")(z, torch.randint(0, 10, (64,))).backward()
     assert written and z.grad.data_ptr() == written[0]
