@@ -20,7 +20,7 @@ HELPERS = {"exp": (np.exp, 1.0), "expm1": (np.expm1, 0.501), "log": (np.log, 1.0
            "log1p": (np.log1p, 1.5), "tanh": (np.tanh, 2.0), "sinh": (np.sinh, 3.0)}
 
 
-def _compiled(src, dtype):
+def _compiled(src, dtype, names=tuple(HELPERS)):
     """{name: f(x) applying _name over an array}, compiled as a kernel loop (vectorized, with the
     kernels' fast-math flags)."""
     ns = {"math": math, "numba": numba, "np": np, "types": types, "intrinsic": intrinsic,
@@ -30,7 +30,7 @@ def _compiled(src, dtype):
 def map_{name}(x, out):
     for i in range(x.size):
         out[i] = _{name}(x[i])
-''' for name in HELPERS), ns)
+''' for name in names), ns)
 
     def apply(name, x):
         x = np.asarray(x, dtype)
@@ -106,12 +106,12 @@ def test_float32_kernels_call_no_libm_expm1():
 # ---- float64 (EXP64): mpmath truth, max error 1 ulp (the kernels' accuracy audit allows 1 bit)
 
 MP = {"exp": mpmath.exp, "expm1": mpmath.expm1, "log": mpmath.log, "log1p": mpmath.log1p,
-      "tanh": mpmath.tanh, "sinh": mpmath.sinh}
+      "tanh": mpmath.tanh, "sinh": mpmath.sinh, "sinh_small": mpmath.sinh}
 
 
 @pytest.fixture(scope="module")
 def helpers64():
-    return _compiled(EXP64, np.float64)
+    return _compiled(EXP64, np.float64, tuple(HELPERS) + ("sinh_small",))
 
 
 def _sample64(name):
@@ -145,9 +145,11 @@ def _truth(name, x):
     return want, resid
 
 
-@pytest.mark.parametrize("name", list(HELPERS))
+@pytest.mark.parametrize("name", list(HELPERS) + ["sinh_small"])
 def test_float64_helper_within_1_ulp_of_mpmath(helpers64, name):
     x = _sample64(name)
+    if name == "sinh_small":                     # its domain: |x| <= 0.5 (_logcosh's half angle)
+        x = np.concatenate([x[np.abs(x) <= 0.5], np.linspace(-0.5, 0.5, 2001)])
     got = helpers64(name)(x)
     want, resid = _truth(name, x)
     finite = np.isfinite(want) & (want != 0)
