@@ -149,7 +149,8 @@ def _bits_of_f64(typingctx, x):
 
 @intrinsic
 def _fma(typingctx, a, b, c):
-    # a*b + c rounded once (llvm.fma; an FMA instruction on every x86-64 with AVX2)
+    # a*b + c rounded once (llvm.fma: one instruction where the CPU has FMA, x86-64 since Haswell;
+    # elsewhere LLVM calls libm's fma, exact but slow)
     def codegen(context, builder, sig, args):
         d = llvm_ir.DoubleType()
         fn = builder.module.declare_intrinsic("llvm.fma", [d], llvm_ir.FunctionType(d, [d, d, d]))
