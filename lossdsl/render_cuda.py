@@ -58,7 +58,7 @@ MAXT = {maxt}            # most threads per block (shared scratch size); blockDi
 SCRATCH = {scratch}        # MAXT + 32: shared scratch of the block combinations
 '''
 
-# The helpers render_cpu writes as polynomials for float32 (LLVM on the CPU has no vector libm)
+# The helpers render_cpu writes as polynomials (vector_math.py: LLVM on the CPU has no vector libm)
 # are libdevice calls here, in both dtypes: numba-cuda maps math.exp of a float32 to __nv_expf, etc.
 LIBM = "".join(f'''
 @cuda.jit(device=True, inline="always")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import lossdsl
-from lossdsl import api, cache, jit, lower
+from lossdsl import api, jit, lower
 from lossdsl.cli import main
 
 X = np.linspace(-2, 3, 11).astype(np.float32)
