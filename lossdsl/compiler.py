@@ -8,7 +8,7 @@ import sympy as sp
 
 from .derive import fresh_indices, gradient
 from .primitives import Sum, naive
-from .rules import stabilize
+from .rules import stabilize, unit_adjoint
 from .to_sympy import Lowered, to_sympy
 
 
@@ -70,6 +70,11 @@ def compile_definition(defn, lookup, stable=True, fixed=()):
     for name, fn, idx, axes, body in reversed(local_list):
         at = fresh_indices(sp.Add(*terms), axes, avoid=idx)
         g = after(sp.Add(*[gradient(t, fn, at) for t in terms]))
+        if stable:
+            new = unit_adjoint(g, fn, body, idx, at)
+            if new != g:
+                fired.add("unit_adjoint")
+                g = new
         adj = sp.Function("d_" + name, real=True)
         adjoints.append((name, adj, at, axes, g))
         terms.append(_sum_over(adj(*idx) * body, idx, [low.sizes[a] for a in axes]))

@@ -418,10 +418,17 @@ def _tangent_projection(node):
         others = sp.Eq(IsArg(peak, k), 0)
         peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
-        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(peak_form / norm, elsewhere / norm, IsArg(peak, l)), True))
+        over = lambda e: _over_norm(e, norm)          # noqa: E731
+        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(over(peak_form), over(elsewhere), IsArg(peak, l)), True))
         rest_terms = [a for a in node.args if a is not t and a is not first]
         return sp.Add(new, *rest_terms)
     return None
+
+
+def _over_norm(a, norm):
+    """a/‖b‖ as unit(a, ‖b‖, ...), (a/m)/q with m = max_k |b_k| and q = ‖b/m‖: ‖b‖ itself overflows at
+    b = [fmax, fmax] (a/inf is 0 where the truth is 1e-307); at an infinite b_k, the limit 0."""
+    return _unit_of(a, norm)
 
 
 def _unit_of(a, norm):
@@ -799,10 +806,49 @@ def _annihilate(expr, excluded=frozenset()):
     return new
 
 
+def unit_adjoint(adj, fn, body, idx, at):
+    """The adjoint of a unit-vector local drops its own direction: Σ_k a_k·u(k, l) skips k = m.
+
+    u(i, d) = unit(x(i, d), ‖x(i, ·)‖, ...) reaches x only through the Jacobian (I - u_i u_iᵀ)/‖x_i‖,
+    which sends u_m itself to 0: a term c_m·u(m, l) of the adjoint at (m, l) adds nothing in exact
+    arithmetic, but in floats the projection cancels it only to c_m·ε (u_m·u_m rounds to 1 ± ε).
+    NT-Xent with a row its own positive: s_mm = u_m·u_m/τ gives the adjoint 2u_m/τ, and the z
+    gradient of a row whose true gradient is 1e-11 of that lost 15 bits. ``fn``/``body``/``idx``:
+    the local and its definition; ``at``: the adjoint's indices. Other adjoints are returned as is.
+    """
+    if type(body) is not unit or not isinstance(body.args[1], Norm):
+        return adj
+    rows = [p for p, a in enumerate(idx) if a in body.args[1].free_symbols]
+    coords = [p for p in range(len(idx)) if p not in rows]
+    if len(rows) != 1 or len(coords) != 1:
+        return adj
+    r, c = rows[0], coords[0]
+    m, l = at[r], at[c]
+
+    def walk(e):
+        # only where the adjoint is linear in the sum, with coefficients free of l (a multiple of u_m)
+        if e.is_Add:
+            return sp.Add(*[walk(a) for a in e.args])
+        if e.is_Mul:
+            with_l = [a for a in e.args if l in a.free_symbols]
+            if len(with_l) != 1:
+                return e
+            return e.func(*[walk(a) if a is with_l[0] else a for a in e.args])
+        if type(e) is Sum and m not in (e.index, e.size):
+            k = e.index
+            for f in sp.Mul.make_args(e.body):
+                if getattr(f, "func", None) == fn and f.args[r] == k and f.args[c] == l \
+                        and l not in (e.body / f).free_symbols:
+                    return Sum(k, e.size, e.body, sp.And(e.cond, sp.Ne(k, m)))
+        return e
+    return walk(adj)
+
+
 ROOT_RULES = (
     Rule("hard_labels", _hard_labels.__doc__.splitlines()[0], None, None, (), None),
     Rule("zero_weights", _zero_weights.__doc__.splitlines()[0], None, None, (), None),
     Rule("annihilate", _annihilate.__doc__.splitlines()[0], None, None, (), None),
+    Rule("unit_adjoint", unit_adjoint.__doc__.splitlines()[0], None, None, (), None),
 )
 
 
