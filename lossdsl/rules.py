@@ -101,6 +101,52 @@ def _one_minus_softmax(node):
     return None
 
 
+def _zero_outside(term):
+    """(e, c) for a term that is e where c holds and 0 elsewhere: (e if c else 0), or [c]·e; else None."""
+    def zero_default(p):
+        return isinstance(p, sp.Piecewise) and len(p.args) == 2 and p.args[1].cond is sp.true and p.args[1].expr == 0
+    if zero_default(term):
+        return term.args[0]
+    flags = [f for f in sp.Mul.make_args(term) if zero_default(f) and f.args[0].expr == 1]
+    if term.is_Mul and len(flags) == 1:
+        return sp.Mul(*[f for f in term.args if f is not flags[0]]), flags[0].args[0].cond
+    return None
+
+
+def _softmax_minus_onehot(node):
+    # (c·e^(b_l - lse_k b_k) if cond(l) else 0) - c·[l = t] -> at l = t (cond(t)): -c·Σ_{k: cond, k≠t} e^(b_k - lse),
+    # a row's softmax against its target (NT-Xent's positive pair): p_t - 1 of a confident row is 1e-140,
+    # not 0 (the logsumexp rounds to b_t); the sum is over t, once per row, not per l
+    if not node.is_Add:
+        return None
+    for pw in node.args:
+        guarded = _zero_outside(pw)
+        if guarded is None:
+            continue
+        e1, c1 = guarded
+        ex = [f for f in sp.Mul.make_args(e1) if isinstance(f, sp.exp)]
+        if len(ex) != 1:
+            continue
+        coef = sp.Mul(*[f for f in sp.Mul.make_args(e1) if f is not ex[0]])
+        arg = ex[0].args[0]
+        for r in arg.atoms(LogSumExp):
+            at = next((a for a in _element_indices(r.body, r.index, arg + r) if a is not None), None)
+            if at is None or not isinstance(at, sp.Symbol) or substitute(r.cond, {r.index: at}) != c1:
+                continue
+            for d in node.args:
+                deltas = [f for f in sp.Mul.make_args(d) if isinstance(f, KroneckerDelta) and at in f.args]
+                if len(deltas) != 1 or sp.expand(d / deltas[0] + coef) != 0:
+                    continue
+                t = deltas[0].args[1] if deltas[0].args[0] == at else deltas[0].args[0]
+                if at in t.free_symbols:
+                    continue
+                rest = [a for a in node.args if a is not pw and a is not d]
+                k = r.index
+                others = Sum(k, r.size, sp.exp(r.body - r), sp.And(r.cond, sp.Ne(k, t)))
+                return sp.Add(sp.Piecewise((-coef * others, sp.And(sp.Eq(at, t), c1)), (e1, c1), (d, True)), *rest)
+    return None
+
+
 def _element_indices(body, k, target):
     """The t with body(k := t) == target, tried over the index arguments of body's elements."""
     for el in body.atoms(sp.core.function.AppliedUndef):
@@ -594,6 +640,9 @@ NODE_RULES = (
     Rule("one_minus_softmax", "1 - softmax_t = Σ_{k≠t} softmax_k; the subtraction cancels to 0 for a "
                               "confident row (the logsumexp rounds to the top logit)", None, None, (),
          _one_minus_softmax),
+    Rule("softmax_minus_onehot", "p_l - [l = t] = -Σ_{k≠t} p_k at l = t (p a softmax over a masked row): p_t - 1 "
+                                 "cancels to 0 for a confident row (NT-Xent at τ = 0.001: 0 for -1e-140)", None, None,
+         (), _softmax_minus_onehot),
     Rule("one_minus_exp", "1 - e^x = -expm1(x); cancels to 0 for |x| < 1e-16 (1 - p of a confident softmax)",
          1 - sp.exp(x), -expm1(x), (1e-17,), _one_minus_exp),
     Rule("pow_combine", "γ·b^γ/b = γ·b^(γ-1), the derivative of b^γ, is 0/0 at b = 0",

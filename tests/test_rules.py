@@ -126,7 +126,8 @@ def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
                            "log_softmax_split", "norm_difference", "rescue_overflow",
-                           "tangent_projection", "unit_vector", "weight_into_sum", "xexp_minus_weight"}
+                           "tangent_projection", "unit_vector", "weight_into_sum", "xexp_minus_weight",
+                           "softmax_minus_onehot"}
     assert {r.name for r in NODE_RULES} <= tested
     assert "unit_adjoint" in {r.name for r in ROOT_RULES}   # test_unit_adjoint_drops_the_direction_...
 
@@ -583,3 +584,25 @@ def test_tangent_projection_divides_by_the_scaled_norm():
         assert want != 0 and close(float(g[0, k]), want, ulps=8), (k, g[0, k], want)
     with np.errstate(over="ignore"):
         assert np.linalg.norm(z[0]) == np.inf          # the textbook division gives 0
+
+
+def test_softmax_minus_onehot_of_a_confident_masked_row():
+    # d/dx_ml of Σ_i (lse_{j≠i} x_ij - x_i,pos(i)) is w_ml - [l = pos(m)]; at the positive of a confident row,
+    # w - 1 is 0 in floats (the logsumexp rounds to x_m,pos) where the truth is -Σ_{j≠m,pos} w_mj = -2e-304
+    f = lossdsl.compile("loss w\n  batch N\n  input x[N, N]\n  target pos[N] : class(N)\n"
+                        "  loss = sum[i] (logsumexp[j != i] x[i, j] - x[i, pos[i]])\n")["w"]
+    assert "softmax_minus_onehot" in f.rules
+    x = np.array([[5.0, 0.0, -700.0, -700.0], [1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 7.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    pos = np.array([1, 0, 2, 3])                       # rows 2 and 3 their own positive: w is 0 there
+    _, (g,) = f.value_and_grad(x, pos)
+    for m in range(4):
+        row = [M.mpf(float(v)) for v in x[m]]
+        z = M.fsum(M.exp(v) for j, v in enumerate(row) if j != m)
+        for j in range(4):
+            want = (M.exp(row[j]) / z if j != m else 0) - (1 if j == pos[m] else 0)
+            if j == pos[m] and j != m:             # 1 - w in mpmath cancels too: the other weights
+                want = -M.fsum(M.exp(v) for k, v in enumerate(row) if k not in (m, j)) / z
+            assert close(float(g[m, j]), float(want)), (m, j, g[m, j], want)
+    with np.errstate(under="ignore"):
+        lse = np.logaddexp.reduce(x[0, 1:])
+        assert np.exp(x[0, 1] - lse) - 1 == 0.0        # the textbook form
