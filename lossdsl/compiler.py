@@ -70,11 +70,6 @@ def compile_definition(defn, lookup, stable=True, fixed=()):
     for name, fn, idx, axes, body in reversed(local_list):
         at = fresh_indices(sp.Add(*terms), axes, avoid=idx)
         g = after(sp.Add(*[gradient(t, fn, at) for t in terms]))
-        if stable:
-            new = unit_adjoint(g, fn, body, idx, at)
-            if new != g:
-                fired.add("unit_adjoint")
-                g = new
         adj = sp.Function("d_" + name, real=True)
         adjoints.append((name, adj, at, axes, g))
         terms.append(_sum_over(adj(*idx) * body, idx, [low.sizes[a] for a in axes]))
@@ -83,6 +78,10 @@ def compile_definition(defn, lookup, stable=True, fixed=()):
         idx = fresh_indices(sp.Add(*terms), d.axes) if d.axes else ()
         wrt = low.arrays[d.name][0] if d.axes else low.scalars[d.name]
         grads[d.name] = (after(sp.Add(*[gradient(t, wrt, idx) for t in terms])), idx)
+    if stable:
+        adjoints, changed = unit_adjoint(local_list, adjoints, grads)
+        if changed:
+            fired.add("unit_adjoint")
     return Compiled(low, expr, grads, tuple(sorted(fired)), tuple(local_list), tuple(adjoints))
 
 

@@ -473,8 +473,9 @@ def _tangent_projection(node):
 
 def _over_norm(a, norm):
     """a/‖b‖ as unit(a, ‖b‖, ...), (a/m)/q with m = max_k |b_k| and q = ‖b/m‖: ‖b‖ itself overflows at
-    b = [fmax, fmax] (a/inf is 0 where the truth is 1e-307); at an infinite b_k, the limit 0."""
-    return _unit_of(a, norm)
+    b = [fmax, fmax] (a/inf is 0 where the truth is 1e-307); at an infinite b_k, the limit 0 (NaN for a NaN a,
+    which unit would drop: another row's NaN reaches this one through a similarity)."""
+    return _unit_of(a, norm) + nanflag(a)
 
 
 def _unit_of(a, norm):
@@ -855,42 +856,66 @@ def _annihilate(expr, excluded=frozenset()):
     return new
 
 
-def unit_adjoint(adj, fn, body, idx, at):
-    """The adjoint of a unit-vector local drops its own direction: Σ_k a_k·u(k, l) skips k = m.
+def unit_adjoint(locals_, adjoints, grads):
+    """The adjoint of a unit-vector local drops its own direction: D(m, m) = 0 in Σ_k D(k, m)·u(k, l).
 
     u(i, d) = unit(x(i, d), ‖x(i, ·)‖, ...) reaches x only through the Jacobian (I - u_i u_iᵀ)/‖x_i‖,
-    which sends u_m itself to 0: a term c_m·u(m, l) of the adjoint at (m, l) adds nothing in exact
+    which sends u_m itself to 0: a term c_m·u(m, l) of u's adjoint at (m, l) adds nothing in exact
     arithmetic, but in floats the projection cancels it only to c_m·ε (u_m·u_m rounds to 1 ± ε).
     NT-Xent with a row its own positive: s_mm = u_m·u_m/τ gives the adjoint 2u_m/τ, and the z
-    gradient of a row whose true gradient is 1e-11 of that lost 15 bits. ``fn``/``body``/``idx``:
-    the local and its definition; ``at``: the adjoint's indices. Other adjoints are returned as is.
+    gradient of a row whose true gradient is 1e-11 of that lost 15 bits. Where u's adjoint is
+    linear in sums Σ_k D(k, m)·u(k, l) or Σ_k D(m, k)·u(k, l) (coefficients free of l), D an earlier
+    adjoint read nowhere else, D's diagonal is set to 0 (the sums stay matrix products).
+    ``locals_``: (name, fn, idx, axes, body); ``adjoints``: (name, fn, at, axes, expr), in the order
+    computed; ``grads``: the inputs' gradients. Returns the adjoints, with the names of those changed.
     """
-    if type(body) is not unit or not isinstance(body.args[1], Norm):
-        return adj
-    rows = [p for p, a in enumerate(idx) if a in body.args[1].free_symbols]
-    coords = [p for p in range(len(idx)) if p not in rows]
-    if len(rows) != 1 or len(coords) != 1:
-        return adj
-    r, c = rows[0], coords[0]
-    m, l = at[r], at[c]
+    bodies = {name: (fn, idx, body) for name, fn, idx, _, body in locals_}
+    out, changed = list(adjoints), []
+    for name, _, at, _, g in adjoints:
+        fn, idx, body = bodies[name]
+        if type(body) is not unit or not isinstance(body.args[1], Norm):
+            continue
+        rows = [p for p, a in enumerate(idx) if a in body.args[1].free_symbols]
+        if len(rows) != 1 or len(idx) != 2:
+            continue
+        r, c = rows[0], 1 - rows[0]
+        m, l = at[r], at[c]
+        for D in _self_term_coefficients(g, fn, r, c, m, l):
+            uses = [e for *_, e in out] + [e for e, _ in grads.values()]
+            if sum(len([a for a in e.atoms(sp.core.function.AppliedUndef) if a.func == D]) for e in uses) \
+                    != len(_self_term_coefficients(g, fn, r, c, m, l, D)):
+                continue
+            k = next(q for q, entry in enumerate(out) if entry[1] == D)
+            dname, dfn, dat, daxes, dg = out[k]
+            out[k] = (dname, dfn, dat, daxes, sp.Piecewise((dg, sp.Ne(*dat)), (0, True)))
+            changed.append(dname)
+    return out, changed
+
+
+def _self_term_coefficients(g, fn, r, c, m, l, only=None):
+    """The 2-d arrays D read as Σ_k D(k, m)·fn(.., k, .., l, ..) or Σ_k D(m, k)·fn(...), where g is linear in
+    the sum with coefficients free of l; with ``only``, the list of those reads of D (to count them)."""
+    found = []
 
     def walk(e):
-        # only where the adjoint is linear in the sum, with coefficients free of l (a multiple of u_m)
         if e.is_Add:
-            return sp.Add(*[walk(a) for a in e.args])
-        if e.is_Mul:
+            for a in e.args:
+                walk(a)
+        elif e.is_Mul:
             with_l = [a for a in e.args if l in a.free_symbols]
-            if len(with_l) != 1:
-                return e
-            return e.func(*[walk(a) if a is with_l[0] else a for a in e.args])
-        if type(e) is Sum and m not in (e.index, e.size):
+            if len(with_l) == 1:
+                walk(with_l[0])
+        elif type(e) is Sum and e.cond is sp.true and e.body.is_Mul and len(e.body.args) == 2:
             k = e.index
-            for f in sp.Mul.make_args(e.body):
-                if getattr(f, "func", None) == fn and f.args[r] == k and f.args[c] == l \
-                        and l not in (e.body / f).free_symbols:
-                    return Sum(k, e.size, e.body, sp.And(e.cond, sp.Ne(k, m)))
-        return e
-    return walk(adj)
+            u = [f for f in e.body.args if getattr(f, "func", None) == fn and f.args[r] == k and f.args[c] == l]
+            if len(u) == 1:
+                d = e.body / u[0]
+                if isinstance(d, sp.core.function.AppliedUndef) and set(d.args) == {k, m} and len(d.args) == 2:
+                    found.append(d)
+    walk(g)
+    if only is not None:
+        return [d for d in found if d.func == only]
+    return list(dict.fromkeys(d.func for d in found))
 
 
 ROOT_RULES = (
