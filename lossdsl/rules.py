@@ -114,9 +114,9 @@ def _zero_outside(term):
 
 
 def _softmax_minus_onehot(node):
-    # (c·e^(b_l - lse_k b_k) if cond(l) else 0) - c·[l = t] -> at l = t (cond(t)): -c·Σ_{k: cond, k≠t} e^(b_k - lse),
-    # a row's softmax against its target (NT-Xent's positive pair): p_t - 1 of a confident row is 1e-140,
-    # not 0 (the logsumexp rounds to b_t); the sum is over t, once per row, not per l
+    # (c·e^(b_l - lse_k b_k) if cond(l) else 0) - c·[l = t] -> at l = t (cond(t)): c·expm1(b_t - lse), a row's
+    # softmax against its target (NT-Xent's positive pair): p_t - 1 of a confident row is -1e-140, not 0. The
+    # logsumexp is m + log1p(Σ_{k≠argmax} e^(b_k - m)), so b_t - lse at the argmax is exactly -log1p(...)
     if not node.is_Add:
         return None
     for pw in node.args:
@@ -141,9 +141,10 @@ def _softmax_minus_onehot(node):
                 if at in t.free_symbols:
                     continue
                 rest = [a for a in node.args if a is not pw and a is not d]
-                k = r.index
-                others = Sum(k, r.size, sp.exp(r.body - r), sp.And(r.cond, sp.Ne(k, t)))
-                return sp.Add(sp.Piecewise((-coef * others, sp.And(sp.Eq(at, t), c1)), (e1, c1), (d, True)), *rest)
+                # [l = t] kept as a factor: the emitter fills the row with the plain softmax and the element
+                # at t after it (a branch-free loop)
+                at_t = sp.Piecewise((coef * expm1(arg), c1), (-coef, True))
+                return sp.Add(pw * (1 - deltas[0]) + deltas[0] * at_t, *rest)
     return None
 
 
@@ -641,7 +642,7 @@ NODE_RULES = (
     Rule("one_minus_softmax", "1 - softmax_t = Σ_{k≠t} softmax_k; the subtraction cancels to 0 for a "
                               "confident row (the logsumexp rounds to the top logit)", None, None, (),
          _one_minus_softmax),
-    Rule("softmax_minus_onehot", "p_l - [l = t] = -Σ_{k≠t} p_k at l = t (p a softmax over a masked row): p_t - 1 "
+    Rule("softmax_minus_onehot", "p_l - [l = t] = expm1(b_t - lse) at l = t (p a softmax over a masked row): p_t - 1 "
                                  "cancels to 0 for a confident row (NT-Xent at τ = 0.001: 0 for -1e-140)", None, None,
          (), _softmax_minus_onehot),
     Rule("one_minus_exp", "1 - e^x = -expm1(x); cancels to 0 for |x| < 1e-16 (1 - p of a confident softmax)",
