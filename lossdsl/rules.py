@@ -882,6 +882,8 @@ def unit_adjoint(locals_, adjoints, grads):
         r, c = rows[0], 1 - rows[0]
         m, l = at[r], at[c]
         for D in _self_term_coefficients(g, fn, r, c, m, l):
+            if D not in {entry[1] for entry in out}:
+                continue                                # a target or input array: its diagonal is data
             uses = [e for *_, e in out] + [e for e, _ in grads.values()]
             if sum(len([a for a in e.atoms(sp.core.function.AppliedUndef) if a.func == D]) for e in uses) \
                     != len(_self_term_coefficients(g, fn, r, c, m, l, D)):
