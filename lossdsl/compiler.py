@@ -8,7 +8,7 @@ import sympy as sp
 
 from .derive import fresh_indices, gradient
 from .primitives import Sum, naive
-from .rules import stabilize
+from .rules import stabilize, unit_adjoint
 from .to_sympy import Lowered, to_sympy
 
 
@@ -78,6 +78,10 @@ def compile_definition(defn, lookup, stable=True, fixed=()):
         idx = fresh_indices(sp.Add(*terms), d.axes) if d.axes else ()
         wrt = low.arrays[d.name][0] if d.axes else low.scalars[d.name]
         grads[d.name] = (after(sp.Add(*[gradient(t, wrt, idx) for t in terms])), idx)
+    if stable:
+        adjoints, changed = unit_adjoint(local_list, adjoints, grads)
+        if changed:
+            fired.add("unit_adjoint")
     return Compiled(low, expr, grads, tuple(sorted(fired)), tuple(local_list), tuple(adjoints))
 
 

@@ -101,6 +101,53 @@ def _one_minus_softmax(node):
     return None
 
 
+def _zero_outside(term):
+    """(e, c) for a term that is e where c holds and 0 elsewhere: (e if c else 0), or [c]·e; else None."""
+    def zero_default(p):
+        return isinstance(p, sp.Piecewise) and len(p.args) == 2 and p.args[1].cond is sp.true and p.args[1].expr == 0
+    if zero_default(term):
+        return term.args[0]
+    flags = [f for f in sp.Mul.make_args(term) if zero_default(f) and f.args[0].expr == 1]
+    if term.is_Mul and len(flags) == 1:
+        return sp.Mul(*[f for f in term.args if f is not flags[0]]), flags[0].args[0].cond
+    return None
+
+
+def _softmax_minus_onehot(node):
+    # (c·e^(b_l - lse_k b_k) if cond(l) else 0) - c·[l = t] -> at l = t (cond(t)): c·expm1(b_t - lse), a row's
+    # softmax against its target (NT-Xent's positive pair): p_t - 1 of a confident row is -1e-140, not 0. The
+    # logsumexp is m + log1p(Σ_{k≠argmax} e^(b_k - m)), so b_t - lse at the argmax is exactly -log1p(...)
+    if not node.is_Add:
+        return None
+    for pw in node.args:
+        guarded = _zero_outside(pw)
+        if guarded is None:
+            continue
+        e1, c1 = guarded
+        ex = [f for f in sp.Mul.make_args(e1) if isinstance(f, sp.exp)]
+        if len(ex) != 1:
+            continue
+        coef = sp.Mul(*[f for f in sp.Mul.make_args(e1) if f is not ex[0]])
+        arg = ex[0].args[0]
+        for r in arg.atoms(LogSumExp):
+            at = next((a for a in _element_indices(r.body, r.index, arg + r) if a is not None), None)
+            if at is None or not isinstance(at, sp.Symbol) or substitute(r.cond, {r.index: at}) != c1:
+                continue
+            for d in node.args:
+                deltas = [f for f in sp.Mul.make_args(d) if isinstance(f, KroneckerDelta) and at in f.args]
+                if len(deltas) != 1 or sp.expand(d / deltas[0] + coef) != 0:
+                    continue
+                t = deltas[0].args[1] if deltas[0].args[0] == at else deltas[0].args[0]
+                if at in t.free_symbols:
+                    continue
+                rest = [a for a in node.args if a is not pw and a is not d]
+                # [l = t] kept as a factor: the emitter fills the row with the plain softmax and the element
+                # at t after it (a branch-free loop)
+                at_t = sp.Piecewise((coef * expm1(arg), c1), (-coef, True))
+                return sp.Add(pw * (1 - deltas[0]) + deltas[0] * at_t, *rest)
+    return None
+
+
 def _element_indices(body, k, target):
     """The t with body(k := t) == target, tried over the index arguments of body's elements."""
     for el in body.atoms(sp.core.function.AppliedUndef):
@@ -418,10 +465,18 @@ def _tangent_projection(node):
         others = sp.Eq(IsArg(peak, k), 0)
         peak_form = x_l * Sum(k, r.size, u(el_d) ** 2, others) - u(el_l) * Sum(k, r.size, x_d * u(el_d), others)
         elsewhere = x_l - u(el_l) * Sum(k, r.size, x_d * u(el_d), sp.true)
-        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(peak_form / norm, elsewhere / norm, IsArg(peak, l)), True))
+        over = lambda e: _over_norm(e, norm)          # noqa: E731
+        new = sp.Piecewise((0, sp.Eq(norm, 0)), (at_peak(over(peak_form), over(elsewhere), IsArg(peak, l)), True))
         rest_terms = [a for a in node.args if a is not t and a is not first]
         return sp.Add(new, *rest_terms)
     return None
+
+
+def _over_norm(a, norm):
+    """a/‖b‖ as unit(a, ‖b‖, ...), (a/m)/q with m = max_k |b_k| and q = ‖b/m‖: ‖b‖ itself overflows at
+    b = [fmax, fmax] (a/inf is 0 where the truth is 1e-307); at an infinite b_k, the limit 0 (NaN for a NaN a,
+    which unit would drop: another row's NaN reaches this one through a similarity)."""
+    return _unit_of(a, norm) + nanflag(a)
 
 
 def _unit_of(a, norm):
@@ -587,6 +642,9 @@ NODE_RULES = (
     Rule("one_minus_softmax", "1 - softmax_t = Σ_{k≠t} softmax_k; the subtraction cancels to 0 for a "
                               "confident row (the logsumexp rounds to the top logit)", None, None, (),
          _one_minus_softmax),
+    Rule("softmax_minus_onehot", "p_l - [l = t] = expm1(b_t - lse) at l = t (p a softmax over a masked row): p_t - 1 "
+                                 "cancels to 0 for a confident row (NT-Xent at τ = 0.001: 0 for -1e-140)", None, None,
+         (), _softmax_minus_onehot),
     Rule("one_minus_exp", "1 - e^x = -expm1(x); cancels to 0 for |x| < 1e-16 (1 - p of a confident softmax)",
          1 - sp.exp(x), -expm1(x), (1e-17,), _one_minus_exp),
     Rule("pow_combine", "γ·b^γ/b = γ·b^(γ-1), the derivative of b^γ, is 0/0 at b = 0",
@@ -799,10 +857,75 @@ def _annihilate(expr, excluded=frozenset()):
     return new
 
 
+def unit_adjoint(locals_, adjoints, grads):
+    """The adjoint of a unit-vector local drops its own direction: D(m, m) = 0 in Σ_k D(k, m)·u(k, l).
+
+    u(i, d) = unit(x(i, d), ‖x(i, ·)‖, ...) reaches x only through the Jacobian (I - u_i u_iᵀ)/‖x_i‖,
+    which sends u_m itself to 0: a term c_m·u(m, l) of u's adjoint at (m, l) adds nothing in exact
+    arithmetic, but in floats the projection cancels it only to c_m·ε (u_m·u_m rounds to 1 ± ε).
+    NT-Xent with a row its own positive: s_mm = u_m·u_m/τ gives the adjoint 2u_m/τ, and the z
+    gradient of a row whose true gradient is 1e-11 of that lost 15 bits. Where u's adjoint is
+    linear in sums Σ_k D(k, m)·u(k, l) or Σ_k D(m, k)·u(k, l) (coefficients free of l), D an earlier
+    adjoint read nowhere else, D's diagonal is set to 0 (the sums stay matrix products).
+    ``locals_``: (name, fn, idx, axes, body); ``adjoints``: (name, fn, at, axes, expr), in the order
+    computed; ``grads``: the inputs' gradients. Returns the adjoints, with the names of those changed.
+    """
+    bodies = {name: (fn, idx, body) for name, fn, idx, _, body in locals_}
+    out, changed = list(adjoints), []
+    for name, _, at, _, g in adjoints:
+        fn, idx, body = bodies[name]
+        if type(body) is not unit or not isinstance(body.args[1], Norm):
+            continue
+        rows = [p for p, a in enumerate(idx) if a in body.args[1].free_symbols]
+        if len(rows) != 1 or len(idx) != 2:
+            continue
+        r, c = rows[0], 1 - rows[0]
+        m, l = at[r], at[c]
+        for D in _self_term_coefficients(g, fn, r, c, m, l):
+            if D not in {entry[1] for entry in out}:
+                continue                                # a target or input array: its diagonal is data
+            uses = [e for *_, e in out] + [e for e, _ in grads.values()]
+            if sum(len([a for a in e.atoms(sp.core.function.AppliedUndef) if a.func == D]) for e in uses) \
+                    != len(_self_term_coefficients(g, fn, r, c, m, l, D)):
+                continue
+            k = next(q for q, entry in enumerate(out) if entry[1] == D)
+            dname, dfn, dat, daxes, dg = out[k]
+            out[k] = (dname, dfn, dat, daxes, sp.Piecewise((dg, sp.Ne(*dat)), (0, True)))
+            changed.append(dname)
+    return out, changed
+
+
+def _self_term_coefficients(g, fn, r, c, m, l, only=None):
+    """The 2-d arrays D read as Σ_k D(k, m)·fn(.., k, .., l, ..) or Σ_k D(m, k)·fn(...), where g is linear in
+    the sum with coefficients free of l; with ``only``, the list of those reads of D (to count them)."""
+    found = []
+
+    def walk(e):
+        if e.is_Add:
+            for a in e.args:
+                walk(a)
+        elif e.is_Mul:
+            with_l = [a for a in e.args if l in a.free_symbols]
+            if len(with_l) == 1:
+                walk(with_l[0])
+        elif type(e) is Sum and e.cond is sp.true and e.body.is_Mul and len(e.body.args) == 2:
+            k = e.index
+            u = [f for f in e.body.args if getattr(f, "func", None) == fn and f.args[r] == k and f.args[c] == l]
+            if len(u) == 1:
+                d = e.body / u[0]
+                if isinstance(d, sp.core.function.AppliedUndef) and set(d.args) == {k, m} and len(d.args) == 2:
+                    found.append(d)
+    walk(g)
+    if only is not None:
+        return [d for d in found if d.func == only]
+    return list(dict.fromkeys(d.func for d in found))
+
+
 ROOT_RULES = (
     Rule("hard_labels", _hard_labels.__doc__.splitlines()[0], None, None, (), None),
     Rule("zero_weights", _zero_weights.__doc__.splitlines()[0], None, None, (), None),
     Rule("annihilate", _annihilate.__doc__.splitlines()[0], None, None, (), None),
+    Rule("unit_adjoint", unit_adjoint.__doc__.splitlines()[0], None, None, (), None),
 )
 
 

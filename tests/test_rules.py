@@ -11,7 +11,7 @@ import sympy as sp
 
 import lossdsl
 from lossdsl.primitives import naive
-from lossdsl.rules import NODE_RULES, stabilize, x, y
+from lossdsl.rules import NODE_RULES, ROOT_RULES, stabilize, x, y
 
 mpmath.mp.dps = 60
 
@@ -126,8 +126,10 @@ def test_every_rule_has_a_test():
     tested = set(CASES) | {"tanh_grad", "pow_combine", "one_minus_softmax", "linear_vs_exp",
                            "into_piecewise", "fsum_max", "norm_times_unit",
                            "log_softmax_split", "norm_difference", "rescue_overflow",
-                           "tangent_projection", "unit_vector", "weight_into_sum", "xexp_minus_weight"}
+                           "tangent_projection", "unit_vector", "weight_into_sum", "xexp_minus_weight",
+                           "softmax_minus_onehot"}
     assert {r.name for r in NODE_RULES} <= tested
+    assert "unit_adjoint" in {r.name for r in ROOT_RULES}   # test_unit_adjoint_drops_the_direction_...
 
 
 def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
@@ -532,3 +534,75 @@ def test_weight_into_sum_keeps_the_kl_term_of_a_beta_vae_finite():
     assert -0.5 + 0.5 * np.exp(1e-20) == 0.0
     v, (_, gm, gl) = f.value_and_grad(xhat, np.array([[-np.inf, 1.0]]), logvar, x, reduction="none", beta=0.0)
     assert close(float(v[0]), float(M.log1p(M.exp(-0.5)) + M.log1p(M.exp(-1)))) and np.all(gm == 0) and np.all(gl == 0)
+
+
+_COSINE = ("loss w\n  batch N\n  input z[N, D]\n  target c[N, N]\n  u[i, d] = z[i, d] / norm[e] z[i, e]\n"
+           "  s[i, j] = sum[d] u[i, d] * u[j, d]\n  loss = sum[i] sum[j] c[i, j] * s[i, j]\n")
+
+
+def _cosine_grad(z, c, i, k):
+    """d/dz_ik of Σ_ij c_ij·u_i·u_j in mpmath: (x_k - (x·u_i)·u_ik)/‖z_i‖, x = Σ_j (c_ij + c_ji)·u_j."""
+    rows = [[M.mpf(float(v)) for v in r] for r in z]
+    us = [[v / M.sqrt(sum(a * a for a in r)) for v in r] for r in rows]
+    x = [sum((M.mpf(float(c[i, j])) + M.mpf(float(c[j, i]))) * us[j][d] for j in range(len(z)))
+         for d in range(len(z[0]))]
+    xu = sum(a * b for a, b in zip(x, us[i]))
+    return float((x[k] - xu * us[i][k]) / M.sqrt(sum(a * a for a in rows[i])))
+
+
+def test_unit_adjoint_drops_the_direction_the_projection_removes():
+    # s_ii = u_i·u_i is 1 whatever z_i: its weight c_ii adds c_ii·u_i to the adjoint of u, which the
+    # projection (x - (x·u)u)/‖z‖ removes only to c_ii·ε (x·u rounds); with c_ii = 1e12 next to an O(1)
+    # gradient that is 1e-4 relative. The adjoint skips k = i in Σ_k c_ik·u_k instead.
+    f = lossdsl.compile(_COSINE)["w"]
+    assert "unit_adjoint" in f.rules
+    z = np.array([[3.0, -1.0, 2.0], [0.5, 4.0, -1.5], [-2.0, 1.0, 1.0]])
+    c = np.array([[1e12, 1.0, -2.0], [0.5, 1e12, 1.0], [1.0, 3.0, 1e12]])
+    _, (g,) = f.value_and_grad(z, c)
+    worst_naive = 0.0
+    for i in range(3):
+        u = z / np.linalg.norm(z, axis=1, keepdims=True)
+        x = (c[i] + c[:, i]) @ u
+        naive_row = (x - (x @ u[i]) * u[i]) / np.linalg.norm(z[i])
+        for k in range(3):
+            want = _cosine_grad(z, c, i, k)
+            assert close(float(g[i, k]), want, ulps=8), (i, k, g[i, k], want)
+            worst_naive = max(worst_naive, abs(naive_row[k] - want) / abs(want))
+    assert worst_naive > 1e-6
+
+
+def test_tangent_projection_divides_by_the_scaled_norm():
+    # ‖z‖ of z = [fmax, fmax, 1] overflows: (x - (x·u)u)/‖z‖ is x/inf = 0 where the truth is 1e-299;
+    # the projection is divided as (·/m)/‖z/m‖, m = max |z_k| (the unit vector's own scaling)
+    f = lossdsl.compile(_COSINE)["w"]
+    big = np.finfo(np.float64).max
+    z = np.array([[big, big, 1.0], [1.0, -2.0, 0.5]])
+    c = np.array([[0.0, 1e10], [3e10, 0.0]])
+    _, (g,) = f.value_and_grad(z, c)
+    for k in range(3):
+        want = _cosine_grad(z, c, 0, k)
+        assert want != 0 and close(float(g[0, k]), want, ulps=8), (k, g[0, k], want)
+    with np.errstate(over="ignore"):
+        assert np.linalg.norm(z[0]) == np.inf          # the textbook division gives 0
+
+
+def test_softmax_minus_onehot_of_a_confident_masked_row():
+    # d/dx_ml of Σ_i (lse_{j≠i} x_ij - x_i,pos(i)) is w_ml - [l = pos(m)]; at the positive of a confident row,
+    # w - 1 is 0 in floats (the logsumexp rounds to x_m,pos) where the truth is -Σ_{j≠m,pos} w_mj = -2e-304
+    f = lossdsl.compile("loss w\n  batch N\n  input x[N, N]\n  target pos[N] : class(N)\n"
+                        "  loss = sum[i] (logsumexp[j != i] x[i, j] - x[i, pos[i]])\n")["w"]
+    assert "softmax_minus_onehot" in f.rules
+    x = np.array([[5.0, 0.0, -700.0, -700.0], [1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 7.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    pos = np.array([1, 0, 2, 3])                       # rows 2 and 3 their own positive: w is 0 there
+    _, (g,) = f.value_and_grad(x, pos)
+    for m in range(4):
+        row = [M.mpf(float(v)) for v in x[m]]
+        z = M.fsum(M.exp(v) for j, v in enumerate(row) if j != m)
+        for j in range(4):
+            want = (M.exp(row[j]) / z if j != m else 0) - (1 if j == pos[m] else 0)
+            if j == pos[m] and j != m:             # 1 - w in mpmath cancels too: the other weights
+                want = -M.fsum(M.exp(v) for k, v in enumerate(row) if k not in (m, j)) / z
+            assert close(float(g[m, j]), float(want)), (m, j, g[m, j], want)
+    with np.errstate(under="ignore"):
+        lse = np.logaddexp.reduce(x[0, 1:])
+        assert np.exp(x[0, 1] - lse) - 1 == 0.0        # the textbook form
