@@ -7,14 +7,21 @@ _log1p, _tanh and _sinh; the modules define F (the dtype), np, math, numba, type
 llvm_ir.
 """
 
-EXP32 = '''
+
+def _bitcast(name, llvm_type, signature):
+    """The source of an intrinsic that reads a value's bits as another type (exponent tricks)."""
+    return f'''
 @intrinsic
-def _f32_from_bits(typingctx, x):
+def {name}(typingctx, x):
     def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], llvm_ir.FloatType())
-    return types.float32(types.int32), codegen
+        return builder.bitcast(args[0], {llvm_type})
+    return {signature}, codegen
+
+'''
 
 
+EXP32 = (_bitcast("_f32_from_bits", "llvm_ir.FloatType()", "types.float32(types.int32)")
+         + _bitcast("_bits_of_f32", "llvm_ir.IntType(32)", "types.int32(types.float32)") + '''
 @numba.njit(error_model="numpy")
 def _exp(x):
     # Cephes expf, written so LLVM vectorizes it (pip's llvmlite has no SVML): x = n ln2 + r,
@@ -31,13 +38,6 @@ def _exp(x):
     s2 = _f32_from_bits((ni - h + np.int32(127)) << np.int32(23))
     out = p * s1 * s2
     return out if x == x else x
-
-
-@intrinsic
-def _bits_of_f32(typingctx, x):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], llvm_ir.IntType(32))
-    return types.int32(types.float32), codegen
 
 
 @numba.njit(error_model="numpy")
@@ -127,26 +127,13 @@ def _sinh(x):
     q = (F(0.5) * h) * h - F(0.5) / (h * h)
     q = q if x >= F(0.0) else -q
     return p if a <= F(1.0) else (q if x == x else x)
-'''
+''')
 
 # float64: the algorithms of Cephes/FreeBSD msun/musl, written branch-free so that LLVM vectorizes
 # them (libm's exp, log1p, tanh are scalar calls: cross_entropy, bce, log_cosh ran 0.3-0.8x the peers).
 # All are forceinline: above LLVM's inlining threshold a helper stays a call, and the loop scalar.
-EXP64 = '''
-@intrinsic
-def _f64_from_bits(typingctx, x):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], llvm_ir.DoubleType())
-    return types.float64(types.int64), codegen
-
-
-@intrinsic
-def _bits_of_f64(typingctx, x):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], llvm_ir.IntType(64))
-    return types.int64(types.float64), codegen
-
-
+EXP64 = (_bitcast("_f64_from_bits", "llvm_ir.DoubleType()", "types.float64(types.int64)")
+         + _bitcast("_bits_of_f64", "llvm_ir.IntType(64)", "types.int64(types.float64)") + '''
 @intrinsic
 def _fma(typingctx, a, b, c):
     # a*b + c rounded once (llvm.fma: one instruction where the CPU has FMA, x86-64 since Haswell;
@@ -318,4 +305,4 @@ def _log1p(x):
     if not (x > -1.0):         # below -1, and NaN
         return math.nan
     return x if x == math.inf or x == 0.0 else r     # log1p(-0) is -0
-'''
+''')
