@@ -116,9 +116,9 @@ def helpers64():
 
 def _sample64(name):
     rng = np.random.default_rng(11)
-    bits = rng.integers(0, 2 ** 64, 4000, dtype=np.uint64).view(np.float64)
-    values = rng.uniform(-1, 1, 4000) * 10.0 ** rng.integers(-4, 3, 4000)   # |x| from 1e-4 to 100
-    near = rng.uniform(-1.1, 1.1, 2000)          # the reduction boundaries ±ln2/2, the pair cancellations
+    bits = rng.integers(0, 2 ** 64, 2000, dtype=np.uint64).view(np.float64)
+    values = rng.uniform(-1, 1, 2000) * 10.0 ** rng.integers(-4, 3, 2000)   # |x| from 1e-4 to 100
+    near = rng.uniform(-1.1, 1.1, 1000)          # the reduction boundaries ±ln2/2, the pair cancellations
     edges = np.concatenate([np.linspace(-745.2, -700, 300), np.linspace(700, 710.5, 300),
                             np.float64([2.0 ** -1074, 2.0 ** -1022, 1e-300, 2.0 ** -54, 1.1e-16, 0.34657359027997264,
                                         -0.34657359027997264, 0.6931471805599453, 709.782712893384, -708.3964185322641,
