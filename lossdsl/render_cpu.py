@@ -108,7 +108,7 @@ numba.get_num_threads()
 # big for LLVM's inlining threshold (_tanh, _sinh, _logcosh: a call in the loop, which then
 # stays scalar) are marked forceinline (LLVM's alwaysinline; numba compiles them as before).
 HELPER_DECORATOR = '@numba.njit(error_model="numpy")'
-INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp")
+INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp", "_xpow")
 
 HELPERS = '''
 @HELPER
@@ -205,6 +205,22 @@ def _addexp(a, b):
 def _xsq(x, c):
     # c·x² as (x·c)·x: the square alone would round to a subnormal (or overflow) first
     return (x * c) * x
+
+
+@HELPER
+def _xpow(c, u, g):
+    # c·u^g with c multiplied in before the power completes: (c·u^(g/2))·u^(g/2), one power as before;
+    # for g = 1..4 (a call's specialized γ) c·u·u·u, so a constant g folds to the products it was
+    if g == F(1.0):
+        return c * u
+    if g == F(2.0):
+        return (c * u) * u
+    if g == F(3.0):
+        return ((c * u) * u) * u
+    if g == F(4.0):
+        return (((c * u) * u) * u) * u
+    h = u ** (g * F(0.5))
+    return (c * h) * h
 
 
 @HELPER

@@ -59,6 +59,7 @@ CASES = {
     "difference_of_squares": ("loss = x^2 - t^2", [1.5e154, 1e154], lambda v, t: v * v - t * t,
                               lambda v, t: v * v - t * t),
     "scaled_square": ("loss = t * x^2", [1e-160, 1e10], lambda v, t: t * v * v, lambda v, t: t * (v * v)),
+    "scaled_power": ("loss = t * x^3", [1e-120, 1e200], lambda v, t: t * v ** 3, lambda v, t: t * v ** 3),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
     "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
                  lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
@@ -130,6 +131,29 @@ def test_every_rule_has_a_test():
                            "softmax_minus_onehot"}
     assert {r.name for r in NODE_RULES} <= tested
     assert "unit_adjoint" in {r.name for r in ROOT_RULES}   # test_unit_adjoint_drops_the_direction_...
+
+
+@pytest.mark.parametrize("gamma", [3.0, 2.5])
+def test_scaled_power_keeps_focal_soft_label_product(gamma):
+    # a_t·(1 - p_t)^γ·bce at y = 1.29e-92, z = -1.36e228, α = 1: a_t = y and 1 - p_t = y, so a_t·(1 - p_t)^γ
+    # underflows to 0 before meeting bce = y·|z| = 1.8e136. γ = 3 is a specialized kernel (the products),
+    # 2.5 the general one (the power in halves).
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("focal")
+    assert "scaled_power" in f.rules
+    z, t = np.array([-1.36e228]), np.array([1.29e-92])
+    want = evaluate(f.expr, dict(z=z[0], y=t[0], gamma=gamma, alpha=1.0))
+    # independent: mpmath of the definition, 1 - p_t = y·σ(-z) + (1 - y)·σ(z), bce = y·softplus(-z) + ...
+    Z, Y = M.mpf(z[0]), M.mpf(t[0])
+    sig = 1 / (1 + M.exp(-Z))
+    bce = Y * M.log1p(M.exp(-Z)) + (1 - Y) * M.log1p(M.exp(Z))
+    assert close(want, float(Y * (Y * (1 - sig) + (1 - Y) * sig) ** gamma * bce))
+    got = float(f(z, t, gamma=gamma, alpha=1.0, reduction="sum"))
+    assert close(got, want) and want > 1e-300, (got, want)
+    # the product in sympy's order, each factor exact here (σ(-z) = 1, σ(z) = 0, softplus(-z) = -z): 0, or a
+    # subnormal with a few bits left
+    a_t, u, b = t[0], t[0], t[0] * -z[0]
+    assert abs(a_t * u ** gamma * b - want) > 1e-6 * want
 
 
 def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
