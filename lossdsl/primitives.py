@@ -12,7 +12,7 @@ while the chain rule over a reduction's result (``derive``) keeps gradients smal
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "xsq", "xpow",
+__all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1", "sqexp", "addexp", "xsq", "xpow", "xmul",
            "sqdist_diff", "sqdist_diff_small", "overflow_or", "at_peak", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
@@ -269,6 +269,20 @@ class xpow(_Elementwise):
 
     def naive(self):
         return self.args[0] * self.args[1] ** self.args[2]
+
+
+class xmul(_Elementwise):
+    """a·b kept as one product of two (sympy flattens a Mul and orders its factors): a weight multiplied
+    into a term after the term's scale, pos_weight·(y·(softplus(-z)/K)), where pos_weight·y underflows
+    first (0.5·1e-45 in float32) or pos_weight·softplus(-z) overflows before the division by K."""
+    nargs = 2
+    latex_name = "xmul"
+
+    def fdiff(self, argindex=1):
+        return self.args[1] if argindex == 1 else self.args[0]
+
+    def naive(self):
+        return self.args[0] * self.args[1]
 
 
 class sqdist_diff(_Elementwise):

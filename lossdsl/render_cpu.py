@@ -208,6 +208,11 @@ def _xsq(x, c):
 
 
 @HELPER
+def _xmul(a, b):
+    return a * b
+
+
+@HELPER
 def _xpow(c, u, g):
     # c·u^g with c multiplied in before the power completes: (c·u^(g/2))·u^(g/2), one power as before;
     # for g = 1..4 (a call's specialized γ) c·u·u·u, so a constant g folds to the products it was

@@ -16,7 +16,7 @@ from sympy import KroneckerDelta
 
 from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, isinf, log1p,
                          logcosh, lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small,
-                         sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xpow, xsq)
+                         sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xmul, xpow, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -787,12 +787,54 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
     if new.is_Mul:
         weights = [f for f in new.args if not f.is_number and not is_input(f) and not f.is_positive]
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
-            guard = sp.Eq(sp.Mul(*weights), 0)
-            if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
+            # each weight tested alone: their product underflows to 0 where none is 0 (pos_weight·y at 0.5 and
+            # 1e-45 in float32), and the guard would drop a term that is finite (5e-8 against z = -3e38).
+            # Nested selects, not an `or` (a branch: the loop would not vectorize)
+            guards = [g for g in (sp.Eq(f, 0) for f in weights)
+                      if g not in excluded and not isinstance(g, sp.logic.boolalg.BooleanAtom)]
+            if guards:
                 # 0·A is 0 for A = ±inf (or inf - inf), but NaN for a NaN input (NaN in, NaN out)
-                rest = sp.Mul(*[f for f in new.args if f not in weights])
-                return sp.Piecewise((_nan_of(rest, is_input), guard), (new, True))
+                nan = _nan_of(sp.Mul(*[f for f in new.args if f not in weights]), is_input)
+                out = new
+                for g in reversed(guards):
+                    out = sp.Piecewise((nan, g), (out, True))
+                return out
     return new
+
+
+def _scale_first(expr, is_input):
+    """A mean's terms c·f(x)/K as c_n·(...·(c_1·(f(x)/K))): the scale first, then each weight alone.
+
+    pos_weight·y·softplus(-z)/K overflows at pos_weight·softplus(-z) (3·3.4e38 in float32) where the
+    term is finite, and pos_weight·y underflows to 0 (0.5·1e-45) where the term is 5e-8.
+    """
+    if expr.is_Atom:
+        return expr
+    if type(expr) is ScaledSum and expr.body.is_Mul:
+        k, size, body, cond = expr.args
+        scale = [f for f in body.args if f.is_Pow and f.exp == -1 and f.base == size]
+        if scale:
+            rest = sp.Mul(*[f for f in body.args if f not in scale])
+            return ScaledSum(k, size, _weights_last(_scale_first(rest, is_input), sp.Mul(*scale), is_input), cond)
+    args = [_scale_first(a, is_input) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+
+def _weights_last(e, s, is_input):
+    if e.is_Add:
+        return sp.Add(*[_weights_last(t, s, is_input) for t in e.args])
+    if isinstance(e, sp.Piecewise):
+        return sp.Piecewise(*[(_weights_last(ex, s, is_input), c) for ex, c in e.args])
+    if e.is_Mul:
+        inputs = [f for f in e.args if is_input(f)]
+        weights = [f for f in e.args if not f.is_number and not is_input(f)]
+        if len(inputs) == 1 and weights:
+            out = inputs[0] * s
+            # elements (targets: y ∈ [0, 1]) before params (pos_weight may be large)
+            for w in sorted(weights, key=lambda w: not w.atoms(sp.core.function.AppliedUndef)):
+                out = xmul(w, out)
+            return sp.Mul(*[f for f in e.args if f.is_number], out)
+    return e * s
 
 
 def _nan_of(e, is_input):
@@ -943,6 +985,7 @@ def _self_term_coefficients(g, fn, r, c, m, l, only=None):
 ROOT_RULES = (
     Rule("hard_labels", _hard_labels.__doc__.splitlines()[0], None, None, (), None),
     Rule("zero_weights", _zero_weights.__doc__.splitlines()[0], None, None, (), None),
+    Rule("scale_first", _scale_first.__doc__.splitlines()[0], None, None, (), None),
     Rule("annihilate", _annihilate.__doc__.splitlines()[0], None, None, (), None),
     Rule("unit_adjoint", unit_adjoint.__doc__.splitlines()[0], None, None, (), None),
 )
@@ -999,6 +1042,10 @@ def stabilize(expr, facts=None, is_input=None, fired=None, gradient=False):
         new = _zero_weights(expr, is_input)
         if new != expr:
             fired.add("zero_weights")
+            expr = new
+        new = _scale_first(expr, is_input)
+        if new != expr:
+            fired.add("scale_first")
             expr = new
     if gradient:
         new = _annihilate(expr)

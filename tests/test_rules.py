@@ -156,6 +156,27 @@ def test_scaled_power_keeps_focal_soft_label_product(gamma):
     assert abs(a_t * u ** gamma * b - want) > 1e-6 * want
 
 
+@pytest.mark.parametrize("pw,y0,z0", [(3.0, 1.0, -3.4e38),       # pw·softplus(-z) overflows before the /K
+                                       (0.5, 1.4e-45, -3e38)])    # pw·y underflows (and its == 0 guard)
+def test_scale_first_keeps_mean_terms_finite_float32(pw, y0, z0):
+    f = lossdsl.load("multilabel_bce")
+    assert "scale_first" in f.rules
+    z = np.array([[z0, -3e38, -3e38, -3e38]], np.float32)
+    t = np.array([[y0, 0, 0, 0]], np.float32)
+
+    def bce(zk, yk):
+        zk, yk = M.mpf(float(zk)), M.mpf(float(yk))
+        return pw * yk * M.log1p(M.exp(-zk)) + (1 - yk) * M.log1p(M.exp(zk))
+    want = float(np.float32(sum(bce(a, b) for a, b in zip(z[0], t[0])) / 4))
+    got = float(f(z, t, pos_weight=pw, reduction="sum"))
+    assert np.isfinite(got) and abs(got - want) <= 2 * np.spacing(np.float32(want)), (got, want)
+    # the textbook order in float32: pw·y·softplus(-z) and then the mean
+    with np.errstate(all="ignore"):
+        sp_ = np.log1p(np.exp(-np.abs(z))) + np.maximum(-z, 0)
+        naive = float(np.mean(np.float32(pw) * t * sp_ + (1 - t) * (np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0))))
+    assert not (np.isfinite(naive) and abs(naive - want) <= 1e-6 * want), naive
+
+
 def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
     # d/dx tanh(x) = 1 - tanh(x)^2 cancels to 0 at x = 20; 1/cosh^2 keeps 1.7e-17
     f = lossdsl.compile("loss w\n  input x\n  loss = tanh(x)\n")["w"]
