@@ -177,6 +177,27 @@ def test_scale_first_keeps_mean_terms_finite_float32(pw, y0, z0):
     assert not (np.isfinite(naive) and abs(naive - want) <= 1e-6 * want), naive
 
 
+@pytest.mark.parametrize("a0", [0.0, 1.5])
+def test_sqdist_diff_at_opposite_max_floats(a0):
+    # p_0 = max, n_0 = -max: n - p overflows against (a - p) + (a - n) = 0 (inf·0 = NaN, and the rescue's
+    # scaled copy lost the other coordinates). At a_0 = 0 the distances tie exactly (value 0.8125); at
+    # a_0 = 1.5 the differences round and 2a - p - n = 3 (the loss is 0, its gradients 0)
+    big = np.finfo(np.float64).max
+    f = lossdsl.load("triplet")
+    assert "difference_of_squares" in f.rules
+    a, p, n = np.array([[a0, 0.0]]), np.array([[big, 0.25]]), np.array([[-big, 0.5]])
+    with M.workdps(700):        # the squares are 3e616 and differ by 1e309
+        A, P, N = ([M.mpf(float(v)) for v in r[0]] for r in (a, p, n))
+        want = float(max(0, sum((x - y) ** 2 - (x - z) ** 2 for x, y, z in zip(A, P, N)) + 1))
+    v, grads = f.value_and_grad(a, p, n, reduction="sum")
+    assert close(float(v), want), (float(v), want)
+    if want == 0:
+        assert all(np.all(g == 0) for g in grads), grads
+    with np.errstate(all="ignore"):
+        naive = np.maximum(0, np.sum((a - p) ** 2) - np.sum((a - n) ** 2) + 1)
+    assert not (np.isfinite(naive) and abs(naive - want) <= 1e-6 * want)
+
+
 def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
     # d/dx tanh(x) = 1 - tanh(x)^2 cancels to 0 at x = 20; 1/cosh^2 keeps 1.7e-17
     f = lossdsl.compile("loss w\n  input x\n  loss = tanh(x)\n")["w"]
