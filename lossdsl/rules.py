@@ -787,18 +787,11 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
     if new.is_Mul:
         weights = [f for f in new.args if not f.is_number and not is_input(f) and not f.is_positive]
         if weights and any(_may_be_infinite(f, is_input) for f in new.args):
-            # each weight tested alone: their product underflows to 0 where none is 0 (pos_weight·y at 0.5 and
-            # 1e-45 in float32), and the guard would drop a term that is finite (5e-8 against z = -3e38).
-            # Nested selects, not an `or` (a branch: the loop would not vectorize)
-            guards = [g for g in (sp.Eq(f, 0) for f in weights)
-                      if g not in excluded and not isinstance(g, sp.logic.boolalg.BooleanAtom)]
-            if guards:
+            guard = sp.Eq(sp.Mul(*weights), 0)
+            if guard not in excluded and not isinstance(guard, sp.logic.boolalg.BooleanAtom):
                 # 0·A is 0 for A = ±inf (or inf - inf), but NaN for a NaN input (NaN in, NaN out)
-                nan = _nan_of(sp.Mul(*[f for f in new.args if f not in weights]), is_input)
-                out = new
-                for g in reversed(guards):
-                    out = sp.Piecewise((nan, g), (out, True))
-                return out
+                rest = sp.Mul(*[f for f in new.args if f not in weights])
+                return sp.Piecewise((_nan_of(rest, is_input), guard), (new, True))
     return new
 
 
