@@ -25,7 +25,7 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, at_peak,
                          expand, expm1, fsum, isinf, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff,
-                         sqdist_diff_small, sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
+                         sqdist_diff_small, sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xmul, xpow, xsq)
 
 
 class ExpDiff(sp.Function):
@@ -42,7 +42,7 @@ CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p
          xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
          unit: "_unit", isinf: "_isinf",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
-         addexp: "_addexp", xsq: "_xsq", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
+         addexp: "_addexp", xsq: "_xsq", xpow: "_xpow", xmul: "_xmul", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
          overflow_or: "_overflow_or", at_peak: "_at_peak",
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 

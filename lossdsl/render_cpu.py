@@ -108,7 +108,7 @@ numba.get_num_threads()
 # big for LLVM's inlining threshold (_tanh, _sinh, _logcosh: a call in the loop, which then
 # stays scalar) are marked forceinline (LLVM's alwaysinline; numba compiles them as before).
 HELPER_DECORATOR = '@numba.njit(error_model="numpy")'
-INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp")
+INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp", "_xpow")
 
 HELPERS = '''
 @HELPER
@@ -208,12 +208,50 @@ def _xsq(x, c):
 
 
 @HELPER
+def _xmul(a, b):
+    return a * b
+
+
+@HELPER
+def _xpow(c, u, g):
+    # c·u^g with c multiplied in before the power completes: (c·u^(g/2))·u^(g/2), one power as before;
+    # for g = 1..4 (a call's specialized γ) c·u·u·u, so a constant g folds to the products it was
+    if g == F(1.0):
+        return c * u
+    if g == F(2.0):
+        return (c * u) * u
+    if g == F(3.0):
+        return ((c * u) * u) * u
+    if g == F(4.0):
+        return (((c * u) * u) * u) * u
+    h = u ** (g * F(0.5))
+    return (c * h) * h
+
+
+@HELPER
 def _sqdist_diff(a, p, n):
     # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close.
     # A coordinate where the infinities cancel (n = p, a infinite or all three the same) is 0, not NaN, so
     # the sum of the other coordinates needs no rescue (scaled by 2^-2h, they could underflow)
-    r = (n - p) * ((a - p) + (a - n))
-    return F(0.0) if r != r and n == p and a == a else r
+    u, v = a - p, a - n
+    r = (n - p) * (u + v)
+    if r == r and r != 0:
+        return r
+    if n == p:
+        return r if r == r or a != a else F(0.0)
+    # (a - p) + (a - n) = 0, n - p perhaps overflowing (p = 1.8e308, n = -1.8e308: inf·0): what rounding left of
+    # 2a - p - n is the sum of the two differences' rounding errors (TwoSum), exact; 0 where both are
+    if u + v == 0 and abs(u) < F(math.inf):
+        e = _twosum_err(a, -p, u) + _twosum_err(a, -n, v)
+        return F(0.0) if e == 0 else (n - p) * e
+    return r
+
+
+@HELPER
+def _twosum_err(x, y, s):
+    # the rounding error of s = x + y (Knuth's TwoSum)
+    yy = s - x
+    return (x - (s - yy)) + (y - yy)
 
 
 @HELPER

@@ -16,7 +16,7 @@ from sympy import KroneckerDelta
 
 from .primitives import (IsArg, LogSumExp, Max, Min, Norm, Reduce, ScaledSum, Sum, addexp, at_peak, expm1, fsum, isinf, log1p,
                          logcosh, lse_minus, mul0, nanflag, overflow_or, sigmoid, softplus, sqdist_diff, sqdist_diff_small,
-                         sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xsq)
+                         sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xmul, xpow, xsq)
 
 x, y = sp.symbols("x y", real=True)
 _w = sp.Wild("w")
@@ -31,6 +31,7 @@ class Rule:
     witness: tuple                       # (x,) or (x, y) where float64 naive fails
     rewrite: Optional[Callable] = None   # node -> replacement or None; default: match the template
     post: bool = False                   # only after the node's children are rewritten
+    final: bool = False                  # once, after every other rule and pass (a lowering)
 
     def apply(self, node):
         if self.rewrite is not None:
@@ -195,6 +196,20 @@ def _scaled_square(node):
     if c.is_number or c.has(sp.exp, sqexp, xexp):
         return None
     return xsq(sq[0].base, c)
+
+
+def _scaled_power(node):
+    # c·u^g -> xpow(c, u, g) = (c·u^(g/2))·u^(g/2), g not a number (a param: focal's γ) or an integer
+    # above 2 (a specialized γ; 2 is scaled_square's): the power and its weight meet before either
+    # alone under- or overflows. Last of all, so the other rules and passes see the plain product.
+    if not node.is_Mul:
+        return None
+    for f in node.args:
+        if f.is_Pow and not f.base.is_number and (not f.exp.is_number or (f.exp.is_Integer and f.exp > 2)):
+            c = sp.Mul(*[a for a in node.args if a is not f])
+            if not c.is_number:
+                return xpow(c, f.base, f.exp)
+    return None
 
 
 def _tanh_grad(node):
@@ -655,6 +670,10 @@ NODE_RULES = (
     Rule("scaled_square", "c·x² = (x·c)·x: x² is subnormal at x = 1e-160 (1e-320, 11 bits), where c·x² with c = 1e10 "
                           "keeps 52; x² overflows at x = 1e160 where c·x² with c = 1e-10 does not",
          y * x ** 2, xsq(x, y), (1e-160, 1e10), _scaled_square),
+    Rule("scaled_power", "c·u^g = (c·u^(g/2))·u^(g/2): c·u^g underflows in either order where the product is "
+                         "finite (a_t·(1 - p_t)^γ·bce of focal at y = 1.3e-92, z = -1.4e228, α = 1, γ = 3: 0 vs "
+                         "4.9e-232; c = 1e200, u = 1e-120, g = 3: 0 vs 1e-160)",
+         y * x ** 3, xpow(y, x, 3), (1e-120, 1e200), _scaled_power, final=True),
     Rule("linear_vs_exp", "c·x + b·e^(kx): at x = ∓inf the terms are ∓inf and ±inf (NaN) where the exponential "
                           "wins (s + r²e^(-s) at s = -inf is inf)",
          x + sp.exp(-x), addexp(x, sp.exp(-x)), (-float("inf"),), _linear_vs_exp),
@@ -774,6 +793,41 @@ def _zero_weights(expr, is_input, excluded=frozenset()):
                 rest = sp.Mul(*[f for f in new.args if f not in weights])
                 return sp.Piecewise((_nan_of(rest, is_input), guard), (new, True))
     return new
+
+
+def _scale_first(expr, is_input):
+    """A mean's terms c·f(x)/K as c_n·(...·(c_1·(f(x)/K))): the scale first, then each weight alone.
+
+    pos_weight·y·softplus(-z)/K overflows at pos_weight·softplus(-z) (3·3.4e38 in float32) where the
+    term is finite, and pos_weight·y underflows to 0 (0.5·1e-45) where the term is 5e-8.
+    """
+    if expr.is_Atom:
+        return expr
+    if type(expr) is ScaledSum and expr.body.is_Mul:
+        k, size, body, cond = expr.args
+        scale = [f for f in body.args if f.is_Pow and f.exp == -1 and f.base == size]
+        if scale:
+            rest = sp.Mul(*[f for f in body.args if f not in scale])
+            return ScaledSum(k, size, _weights_last(_scale_first(rest, is_input), sp.Mul(*scale), is_input), cond)
+    args = [_scale_first(a, is_input) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+
+def _weights_last(e, s, is_input):
+    if e.is_Add:
+        return sp.Add(*[_weights_last(t, s, is_input) for t in e.args])
+    if isinstance(e, sp.Piecewise):
+        return sp.Piecewise(*[(_weights_last(ex, s, is_input), c) for ex, c in e.args])
+    if e.is_Mul:
+        inputs = [f for f in e.args if is_input(f)]
+        weights = [f for f in e.args if not f.is_number and not is_input(f)]
+        if len(inputs) == 1 and weights:
+            out = inputs[0] * s
+            # elements (targets: y ∈ [0, 1]) before params (pos_weight may be large)
+            for w in sorted(weights, key=lambda w: not w.atoms(sp.core.function.AppliedUndef)):
+                out = xmul(w, out)
+            return sp.Mul(*[f for f in e.args if f.is_number], out)
+    return e * s
 
 
 def _nan_of(e, is_input):
@@ -924,6 +978,7 @@ def _self_term_coefficients(g, fn, r, c, m, l, only=None):
 ROOT_RULES = (
     Rule("hard_labels", _hard_labels.__doc__.splitlines()[0], None, None, (), None),
     Rule("zero_weights", _zero_weights.__doc__.splitlines()[0], None, None, (), None),
+    Rule("scale_first", _scale_first.__doc__.splitlines()[0], None, None, (), None),
     Rule("annihilate", _annihilate.__doc__.splitlines()[0], None, None, (), None),
     Rule("unit_adjoint", unit_adjoint.__doc__.splitlines()[0], None, None, (), None),
 )
@@ -931,7 +986,7 @@ ROOT_RULES = (
 
 def _try_rules(node, fired, pre=False):
     for rule in NODE_RULES:
-        if pre and rule.post:
+        if rule.final or (pre and rule.post):
             continue
         out = rule.apply(node)
         if out is not None and out != node:
@@ -981,9 +1036,31 @@ def stabilize(expr, facts=None, is_input=None, fired=None, gradient=False):
         if new != expr:
             fired.add("zero_weights")
             expr = new
+        new = _scale_first(expr, is_input)
+        if new != expr:
+            fired.add("scale_first")
+            expr = new
     if gradient:
         new = _annihilate(expr)
         if new != expr:
             fired.add("annihilate")
             expr = new
-    return expr
+    return _lower(expr, fired)
+
+
+def _lower(expr, fired):
+    """The final rules, bottom-up, once: lowerings the other rules and passes need not see through."""
+    if expr.is_Atom:
+        return expr
+    if isinstance(expr, Reduce):
+        k, size, body, cond = expr.args
+        new = expr.func(k, size, _lower(body, fired), cond)
+    else:
+        args = [_lower(a, fired) for a in expr.args]
+        new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    for rule in NODE_RULES:
+        out = rule.apply(new) if rule.final else None
+        if out is not None and out != new:
+            fired.add(rule.name)
+            return out.func(*[_lower(a, fired) for a in out.args])
+    return new

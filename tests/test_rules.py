@@ -59,6 +59,7 @@ CASES = {
     "difference_of_squares": ("loss = x^2 - t^2", [1.5e154, 1e154], lambda v, t: v * v - t * t,
                               lambda v, t: v * v - t * t),
     "scaled_square": ("loss = t * x^2", [1e-160, 1e10], lambda v, t: t * v * v, lambda v, t: t * (v * v)),
+    "scaled_power": ("loss = t * x^3", [1e-120, 1e200], lambda v, t: t * v ** 3, lambda v, t: t * v ** 3),
     "log_softmax": ("(see test_log_softmax_rule)", None, None, None),
     "div_norm": ("loss = sum[k] z[k] / norm[e] z[e]", [np.zeros(2)], lambda v: 0,
                  lambda v: np.sum(v) / np.sqrt(np.sum(v * v))),
@@ -130,6 +131,70 @@ def test_every_rule_has_a_test():
                            "softmax_minus_onehot"}
     assert {r.name for r in NODE_RULES} <= tested
     assert "unit_adjoint" in {r.name for r in ROOT_RULES}   # test_unit_adjoint_drops_the_direction_...
+
+
+@pytest.mark.parametrize("gamma", [3.0, 2.5])
+def test_scaled_power_keeps_focal_soft_label_product(gamma):
+    # a_t·(1 - p_t)^γ·bce at y = 1.29e-92, z = -1.36e228, α = 1: a_t = y and 1 - p_t = y, so a_t·(1 - p_t)^γ
+    # underflows to 0 before meeting bce = y·|z| = 1.8e136. γ = 3 is a specialized kernel (the products),
+    # 2.5 the general one (the power in halves).
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("focal")
+    assert "scaled_power" in f.rules
+    z, t = np.array([-1.36e228]), np.array([1.29e-92])
+    want = evaluate(f.expr, dict(z=z[0], y=t[0], gamma=gamma, alpha=1.0))
+    # independent: mpmath of the definition, 1 - p_t = y·σ(-z) + (1 - y)·σ(z), bce = y·softplus(-z) + ...
+    Z, Y = M.mpf(z[0]), M.mpf(t[0])
+    sig = 1 / (1 + M.exp(-Z))
+    bce = Y * M.log1p(M.exp(-Z)) + (1 - Y) * M.log1p(M.exp(Z))
+    assert close(want, float(Y * (Y * (1 - sig) + (1 - Y) * sig) ** gamma * bce))
+    got = float(f(z, t, gamma=gamma, alpha=1.0, reduction="sum"))
+    assert close(got, want) and want > 1e-300, (got, want)
+    # the product in sympy's order, each factor exact here (σ(-z) = 1, σ(z) = 0, softplus(-z) = -z): 0, or a
+    # subnormal with a few bits left
+    a_t, u, b = t[0], t[0], t[0] * -z[0]
+    assert abs(a_t * u ** gamma * b - want) > 1e-6 * want
+
+
+@pytest.mark.parametrize("pw,y0,z0", [(3.0, 1.0, -3.4e38)])      # pw·softplus(-z) overflows before the /K
+def test_scale_first_keeps_mean_terms_finite_float32(pw, y0, z0):
+    f = lossdsl.load("multilabel_bce")
+    assert "scale_first" in f.rules
+    z = np.array([[z0, -3e38, -3e38, -3e38]], np.float32)
+    t = np.array([[y0, 0, 0, 0]], np.float32)
+
+    def bce(zk, yk):
+        zk, yk = M.mpf(float(zk)), M.mpf(float(yk))
+        return pw * yk * M.log1p(M.exp(-zk)) + (1 - yk) * M.log1p(M.exp(zk))
+    want = float(np.float32(sum(bce(a, b) for a, b in zip(z[0], t[0])) / 4))
+    got = float(f(z, t, pos_weight=pw, reduction="sum"))
+    assert np.isfinite(got) and abs(got - want) <= 2 * np.spacing(np.float32(want)), (got, want)
+    # the textbook order in float32: pw·y·softplus(-z) and then the mean
+    with np.errstate(all="ignore"):
+        sp_ = np.log1p(np.exp(-np.abs(z))) + np.maximum(-z, 0)
+        naive = float(np.mean(np.float32(pw) * t * sp_ + (1 - t) * (np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0))))
+    assert not (np.isfinite(naive) and abs(naive - want) <= 1e-6 * want), naive
+
+
+@pytest.mark.parametrize("a0", [0.0, 1.5])
+def test_sqdist_diff_at_opposite_max_floats(a0):
+    # p_0 = max, n_0 = -max: n - p overflows against (a - p) + (a - n) = 0 (inf·0 = NaN, and the rescue's
+    # scaled copy lost the other coordinates). At a_0 = 0 the distances tie exactly (value 0.8125); at
+    # a_0 = 1.5 the differences round and 2a - p - n = 3 (the loss is 0, its gradients 0)
+    big = np.finfo(np.float64).max
+    f = lossdsl.load("triplet")
+    assert "difference_of_squares" in f.rules
+    a, p, n = np.array([[a0, 0.0]]), np.array([[big, 0.25]]), np.array([[-big, 0.5]])
+    with M.workdps(700):        # the squares are 3e616 and differ by 1e309
+        A, P, N = ([M.mpf(float(v)) for v in r[0]] for r in (a, p, n))
+        want = float(max(0, sum((x - y) ** 2 - (x - z) ** 2 for x, y, z in zip(A, P, N)) + 1))
+    v, grads = f.value_and_grad(a, p, n, reduction="sum")
+    assert close(float(v), want), (float(v), want)
+    if want == 0:
+        assert all(np.all(g == 0) for g in grads), grads
+    with np.errstate(all="ignore"):
+        naive = np.maximum(0, np.sum((a - p) ** 2) - np.sum((a - n) ** 2) + 1)
+    assert not (np.isfinite(naive) and abs(naive - want) <= 1e-6 * want)
 
 
 def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
