@@ -1002,15 +1002,27 @@ def _bottom_up(expr, fired):
     out = _try_rules(expr, fired, pre=True)
     if out is not None:
         return _bottom_up(out, fired)
-    if isinstance(expr, Reduce):
-        # rules never look through a reduction's index; rewrite its body and condition.
-        k, size, body, cond = expr.args
-        new = expr.func(k, size, _bottom_up(body, fired), cond)
-    else:
-        args = [_bottom_up(a, fired) for a in expr.args]
-        new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    new = _with_args(expr, lambda a: _bottom_up(a, fired))
     out = _try_rules(new, fired)
     return _bottom_up(out, fired) if out is not None else new
+
+
+def _with_args(expr, rewrite):
+    """``expr`` with its arguments rewritten; a reduction's body only (rules never look through a
+    reduction's index)."""
+    if isinstance(expr, Reduce):
+        k, size, body, cond = expr.args
+        return expr.func(k, size, rewrite(body), cond)
+    args = [rewrite(a) for a in expr.args]
+    return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+
+def _named(name, rewrite, expr, fired):
+    """One named pass over ``expr``: its result, with ``name`` in ``fired`` where it changed anything."""
+    new = rewrite(expr)
+    if new != expr:
+        fired.add(name)
+    return new
 
 
 def stabilize(expr, facts=None, is_input=None, fired=None, gradient=False):
@@ -1022,29 +1034,17 @@ def stabilize(expr, facts=None, is_input=None, fired=None, gradient=False):
     """
     fired = set() if fired is None else fired
     if facts:
-        new = _hard_labels(expr, facts)
-        if new != expr:
-            fired.add("hard_labels")
-            expr = new
+        expr = _named("hard_labels", lambda e: _hard_labels(e, facts), expr, fired)
     while True:
         new = _bottom_up(expr, fired)
         if new == expr:
             break
         expr = new
     if is_input is not None:
-        new = _zero_weights(expr, is_input)
-        if new != expr:
-            fired.add("zero_weights")
-            expr = new
-        new = _scale_first(expr, is_input)
-        if new != expr:
-            fired.add("scale_first")
-            expr = new
+        expr = _named("zero_weights", lambda e: _zero_weights(e, is_input), expr, fired)
+        expr = _named("scale_first", lambda e: _scale_first(e, is_input), expr, fired)
     if gradient:
-        new = _annihilate(expr)
-        if new != expr:
-            fired.add("annihilate")
-            expr = new
+        expr = _named("annihilate", _annihilate, expr, fired)
     return _lower(expr, fired)
 
 
@@ -1052,12 +1052,7 @@ def _lower(expr, fired):
     """The final rules, bottom-up, once: lowerings the other rules and passes need not see through."""
     if expr.is_Atom:
         return expr
-    if isinstance(expr, Reduce):
-        k, size, body, cond = expr.args
-        new = expr.func(k, size, _lower(body, fired), cond)
-    else:
-        args = [_lower(a, fired) for a in expr.args]
-        new = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    new = _with_args(expr, lambda a: _lower(a, fired))
     for rule in NODE_RULES:
         out = rule.apply(new) if rule.final else None
         if out is not None and out != new:
