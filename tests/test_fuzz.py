@@ -82,7 +82,7 @@ def _well_conditioned(ev, point, truth, index=None):
     return True
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(body=EXPRS, xs=st.lists(st.floats(-30, 30), min_size=3, max_size=3),
        ts=st.lists(st.floats(-5, 5), min_size=3, max_size=3))
