@@ -412,7 +412,7 @@ def test_bad_targets_on_a_given_stream():
 
 # --- accuracy against exact arithmetic (the audit of test_accuracy.py, on the device) ----------
 
-ACC_POINTS = 5                          # per sampler: a sample (the CPU test takes 60-150)
+ACC_POINTS = 8                          # per sampler: a sample (the CPU test takes 60-150)
 # Left out: two of test_accuracy's known failures (xfail there, for the CPU kernels too). triplet's
 # value cancels in Σ (n - p)(2a - n - p), and where those terms overflow the result depends on FMA
 # contraction (LLVM and NVVM contract a·b + c, the simulator's numpy does not); ntxent is a batch
