@@ -117,7 +117,7 @@ def _logcosh(x):
     # one log1p of either argument, with selects, not branches: LLVM vectorizes that
     a = abs(x)
     near = a < F(0.5)
-    s = _sinh(a * F(0.5))
+    s = _sinh_small(a * F(0.5))     # each back end's sinh for |x| < 0.25 (float64: a polynomial)
     t = _log1p(F(2.0) * s * s if near else _exp(F(-2.0) * a))
     return t if near else a + t - F(0.6931471805599453)
 
@@ -911,20 +911,13 @@ def _row_sums(em, g, last, last_var, last_size, bound):
         em.reduction_symbol[r] = sym
 
 
-def _cpu_helpers(dtype):
+def _cpu_helpers():
     text = HELPERS
     for name in INLINED_HELPERS:
         text = text.replace(f"@HELPER\ndef {name}(", f"@numba.njit(error_model='numpy', forceinline=True)\ndef {name}(")
-    if dtype == "float64":
-        # _logcosh's sinh of |x| < 0.25: EXP64's polynomial, not its general _sinh (a select computes
-        # both of its sides: the general one costs an exponential and a division per element)
-        assert HALF_SINH in text, "HELPERS._logcosh changed"
-        text = text.replace(HALF_SINH, HALF_SINH.replace("_sinh(", "_sinh_small("))
     # the vectorizable _log and _expm1, not libm's (HELPERS is shared with the CUDA back end)
     return text.replace("@HELPER", HELPER_DECORATOR).replace("math.log(", "_log(").replace("math.expm1(", "_expm1(")
 
-
-HALF_SINH = "s = _sinh(a * F(0.5))"
 
 
 def _module(sig, dtype, body, compiled):
@@ -934,7 +927,7 @@ def _module(sig, dtype, body, compiled):
             "from numba import types", "from numba.core import cgutils", "from numba.extending import intrinsic",
             "", f"F = np.{dtype}",
             # read by api.Loss.kernel: np.dot runs on one BLAS thread (blas.py says why)
-            f"MATRIX_PRODUCTS = {any('np.dot(' in ln for ln in body)}", THREADS, EXP32 if dtype == "float32" else EXP64, SUMS, _cpu_helpers(dtype),
+            f"MATRIX_PRODUCTS = {any('np.dot(' in ln for ln in body)}", THREADS, EXP32 if dtype == "float32" else EXP64, SUMS, _cpu_helpers(),
             SYMADD if sig.batch else "", "",
             # no nnan/ninf: NaN checks and -inf masks must keep working (DESIGN_NOTES); no reassoc:
             # it would fold the compensation terms of _exp and _log1p away (only _acc and _radd have it)

@@ -63,9 +63,9 @@ SCRATCH = {scratch}        # MAXT + 32: shared scratch of the block combinations
 LIBM = "".join(f'''
 @cuda.jit(device=True, inline="always")
 def _{name}(x):
-    return math.{name}(x)
+    return math.{fn}(x)
 
-''' for name in ("exp", "log1p", "tanh", "sinh"))
+''' for name, fn in (("exp", "exp"), ("log1p", "log1p"), ("tanh", "tanh"), ("sinh", "sinh"), ("sinh_small", "sinh")))
 
 # Block-wide combinations through shared memory, two barriers each: every thread posts its
 # value in sh[t]; the first warp folds every 32nd value into sh[MAXT + lane]; every thread then

@@ -127,6 +127,10 @@ def _sinh(x):
     q = (F(0.5) * h) * h - F(0.5) / (h * h)
     q = q if x >= F(0.0) else -q
     return p if a <= F(1.0) else (q if x == x else x)
+
+
+# float32: its _sinh is already the polynomial below |x| = 1
+_sinh_small = _sinh
 ''')
 
 # float64: the algorithms of Cephes/FreeBSD msun/musl, written branch-free so that LLVM vectorizes
