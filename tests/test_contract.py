@@ -1,5 +1,6 @@
 """Contractions lowered to matrix products (contract.py): Σ_k P(p, k)·Q(k, q) in a batch loss, in
-its forward and in the adjoints reverse mode derives, becomes np.dot in the CPU kernel.
+its forward and in the adjoints reverse mode derives, becomes a BLAS product in the CPU kernel
+(row blocks over the cores, _dot, or np.dot whole).
 
 The recognizer is checked on sympy forms; the kernels that take the path (ntxent, a user's
 InfoNCE of N queries against M keys, so non-square products) against numpy references with
@@ -95,12 +96,13 @@ def close(got, want, dtype):
 
 
 def test_kernels_take_the_gemm_path(cross_nce):
-    # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q: no triple loop left. ntxent: u·uᵀ, and its
-    # adjoint d_sᵀ·u + d_s·u as one product (d_s + d_sᵀ)·u, d_s symmetrized in its own buffer
-    src = cross_nce.source(dtype="float64")
-    assert src.count("np.dot(") == 3 and "_symadd(" not in src.split("def kernel")[1], src
+    # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q: no triple loop left; row blocks over the
+    # cores (_dot) where the left operand is C-contiguous, d_sᵀ·q whole (np.dot). ntxent: u·uᵀ,
+    # and its adjoint d_sᵀ·u + d_s·u as one product (d_s + d_sᵀ)·u, d_s symmetrized in place
+    src = cross_nce.source(dtype="float64").split("def kernel")[1]
+    assert src.count(" _dot(") == 2 and src.count("np.dot(") == 1 and "_symadd(" not in src, src
     src = lossdsl.load("ntxent").source(dtype="float64").split("def kernel")[1]
-    assert src.count("np.dot(") == 2 and src.count("_symadd(D") == 1, src
+    assert src.count(" _dot(") == 2 and "np.dot(" not in src and src.count("_symadd(D") == 1, src
 
 
 def test_matrix_products_run_on_one_blas_thread_and_the_count_is_put_back():
