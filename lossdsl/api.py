@@ -232,7 +232,10 @@ class _Host:
         # gradients are made in the kernel's layout and handed back in the inputs' shapes
         self.grad_shapes = None if self.in_layouts == call.input_shapes else call.input_shapes
         self.empty = buffers.empty if call.elements * dtype.itemsize >= buffers.LARGE else np.empty
-        self.no_array = np.empty(0, dtype)      # size 0: the kernel never writes it, calls can share it
+        # size 0: the kernel never touches them, calls can share them; two arrays, not one: LLVM's
+        # vector loop checks at run time that what it writes (out) is apart from what it reads (w),
+        # and one placeholder for both failed that check (bce 2^24: the scalar loop, 5x slower)
+        self.no_weight, self.no_out = np.empty(0, dtype), np.empty(0, dtype)
         self.no_grads = [np.empty((0,) * len(s), dtype) for s in self.in_layouts]
         self.middle = (*call.param_values, *call.sizes)
         self.want_out = call.reduction == "none"
@@ -265,7 +268,7 @@ def _run_host(loss, call, arrays, weight, grad, results=None):
     inputs = [np.ascontiguousarray(a if a.shape == s else a.reshape(s)) for a, s in zip(arrays, h.in_layouts)]
     targets = [a if a.dtype == t and a.shape == s and a.flags.c_contiguous else
                np.ascontiguousarray(a.astype(t, copy=False).reshape(s)) for a, (t, s) in zip(arrays[n_in:], h.targets)]
-    w = h.no_array if weight is None else \
+    w = h.no_weight if weight is None else \
         np.ascontiguousarray(weight.astype(dtype, copy=False).reshape(call.n_samples))
     scale, denominator = h.scale, call.n_samples
     if scale is None:
@@ -275,10 +278,10 @@ def _run_host(loss, call, arrays, weight, grad, results=None):
     want_out = h.want_out
     if results is None:
         grads = [h.empty(a.shape, dtype) for a in inputs] if grad else h.no_grads
-        out = buffers.empty(call.n_samples, dtype) if want_out else h.no_array
+        out = buffers.empty(call.n_samples, dtype) if want_out else h.no_out
     else:       # reshapes of C-contiguous arrays: views, the kernel writes into the buffers given
         grads = [g.reshape(a.shape) for g, a in zip(results[1:], inputs)] if grad else h.no_grads
-        out = results[0].reshape(call.n_samples) if want_out else h.no_array
+        out = results[0].reshape(call.n_samples) if want_out else h.no_out
     # Small calls run on the calling thread: a parallel launch costs tens of microseconds.
     bad, total = k(*inputs, *targets, *h.middle, w, out, *grads, scale,
                    call.ignore, weight is not None, grad, want_out, h.serial)
