@@ -106,31 +106,36 @@ def _expm1(x):
 @numba.njit(error_model="numpy", forceinline=True)
 def _tanh(x):
     # Cephes tanhf, branch-free so LLVM vectorizes it (libm's tanhf is a scalar call): x + x z P(z),
-    # z = x^2, for |x| < 0.625, else sign(x) (1 - 2/(e^(2|x|) + 1)); within 2 ulp.
+    # z = x^2, for |x| < 0.625, else sign(x) (1 - e)/(1 + e), e = e^(-2|x|) <= 0.29 (no cancellation;
+    # within 2 ulp). The same e^(-2|x|) as _logcosh's: LLVM computes it once for log_cosh's value
+    # and gradient.
     a = abs(x)
     z = x * x
     p = ((((F(-5.70498872745E-3) * z + F(2.06390887954E-2)) * z - F(5.37397155531E-2)) * z
           + F(1.33314422036E-1)) * z - F(3.33332819422E-1)) * z * x + x
-    q = F(1.0) - F(2.0) / (_exp(F(2.0) * min(a, F(44.0))) + F(1.0))     # tanh is 1 from |x| = 9 on
+    e = _exp(F(-2.0) * a)
+    q = (F(1.0) - e) / (F(1.0) + e)
     q = q if x >= F(0.0) else -q
     return x if x == F(0.0) or x != x else (p if a < F(0.625) else q)     # tanh(-0) is -0
 
 
 @numba.njit(error_model="numpy", forceinline=True)
-def _sinh(x):
-    # Cephes sinhf, vectorizable: x + x z P(z) for |x| <= 1, else sign(x) (e^|x|/2 - e^-|x|/2) with
-    # e^|x|/2 as (e^(|x|/2)/2) e^(|x|/2), which overflows only where sinh does.
-    a = abs(x)
+def _sinh_small(x):
+    # sinh of |x| <= 1 alone: x + x z P(z), z = x^2 (Cephes sinhf); no exponential, for _logcosh's
+    # half angle
     z = x * x
-    p = ((F(2.03721912945E-4) * z + F(8.33028376239E-3)) * z + F(1.66667160211E-1)) * z * x + x
+    return ((F(2.03721912945E-4) * z + F(8.33028376239E-3)) * z + F(1.66667160211E-1)) * z * x + x
+
+
+@numba.njit(error_model="numpy", forceinline=True)
+def _sinh(x):
+    # Cephes sinhf, vectorizable: the polynomial for |x| <= 1, else sign(x) (e^|x|/2 - e^-|x|/2)
+    # with e^|x|/2 as (e^(|x|/2)/2) e^(|x|/2), which overflows only where sinh does.
+    a = abs(x)
     h = _exp(F(0.5) * a)
     q = (F(0.5) * h) * h - F(0.5) / (h * h)
     q = q if x >= F(0.0) else -q
-    return p if a <= F(1.0) else (q if x == x else x)
-
-
-# float32: its _sinh is already the polynomial below |x| = 1
-_sinh_small = _sinh
+    return _sinh_small(x) if a <= F(1.0) else (q if x == x else x)
 ''')
 
 # float64: the algorithms of Cephes/FreeBSD msun/musl, written branch-free so that LLVM vectorizes
@@ -224,13 +229,15 @@ def _dd_div(ah, al, bh, bl):
 
 @numba.njit(error_model="numpy", forceinline=True)
 def _tanh(x):
-    # (e^y - 1)/(e^y + 1), y = 2|x|, both pairs exact to 2^-60 and a pair division (1 - 2/(e^y + 1)
-    # in double loses up to 1.3 ulp at |x| ~ 0.6). From |x| = 20 on tanh rounds to 1.
-    sh, sl, s1, s2 = _expk(min(abs(x) * 2.0, 40.0))
+    # (1 - e)/(1 + e), e = e^(-2|x|): both pairs exact to 2^-60 and a pair division (1 - 2/(e^y + 1)
+    # in double loses up to 1.3 ulp at |x| ~ 0.6). e underflows to 0 where tanh rounds to 1. The
+    # same _expk(-2|x|) as _logcosh's e^(-2|x|): LLVM computes it once for log_cosh's value and
+    # gradient.
+    sh, sl, s1, s2 = _expk(F(-2.0) * abs(x))
     eh, el, nh, nl = _exppair(sh, sl, s1, s2)
     dh, dl = _two_sum(eh, 1.0)
     q, ql = _dd_div(nh, nl, dh, dl + el)
-    out = q + ql
+    out = -(q + ql)
     out = out if x >= 0.0 else -out
     return x if x == 0.0 or x != x else out       # tanh(-0) is -0
 
