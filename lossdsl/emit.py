@@ -592,7 +592,7 @@ def _sum_but_own(g, r, j):
 def _hoist(g, idx, hoisted, em):
     """Replace maximal subexpressions free of the map indices with precomputed variables."""
     if isinstance(g, ExprCondPair):
-        return ExprCondPair(_hoist(g.expr, idx, hoisted, em), g.cond)
+        return ExprCondPair(_hoist(g.expr, idx, hoisted, em), _hoist_cond(g.cond, idx, hoisted, em))
     if not isinstance(g, sp.Expr) or g.is_Atom:
         return g
     if not (g.free_symbols & idx):
@@ -607,6 +607,17 @@ def _hoist(g, idx, hoisted, em):
         return g
     args = [_hoist(a, idx, hoisted, em) for a in g.args]
     return g.func(*args) if any(a is not b for a, b in zip(args, g.args)) else g
+
+
+def _hoist_cond(c, idx, hoisted, em):
+    """A branch's condition with the sides of its comparisons hoisted: multiclass_hinge's
+    margin - z_y + max > 0 is computed once per row, not once per logit (LLVM could not move it:
+    its read of z may alias the gradient the loop writes)."""
+    if isinstance(c, sp.core.relational.Relational):
+        return c.func(_hoist(c.lhs, idx, hoisted, em), _hoist(c.rhs, idx, hoisted, em), evaluate=False)
+    if isinstance(c, (sp.And, sp.Or, sp.Not)):
+        return c.func(*[_hoist_cond(a, idx, hoisted, em) for a in c.args], evaluate=False)
+    return c
 
 
 def _nan_guard(e):

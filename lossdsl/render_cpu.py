@@ -31,8 +31,17 @@ from .vector_math import EXP32, EXP64
 # Samples per block of the kernel's loop: a block's sum has up to BLOCK/lanes terms in a row per
 # vector lane, then blocks go pairwise (like numpy's pairwise sum, whose leaves are 128 wide).
 BLOCK = 256
-# Blocks per call of the samples' function (_module): 4096 samples, so a call's cost is spread thin.
-GROUP = 16
+# A sample's code longer than SPLIT_BODY characters goes into a function of its own (_module):
+# numba's parallel passes (copy propagation over every variable of a parallel loop's body) then
+# see a small loop, which compiles 2-3x faster for a big body (js_divergence: 13.1 -> 5.3 s). The
+# library's bodies (up to 2.9k) stay in the parallel loop: there LLVM's code was faster
+# (multiclass_hinge 16384 x 1000: 23 vs 31 ms apart; numba's parallel loop tells LLVM its arrays
+# do not overlap, a function call cannot).
+SPLIT_BODY = 3000
+# The calls of that function per thread of a parallel kernel: enough to even out uneven blocks,
+# few enough that the calls' atomic reference counts on the shared arrays do not contend (one
+# call per row: contrastive 65536 x 128 5.5 -> 9.1 ms). A serial kernel (a small call) makes one.
+CALLS_PER_THREAD = 16
 
 SUMS = '''
 @numba.njit(error_model="numpy", fastmath={'reassoc'})
@@ -978,24 +987,23 @@ def _module(sig, dtype, body, compiled):
     tail = ["    if serial:", "        _swap_threads(threads)", "    return bad, total", ""]
     if sig.batch:
         return "\n".join(head + kernel + ["    total = 0.0", "    for _once in range(1):"] + body + tail)
-    # The samples in a function of their own: numba's parallel passes (copy propagation over every
-    # variable of the loop body) then see a small loop, which compiles 2-3x faster for a big body
-    # (js_divergence: 13.6 s -> 4.5 s), and LLVM vectorizes the sample loop as before. Each call
-    # sums GROUP blocks of BLOCK samples (the call and the vector loop's alias checks, once per
-    # block, cost huber 2^24 8% more). A row loss's sample is a row's worth of work: one per block
-    # and per call, or few rows would leave threads idle (256 rows of 50k logits would be one block).
-    rows = any(d.axes for d in sig.inputs + sig.targets)
-    block, group = (1, 1) if rows else (BLOCK, GROUP)
-    shared = ", ".join(a for a in args if a != "serial")
-    samples = [_no_wrappers(f"@numba.njit({FLAGS})"), f"def _samples(b0, b1, N, part, {shared}):", "    bad = 0",
-               "    for blk in range(b0, b1):", "        acc = 0.0",
-               # an unsigned n: numba then indexes without the wraparound select, which LLVM cannot
-               # prove dead here and would vectorize as gathers and scatters
-               f"        for n in range(np.uint64(blk * {block}), np.uint64(min(N, blk * {block} + {block}))):"]
-    samples += body + ["        part[blk] = acc", "    return bad", "", ""]
+    # A row loss's sample is a row's worth of work: one per block, or few rows would leave threads
+    # idle (256 rows of 50k logits would be one block).
+    block = 1 if any(d.axes for d in sig.inputs + sig.targets) else BLOCK
     kernel += [f"    N = {sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]",
-               f"    part = np.empty((N + {block} - 1) // {block}, np.float64)",
-               f"    for q in numba.prange((part.size + {group} - 1) // {group}):",
-               f"        bad += _samples(q * {group}, min(part.size, q * {group} + {group}), N, part, {shared})",
+               f"    part = np.empty((N + {block} - 1) // {block}, np.float64)"]
+    # an unsigned n: numba then indexes without the wraparound select, which LLVM cannot prove
+    # dead here and would vectorize as gathers and scatters
+    loop = ["        acc = 0.0", f"        for n in range(np.uint64(blk * {block}), np.uint64(min(N, blk * {block} + {block}))):"]
+    loop += body + ["        part[blk] = acc"]
+    if len("\n".join(body)) <= SPLIT_BODY:
+        kernel += ["    for blk in numba.prange(part.size):"] + loop + ["    total = _pairsum(part)"]
+        return "\n".join(head + kernel + tail)
+    shared = ", ".join(a for a in args if a != "serial")
+    samples = [_no_wrappers(f"@numba.njit({FLAGS})"), f"def _samples(b0, b1, N, part, {shared}):",
+               "    bad = 0", "    for blk in range(b0, b1):"] + loop + ["    return bad", "", ""]
+    kernel += [f"    run = max(1, part.size if serial else part.size // ({CALLS_PER_THREAD} * _num_threads()))",
+               "    for q in numba.prange((part.size + run - 1) // run):",
+               f"        bad += _samples(q * run, min(part.size, q * run + run), N, part, {shared})",
                "    total = _pairsum(part)"]
     return "\n".join(head + samples + kernel + tail)
