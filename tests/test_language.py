@@ -645,6 +645,14 @@ def test_js_divergence_bounds_and_zero_targets():
     np.testing.assert_allclose(v, np.log(2), rtol=1e-10)
 
 
+def test_a_long_sample_compiles_as_a_function_of_its_own():
+    """A sample's code longer than render_cpu.SPLIT_BODY is a function of its own, called from a
+    small parallel loop (numba's parallel passes compile it 2-3x faster); the library's stay in
+    the parallel loop. The numpy comparisons above check both kinds' values."""
+    assert "def _samples(" in compiled("js_divergence").source("cpu", "float64")
+    assert "def _samples(" not in lossdsl.load("kl_div").source("cpu", "float64")
+
+
 def test_gce_with_q_one_is_mae_of_the_probability():
     """GCE at q = 1 is 1 - p_y (the MAE limit of Zhang and Sabuncu)."""
     f = compiled("gce")
