@@ -960,7 +960,6 @@ def _cpu_helpers():
     return text.replace("@HELPER", HELPER_DECORATOR).replace("math.log(", "_log(").replace("math.expm1(", "_expm1(")
 
 
-
 def _no_wrappers(text):
     """``text`` with its numba functions built without the Python and C entry points numba makes
     for every function: only the kernel calls them (bce float64: 2.2 -> 1.7 s to compile)."""
@@ -978,7 +977,7 @@ def _module(sig, dtype, body, compiled):
             "import math", "import numba", "import numpy as np", "from llvmlite import ir as llvm_ir",
             "from numba import types", "from numba.core import cgutils", "from numba.extending import intrinsic",
             "", f"F = np.{dtype}",
-            # read by api.Loss.kernel: np.dot runs on one BLAS thread (blas.py says why)
+            # read by api.Loss.kernel: the products (_dot, np.dot) run on one BLAS thread each (blas.py)
             f"MATRIX_PRODUCTS = {any('dot(' in ln for ln in body)}",
             _no_wrappers("".join([THREADS, EXP32 if dtype == "float32" else EXP64, SUMS, _cpu_helpers(),
                                   SYMADD + PARALLEL_DOT if sig.batch else ""])), ""]
