@@ -664,28 +664,28 @@ def test_nan_real_target_gives_nan(name):
 
 
 def test_in_kernel_sum_is_accurate():
-    """mean and sum are summed inside the kernel (float64, 16 terms a vector lane, then pairwise,
-    like numpy's pairwise sum): within a few ulps of math.fsum where a running sum is far off."""
+    """mean and sum are summed inside the kernel (float64 per block, in float32 runs of 64 samples
+    first, 8 to a vector lane, then pairwise, like numpy's pairwise sum): within a few ulps of
+    math.fsum where a running sum in the dtype is far off (float32's stays at 2^24: + 1 rounds back)."""
     import math
     f = load("mae")
     n = 1 << 18
     rng = np.random.default_rng(5)
-    # float32 losses summed in float64: a float32 running sum stays at 2^24 (2^24 + 1 rounds back)
-    x = np.ones(n, np.float32)
-    x[0] = 2.0 ** 24
-    assert float(f(x, np.zeros_like(x), reduction="sum")) == np.float32(2.0 ** 24 + n - 1)
-    assert float(f(x, np.zeros_like(x))) == np.float32((2.0 ** 24 + n - 1) / n)
-    # float64: large + many small (first, and anywhere), values spread over 16 decades
-    big = np.ones(n)
-    big[0] = 2.0 ** 53
-    spread = rng.random(n) * 10.0 ** rng.integers(-8, 9, n)
-    lognormal = np.concatenate([[1e12], rng.lognormal(0, 3, n - 1)])
-    for x in (big, rng.permutation(big), spread, lognormal, rng.permutation(lognormal)):
-        exact = math.fsum(x)
-        got = float(f(x, np.zeros_like(x), reduction="sum"))
-        assert abs(got - exact) <= 8 * np.spacing(exact), (got, exact)
-    for x in (big, spread):         # where the test has teeth: a running sum is 700+ ulps off
-        assert abs(float(np.cumsum(x)[-1]) - math.fsum(x)) > 100 * np.spacing(math.fsum(x))
+    for dtype in (np.float32, np.float64):
+        # large + many small (first, and anywhere), values spread over 16 decades
+        big = np.ones(n, dtype)
+        big[0] = 2.0 ** (np.finfo(dtype).nmant + 1)
+        spread = (rng.random(n) * 10.0 ** rng.integers(-8, 9, n)).astype(dtype)
+        lognormal = np.concatenate([[1e12], rng.lognormal(0, 3, n - 1)]).astype(dtype)
+        for x in (big, rng.permutation(big), spread, lognormal, rng.permutation(lognormal)):
+            exact = math.fsum(x.astype(np.float64))
+            got = f(x, np.zeros_like(x), reduction="sum")
+            assert abs(float(got) - exact) <= 8 * np.spacing(dtype(exact)), (dtype, got, exact)
+            mean = f(x, np.zeros_like(x))
+            assert abs(float(mean) - exact / n) <= 8 * np.spacing(dtype(exact / n)), (dtype, mean, exact / n)
+        for x in (big, spread):     # where the test has teeth: a running sum is 100+ ulps off
+            exact = math.fsum(x.astype(np.float64))
+            assert abs(float(np.cumsum(x)[-1]) - exact) > 100 * np.spacing(dtype(exact))
     # the same sum through weights (the weighted losses are what is summed)
     w = rng.random(n)
     got = float(f(spread, np.zeros_like(spread), weight=w, reduction="sum"))
