@@ -398,6 +398,12 @@ DOMAIN_CHECKS = {"unit": "({v} >= 0 and {v} <= 1)", "binary": "({v} == 0 or {v} 
 # the gradient share is computed once (bce's e^-|z| serves its log1p and its sigmoid): vae_elbo and
 # multilabel_bce 1.3x faster.
 Rider = namedtuple("Rider", "target expr index")
+# A vector target's domain check in the value's first sum pass over its axis (``cond``: code with
+# {v} for the element), where its gradients ride too: the row is read from memory once, by work
+# heavy enough to hide the compare (multilabel_bce 16384 x 1000 float32: 39 -> 26 ms), not by a
+# loop of its own first. Where no gradient rides, the loop stays first: kl_div's sums with the
+# check took 1.3x longer in float64. Only for targets nothing is read through.
+CheckRider = namedtuple("CheckRider", "cond expr index")
 
 
 class VectorEmitter(Emitter):
@@ -438,7 +444,10 @@ class VectorEmitter(Emitter):
             self.line(f"    {self.argvar[r]} = -1")
 
     def step_of(self, r, step):
-        return self.ride if isinstance(r, Rider) else step
+        return self.ride if isinstance(r, Rider) else self.check if isinstance(r, CheckRider) else step
+
+    def check(self, r, b, kvar, state):
+        self.line(f"bad_row |= not {r.cond.format(v=b)}")
 
     def ride(self, r, b, kvar, state):
         # a rider's step in the sum pass: its gradient entry, c·expr at this element
@@ -517,41 +526,47 @@ def render(compiled, dtype):
     for d in sig.inputs + sig.targets:          # scalars of this sample
         if not d.axes:
             em.line(f"{scalar_vars[d.name]} = {sig.array_of[d.name]}[{'0' if sig.batch else 'n'}]")
-    _checks(em, sig, low, scalar_vars, size_var)
-    (_batch_body if sig.batch else _sample_body)(em, compiled, sig, low, fn_array, size_var, buffers)
+    if sig.batch:
+        _checks(em, sig, low, scalar_vars, size_var)
+        _batch_body(em, compiled, sig, low, fn_array, size_var, buffers)
+    else:
+        _sample_body(em, compiled, sig, low, fn_array, size_var, scalar_vars)
     return _module(sig, dtype, em.lines, compiled)
 
 
-def _sample_body(em, compiled, sig, low, fn_array, size_var, buffers):
-    """One sample: reductions and value, then each gradient (vector ones as loops over their axes,
-    or written by the value's sum pass over the same axis: ``Rider``)."""
+def _sample_body(em, compiled, sig, low, fn_array, size_var, scalar_vars):
+    """The checks, then one sample: reductions and value, then each gradient (vector ones as loops
+    over their axes, or written by the value's sum pass over the same axis: ``Rider``)."""
     ready = set(em.names)         # params, sizes, this sample's scalars
     hoisted, maps = gradient_plan(em, compiled, sig, fn_array)
+    # the maps' loop invariants of those alone (1/K of a mean, β/2) before the sums, so gradients
+    # that read them can ride (the rest stay in the value's scope: CSE shares work with it)
+    read = set().union(*(g.free_symbols for _, g, _ in maps))
+    early = [(var, e) for var, e in hoisted
+             if sp.Symbol("_" + var, real=True) in read and not e.atoms(Reduce) and e.free_symbols <= ready]
+    ready |= {sp.Symbol("_" + var, real=True) for var, _ in early}
+    # a gradient of the element alone: no reduction, nothing computed after the value's passes
+    rideable = [(i, d, g, idx) for i, (d, g, idx) in enumerate(maps)
+                if len(idx) == 1 and not g.atoms(Reduce) and g.free_symbols <= ready | {idx[0]}]
+    late = _checks(em, sig, low, scalar_vars, size_var, {low.sizes[d.axes[0]] for _, d, _, _ in rideable})
     # the weight before the sums only where gradients may ride them: an elementwise kernel read
     # it after the value before riders existed, and LLVM's vector code is faster so (bce 2^24
     # float32 into reused memory: 43 ms with the weight first, 37 ms after the value)
     weight = ["wn = w[n] if has_w else F(1.0)", "c = wn * scale"]
     for line in weight if maps else ():
         em.line(line)
-    # the maps' loop invariants of those alone (1/K of a mean, β/2) before the sums, so gradients
-    # that read them can ride (the rest stay in the value's scope: CSE shares work with it)
-    read = set().union(*(g.free_symbols for _, g, _ in maps))
-    early = [(var, e) for var, e in hoisted
-             if sp.Symbol("_" + var, real=True) in read and not e.atoms(Reduce) and e.free_symbols <= ready]
     em.scope(early, set())
     hoisted = [h for h in hoisted if h not in early]
-    ready |= {sp.Symbol("_" + var, real=True) for var, _ in early}
     riders = {}         # Rider -> its map's position
-    for i, (d, g, idx) in enumerate(maps):
-        # a gradient of the element alone: no reduction, nothing computed after the value's passes
-        if len(idx) == 1 and not g.atoms(Reduce) and g.free_symbols <= ready | {idx[0]}:
-            r = Rider(f"{sig.grad_of[d.name]}[n, {{}}]", g, idx[0])
-            riders[r] = i
-            em.riders.setdefault(low.sizes[d.axes[0]], []).append(r)
+    for i, d, g, idx in rideable:
+        r = Rider(f"{sig.grad_of[d.name]}[n, {{}}]", g, idx[0])
+        riders[r] = i
+        em.riders.setdefault(low.sizes[d.axes[0]], []).append(r)
     em.scope([("val", compiled.expr)] + hoisted, set())
     left = {r for rs in em.riders.values() for r in rs}       # no sum pass over their axis
     em.riders.clear()
     rode = {i for r, i in riders.items() if r not in left}
+    _late_checks(em, sig, low, late, left)
     if not maps:
         em.line(weight[0])
     em.line("lv = wn * val")
@@ -782,11 +797,13 @@ class _Products:
         return name if order == (rows, cols) else name + ".T"
 
 
-def _checks(em, sig, low, scalar_vars, size_var):
-    """Count bad targets before reading through them; skip ignored samples."""
-    lead = "" if sig.batch else "n, "
+def _checks(em, sig, low, scalar_vars, size_var, ridden=()):
+    """Count bad targets before reading through them; skip ignored samples. A row loss's vector
+    target of values over an axis whose gradients ride the value's pass (``ridden``: axis sizes) is
+    checked by that pass instead (CheckRider): the targets left for _late_checks."""
     if any(d.axes or d.domain.name == "class" for d in sig.targets):
-        em.line("bad_row = 0")
+        em.line("bad_row = False")
+    early, late = False, []         # early: a check here sets bad_row
     for d in sig.targets:
         if d.domain.name == "class" and not d.axes:
             v, size = scalar_vars[d.name], size_var[low.sizes[d.domain.axis]]
@@ -794,7 +811,8 @@ def _checks(em, sig, low, scalar_vars, size_var):
             _zero_sample(em, sig)
             em.line("    continue")
             em.line(f"if {v} < 0 or {v} >= {size}:")
-            em.line("    bad_row = 1")
+            em.line("    bad_row = True")
+            early = True
             continue
         if d.domain.name == "class":
             size = size_var[low.sizes[d.domain.axis]]
@@ -803,23 +821,48 @@ def _checks(em, sig, low, scalar_vars, size_var):
             cond = DOMAIN_CHECKS.get(d.domain.name)
         if cond is None:
             continue
-        if not d.axes and d.domain.name != "class":
+        if not d.axes:
             # without a branch, so elementwise loops stay vectorizable (a flag per run there, see
             # _module); the caller raises
             ok = cond.format(v=scalar_vars[d.name])
             em.line(f"run_bad |= not {ok}" if sig.elementwise else f"bad += 0 if {ok} else 1")
-            continue
-        idx = ", ".join(f"q{i}" for i in range(len(d.axes)))
-        for i, a in enumerate(d.axes):
-            em.line("    " * i + f"for q{i} in range(K{sig.sizes.index(a)}):")
-        # a count, not a flag set under an if: LLVM vectorizes the loop (vae_elbo's 784-wide
-        # target check took a quarter of its time as a scalar loop)
-        em.line("    " * len(d.axes) + f"bad_row += 0 if {cond.format(v=f'{sig.array_of[d.name]}[{lead}{idx}]')} else 1")
-    if any(d.axes or d.domain.name == "class" for d in sig.targets):
-        em.line("if bad_row:")
-        em.line("    bad += 1")
-        _zero_sample(em, sig)
-        em.line("    continue")
+        elif d.domain.name != "class" and len(d.axes) == 1 and low.sizes[d.axes[0]] in ridden:
+            k = sp.Symbol("_check", integer=True)
+            em.riders.setdefault(low.sizes[d.axes[0]], []).append(CheckRider(cond, low.arrays[d.name][0](k), k))
+            late.append(d)
+        else:
+            _check_loop(em, sig, d, cond)
+            early = True
+    if early:
+        _skip_bad(em, sig)
+    return late
+
+
+def _check_loop(em, sig, d, cond):
+    lead = "" if sig.batch else "n, "
+    idx = ", ".join(f"q{i}" for i in range(len(d.axes)))
+    for i, a in enumerate(d.axes):
+        em.line("    " * i + f"for q{i} in range(K{sig.sizes.index(a)}):")
+    # a flag or-ed in, not set under an if: LLVM vectorizes the loop (vae_elbo's 784-wide
+    # target check took a quarter of its time as a scalar loop)
+    em.line("    " * len(d.axes) + f"bad_row |= not {cond.format(v=f'{sig.array_of[d.name]}[{lead}{idx}]')}")
+
+
+def _skip_bad(em, sig):
+    em.line("if bad_row:")
+    em.line("    bad += 1")
+    _zero_sample(em, sig)
+    em.line("    continue")
+
+
+def _late_checks(em, sig, low, late, left):
+    """After the value's passes: the ``late`` checks no pass took (a loop each), then skip a bad
+    sample. Nothing was read through these targets, so computing with a bad one was harmless."""
+    for d in late:
+        if any(isinstance(r, CheckRider) and r.expr.func == low.arrays[d.name][0] for r in left):
+            _check_loop(em, sig, d, DOMAIN_CHECKS[d.domain.name])
+    if late:
+        _skip_bad(em, sig)
 
 
 def _zero_sample(em, sig):
