@@ -653,6 +653,32 @@ def test_a_long_sample_compiles_as_a_function_of_its_own():
     assert "def _samples(" not in lossdsl.load("kl_div").source("cpu", "float64")
 
 
+def test_target_checks_ride_the_pass_that_reads_the_target():
+    """A row loss's target of values whose gradients ride the value's pass is checked in that pass
+    (multilabel_bce), elsewhere by a loop first (kl_div); an elementwise loss flags a bad target per
+    run of samples. Each way, a bad target anywhere is the same clear error."""
+    mlb = lossdsl.load("multilabel_bce").source("cpu", "float32")
+    assert "for q0 in range(K0)" not in mlb and "bad_row |= not" in mlb
+    assert "for q0 in range(K0)" in lossdsl.load("kl_div").source("cpu", "float32")
+    rng = np.random.default_rng(3)
+    for name, where in (("multilabel_bce", (5, 999)), ("kl_div", (0, 0)), ("vae_elbo", (9, 17))):
+        f = lossdsl.load(name)
+        z = rng.normal(size=(12, 1000)).astype(np.float32)
+        t = np.full((12, 1000), 1e-3, np.float32)
+        t[where] = -0.5
+        args = [z, rng.normal(size=(12, 4)).astype(np.float32), rng.normal(size=(12, 4)).astype(np.float32), t] \
+            if name == "vae_elbo" else [z, t]
+        with pytest.raises(lossdsl.DomainError, match=f"sample {where[0]}, element {where[1]}"):
+            f.value_and_grad(*args)
+    for name, y, bad in (("bce", 1.0, 2.0), ("hinge", 1.0, 0.0), ("focal", 0.0, np.nan)):
+        ys = np.full(1000, y, np.float32)
+        for i in (0, 63, 64, 700, 999):
+            ys[i] = bad
+            with pytest.raises(lossdsl.DomainError, match=f"sample {i}"):
+                lossdsl.load(name).value_and_grad(np.zeros(1000, np.float32), ys)
+            ys[i] = y
+
+
 def test_gce_with_q_one_is_mae_of_the_probability():
     """GCE at q = 1 is 1 - p_y (the MAE limit of Zhang and Sabuncu)."""
     f = compiled("gce")
