@@ -1,0 +1,86 @@
+"""What every generated CPU module imports (render_cpu): the thread-count intrinsics of its kernel
+and a batch kernel's parallel helpers. Compiled once per process and signature, not once per
+module (a batch kernel spent 3 of its 10 s of compile on its own copies of _dot and _symadd);
+a generated module names this file's hash, so a kernel cached with older helpers is not reused."""
+import numba
+import numpy as np
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# numba.set_num_threads inside a kernel holds a ctypes function as a global, and numba does not
+# cache such kernels; the threading layer's C functions, called by name as numba's own parallel
+# loops do, keep the kernel cacheable. numba.get_num_threads() at import registers those names.
+def _get_threads(builder):
+    get = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(cgutils.intp_t, []),
+                                         "get_num_threads")     # declared as numba's parfors do
+    return builder.call(get, [])
+
+
+@intrinsic
+def _swap_threads(typingctx, n):
+    def codegen(context, builder, sig, args):
+        old = _get_threads(builder)
+        put = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [
+            llvm_ir.IntType(32)]), "set_num_threads")              # C: void set_num_threads(int)
+        builder.call(put, [builder.trunc(args[0], llvm_ir.IntType(32))])
+        return old
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _num_threads(typingctx):
+    return types.int64(), lambda context, builder, sig, args: _get_threads(builder)
+
+
+numba.get_num_threads()
+
+
+# D + Dᵀ in place, 64 x 64 tiles through a buffer (a transpose read straight is a cache miss per
+# element), a pair of tile rows from both ends per parallel step so the steps are even.
+@numba.njit(parallel=True, error_model="numpy", nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _symadd(a):
+    n = a.shape[0]
+    t = (n + 63) // 64
+    for q in numba.prange((t + 1) // 2):
+        tile = np.empty((64, 64), a.dtype)
+        for h in range(2):
+            I = np.int64(q) if h == 0 else t - 1 - np.int64(q)
+            if h == 1 and I == q:
+                continue
+            i0 = I * 64
+            ni = min(64, n - i0)
+            for J in range(I, t):
+                j0 = J * 64
+                nj = min(64, n - j0)
+                for jj in range(nj):
+                    for ii in range(ni):
+                        tile[ii, jj] = a[j0 + jj, i0 + ii]
+                for ii in range(ni):
+                    for jj in range(nj):
+                        v = a[i0 + ii, j0 + jj] + tile[ii, jj]
+                        a[i0 + ii, j0 + jj] = v
+                        tile[ii, jj] = v
+                for jj in range(nj):
+                    for ii in range(ni):
+                        a[j0 + jj, i0 + ii] = tile[ii, jj]
+
+
+# A·B over the cores: each of numba's threads multiplies a block of A's rows on one BLAS thread
+# (blas.py: OpenBLAS's own threads next to numba's spinning workers ran slower). Row blocks of a
+# C-contiguous A and of the result stay contiguous, so BLAS takes them without a copy: ntxent
+# 1024 x 128 float64 on 2 cores, u·uᵀ 4.35 -> 2.04 ms and d_s·u 4.48 -> 2.36 ms. A transposed A
+# (an F-contiguous operand) has no contiguous row blocks: np.dot takes it whole.
+@numba.njit(parallel=True, error_model="numpy", nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _dot(a, b):
+    n = a.shape[0]
+    out = np.empty((n, b.shape[1]), a.dtype)
+    t = _num_threads()
+    step = (n + t - 1) // t
+    for c in numba.prange(t):
+        r0 = c * step
+        r1 = min(n, r0 + step)
+        if r0 < r1:
+            np.dot(a[r0:r1], b, out[r0:r1])
+    return out
