@@ -311,3 +311,16 @@ def test_cli_info_does_not_create_the_directory(tmp_path, monkeypatch, capsys):
     fresh(tmp_path / "none", monkeypatch)
     assert "not created yet" in cli(capsys) and "removed 0 files" in cli(capsys, "--clear")
     assert not (tmp_path / "none").exists()
+
+
+def test_a_generated_module_names_the_shared_helpers_it_was_built_with():
+    """numba's cache of a kernel holds the code of the helpers it imports from cpu_runtime.py and
+    checks only the generated module's file: that file names the helpers' hash, so new helpers
+    make a new module (and a new cache entry), never a stale kernel."""
+    import hashlib
+    from pathlib import Path
+    digest = hashlib.sha256((Path(lossdsl.__file__).parent / "cpu_runtime.py").read_bytes()).hexdigest()[:16]
+    for name in ("bce", "cross_entropy", "ntxent"):
+        src = lossdsl.load(name).source("cpu", "float32")
+        assert "from lossdsl.cpu_runtime import " in src and f"cpu_runtime.py {digest}" in src
+        assert "def _dot(" not in src and "def _swap_threads(" not in src
