@@ -4,11 +4,11 @@ The kernel is fused: one parallel loop over samples computes each sample's reduc
 loss and the gradient of every input. The samples go in blocks of BLOCK; each block sums its
 weighted losses in float64 (_acc; elementwise, runs of RUN samples summed in the dtype first:
 _radd; these reassociable adds let LLVM split the running sums into vector lanes) into one
-partial, and the partials are summed pairwise (_pairsum): for a
-mean or sum nothing per sample goes through memory. With want_out the per-sample losses are
-written to ``out`` too (reduction "none"). Targets are checked inside the same loop *before*
-anything is read through them (a class target indexes the logits), and a count of bad samples
-(of runs with one, elementwise) is returned so the caller can raise a clear error.
+partial, and the partials are summed pairwise (_pairsum): for a mean or sum nothing per sample
+goes through memory. With want_out the per-sample losses are written to ``out`` too (reduction
+"none"). Targets are checked inside the same loop *before* anything is read through them (a class
+target indexes the logits), and a count of bad samples (of runs with one, elementwise) is
+returned so the caller can raise a clear error.
 
     kernel(inputs..., targets..., params..., sizes..., w, out, grads..., scale, ignore,
            has_w, want_grad, want_out, serial) -> (bad, total)
@@ -644,11 +644,6 @@ def _shared_rows(em, low, stages):
     return out
 
 
-# A + Aᵀ of a square matrix, in place: the left operand of a product that merge_transposed made
-# of two (ntxent's adjoint of u, d_s·u + d_sᵀ·u: one gemm, not two). Tiles (I, J) and (J, I) are
-# read before either is written, the mirror through a tile-sized scratch (row-wise reads and
-# writes of the big matrix; 2.8x faster than pairs a[i, j], a[j, i] element by element); tile
-# rows I and t-1-I go to one thread, so the triangle's work splits evenly.
 class _Products:
     """The contractions of a batch kernel as matrix products (contract.py): _dot or np.dot, which
     numba hands to BLAS, each computed once before its first use and then read like a buffer."""
