@@ -544,7 +544,7 @@ def _sample_body(em, compiled, sig, low, fn_array, size_var, scalar_vars):
     left = {r for rs in em.riders.values() for r in rs}       # no sum pass over their axis
     em.riders.clear()
     rode = {i for r, i in riders.items() if r not in left}
-    _late_checks(em, sig, low, late, left)
+    _late_checks(em, sig, late, left)
     if not maps:
         em.line(weight[0])
     em.line("lv = wn * val")
@@ -722,7 +722,7 @@ class _Products:
 def _checks(em, sig, low, scalar_vars, size_var, ridden=()):
     """Count bad targets before reading through them; skip ignored samples. A row loss's vector
     target of values over an axis whose gradients ride the value's pass (``ridden``: axis sizes) is
-    checked by that pass instead (CheckRider): the targets left for _late_checks."""
+    checked by that pass instead: the (target, CheckRider) pairs left for _late_checks."""
     if any(d.axes or d.domain.name == "class" for d in sig.targets):
         em.line("bad_row = False")
     early, late = False, []         # early: a check here sets bad_row
@@ -750,8 +750,8 @@ def _checks(em, sig, low, scalar_vars, size_var, ridden=()):
             em.line(f"run_bad |= not {ok}" if sig.elementwise else f"bad += 0 if {ok} else 1")
         elif d.domain.name != "class" and len(d.axes) == 1 and low.sizes[d.axes[0]] in ridden:
             k = sp.Symbol("_check", integer=True)
-            em.riders.setdefault(low.sizes[d.axes[0]], []).append(CheckRider(cond, low.arrays[d.name][0](k), k))
-            late.append(d)
+            late.append((d, CheckRider(cond, low.arrays[d.name][0](k), k)))
+            em.riders.setdefault(low.sizes[d.axes[0]], []).append(late[-1][1])
         else:
             _check_loop(em, sig, d, cond)
             early = True
@@ -777,12 +777,12 @@ def _skip_bad(em, sig):
     em.line("    continue")
 
 
-def _late_checks(em, sig, low, late, left):
-    """After the value's passes: the ``late`` checks no pass took (a loop each), then skip a bad
-    sample. Nothing was read through these targets, so computing with a bad one was harmless."""
-    for d in late:
-        if any(isinstance(r, CheckRider) and r.expr.func == low.arrays[d.name][0] for r in left):
-            _check_loop(em, sig, d, DOMAIN_CHECKS[d.domain.name])
+def _late_checks(em, sig, late, left):
+    """After the value's passes: the ``late`` checks no pass took (``left``: a loop each), then skip
+    a bad sample. Nothing was read through these targets, so computing with a bad one was harmless."""
+    for d, r in late:
+        if r in left:
+            _check_loop(em, sig, d, r.cond)
     if late:
         _skip_bad(em, sig)
 
@@ -972,7 +972,7 @@ def _module(sig, dtype, body, compiled):
     # dead here and would vectorize as gathers and scatters
     loop = ["        acc = 0.0"]
     if block == 1:
-        loop += ["        for n in range(np.uint64(blk * 1), np.uint64(min(N, blk * 1 + 1))):"] + body
+        loop += ["        for n in range(np.uint64(blk), np.uint64(blk + 1)):"] + body
     else:
         loop += [f"        for r0 in range(blk * {block}, min(N, blk * {block} + {block}), {RUN}):",
                  "            run_acc = F(0.0)", "            run_bad = False",
