@@ -25,7 +25,8 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 
 from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, at_peak,
                          expand, expm1, fsum, isinf, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff,
-                         sqdist_diff_small, sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy, xmul, xpow, xsq)
+                         sqdist_diff_small, sqdist_fast, sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy,
+                         xmul, xpow, xsq)
 
 
 class ExpDiff(sp.Function):
@@ -43,7 +44,7 @@ CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p
          unit: "_unit", isinf: "_isinf",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
          addexp: "_addexp", xsq: "_xsq", xpow: "_xpow", xmul: "_xmul", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
-         overflow_or: "_overflow_or", at_peak: "_at_peak",
+         sqdist_fast: "_sqdist_fast", overflow_or: "_overflow_or", at_peak: "_at_peak",
          Max2: "_max2", Min2: "_min2", sp.Max: "_max2", sp.Min: "_min2"}
 
 
@@ -184,6 +185,8 @@ class Emitter:
 
     def reductions(self, exprs, bound):
         todo = [r for r in _computable(exprs, bound, self) if not self.load_shared(r)]
+        rescues = _rescues(exprs, todo)
+        todo = [r for r in todo if r not in rescues]
         levels = {}
         for r in todo:
             levels[r] = _level(r, todo, levels)
@@ -194,6 +197,14 @@ class Emitter:
                     groups.setdefault(r.size, []).append(r)
             for size, group in groups.items():
                 self.reduction_loops(size, group, bound)
+        for b, a in rescues.items():
+            # overflow_or(a, b) reads b only where a is not finite (rare): b's own pass, only there
+            self.line(f"if not abs({self.known[a]}) < math.inf:")
+            self.depth += 1
+            self.reduction_loops(b.size, [b], bound)
+            self.depth -= 1
+            self.line("else:")
+            self.line(f"    {self.known[b]} = F(0.0)")
 
     def reduction_loops(self, size, group, bound):
         if self.lanes and all(isinstance(r, LogSumExp) and r not in self.exp_store for r in group):
@@ -227,8 +238,17 @@ class Emitter:
         if summed:                                      # pass 2: sums (shifted by the peak)
             for r in summed:
                 self.line(f"{acc[r]} = F(0.0)")
-            self.loop(kvar, size, summed, bodies, conds, bound | {k}, self.accumulate, (acc, peak))
+            fast = {r: getattr(type(bodies[r]), "fast", None) for r in summed if type(r) is Sum}
+            fast = {r: f(*bodies[r].args) for r, f in fast.items() if f is not None}
+            self.loop(kvar, size, summed, {**bodies, **fast}, conds, bound | {k}, self.accumulate, (acc, peak))
             self.after_pass("sum", summed, acc)
+            for r in fast:                              # a term off the fast path made the sum NaN:
+                self.line(f"if {acc[r]} != {acc[r]}:")  # the sum again, of the function itself
+                self.depth += 1
+                self.line(f"{acc[r]} = F(0.0)")
+                self.loop(kvar, size, [r], bodies, conds, bound | {k}, self.accumulate, (acc, peak))
+                self.after_pass("sum", [r], acc)
+                self.depth -= 1
         for r in group:
             self.finish(r, acc[r], peak.get(r))
             self.register(r, acc[r], peak.get(r))
@@ -685,6 +705,24 @@ def _computable(exprs, bound, em):
             if all(s in em.names or s in bound for s in r.free_symbols):
                 found.append(r)
     return found
+
+
+def _rescues(exprs, todo):
+    """{b: a} for the reductions b of ``todo`` read only as overflow_or(a, b), a another of them."""
+    pairs = {}
+    for e in exprs:
+        for node in sp.preorder_traversal(e):
+            if isinstance(node, overflow_or) and node.args[1] in todo and node.args[0] in todo:
+                pairs.setdefault(node.args[1], set()).add(node.args)
+    out = {}
+    for b, uses in pairs.items():
+        if len(uses) != 1:
+            continue
+        (a, _), = uses
+        rest = [e.xreplace({overflow_or(a, b): a}) for e in exprs] + [r for r in todo if r is not b]
+        if not any(e.has(b) for e in rest):
+            out[b] = a
+    return out
 
 
 def _all_reductions(e):

@@ -253,6 +253,14 @@ def _sqdist_diff(a, p, n):
 
 
 @HELPER
+def _sqdist_fast(a, p, n):
+    # _sqdist_diff where its first line gives its value, else NaN: a select, so a sum of it vectorizes
+    u, v = a - p, a - n
+    r = (n - p) * (u + v)
+    return r if r != 0 or n == p else F(math.nan)
+
+
+@HELPER
 def _twosum_err(x, y, s):
     # the rounding error of s = x + y (Knuth's TwoSum)
     yy = s - x

@@ -197,6 +197,32 @@ def test_sqdist_diff_at_opposite_max_floats(a0):
     assert not (np.isfinite(naive) and abs(naive - want) <= 1e-6 * want)
 
 
+def test_sqdist_sum_takes_the_fast_path_and_falls_back_where_a_term_leaves_it():
+    # A sum of sqdist_diff is summed first as sqdist_fast, (n - p)·((a - p) + (a - n)) with no branch (the
+    # loop vectorizes), and again term by term where that sum is NaN: a term where (a - p) + (a - n)
+    # rounds to 0 but 2a - p - n does not (TwoSum recovers it), or an infinite coordinate. The overflow
+    # rescue's scaled sum gets a pass of its own, only where the sum is not finite.
+    from fractions import Fraction as Q
+    f = lossdsl.load("triplet")
+    src = f.source("cpu", "float64")
+    fast, full = src.index("_sqdist_fast(a0"), src.index("_sqdist_diff(a0")
+    assert fast < src.index("!= r", fast) < full < src.index("if not abs(", full) < src.index("_sqdist_diff_small(a0")
+    special = (2.2967755324384083, -5555347603856154.0, 5555347603856158.0)
+    assert (special[0] - special[1]) + (special[0] - special[2]) == 0     # the fast form's term is 0
+    rng = np.random.default_rng(5)
+    a, p, n = (rng.uniform(-3, 3, (6, 4)) for _ in range(3))
+    for i in range(4):                  # the special coordinate at each position, then none
+        a[i, i], p[i, i], n[i, i] = special
+    a[4, 2], p[4, 2] = np.inf, 1.0      # (a - p)² - (a - n)² at a = inf: (n - p)·inf
+    v, grads = f.value_and_grad(a, p, n, reduction="none")
+    for i in range(4):
+        t = sum((Q(x) - Q(y)) ** 2 - (Q(x) - Q(z)) ** 2 for x, y, z in zip(a[i], p[i], n[i]))
+        want = float(max(Q(0), t + 1))
+        assert want > 6e15 and close(float(v[i]), want), (i, v[i], want)
+    assert v[4] == (np.inf if n[4, 2] > p[4, 2] else 0.0)
+    assert np.all(np.isfinite(grads[0][:4])) and np.all(grads[0][5] == 2 * (n[5] - p[5]) * (v[5] > 0))
+
+
 def test_tanh_grad_rule_keeps_gradient_of_log_cosh_of_tanh():
     # d/dx tanh(x) = 1 - tanh(x)^2 cancels to 0 at x = 20; 1/cosh^2 keeps 1.7e-17
     f = lossdsl.compile("loss w\n  input x\n  loss = tanh(x)\n")["w"]
