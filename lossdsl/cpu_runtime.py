@@ -87,3 +87,32 @@ def _dot(a, b):
         if r0 < r1:
             np.dot(a[r0:r1], b, out[r0:r1])
     return out
+
+
+# A·Aᵀ (a Gram matrix: ntxent's u·uᵀ) from half the products: each block of 128 rows is multiplied
+# by the rows up to its own last one, into a scratch panel, whose lower triangle is copied to its
+# place and, transposed, to the mirror place, so the result is exactly symmetric (np.dot's need not
+# be). Block rows I and t-1-I go to one thread (equal areas). ntxent 1024 x 128 float64: 1.9 -> 1.64 ms.
+@numba.njit(parallel=True, error_model="numpy", nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _gram(a):
+    if a.itemsize < 8:          # float32: the copies cost more than half the product (0.9 -> 1.0 ms)
+        return _dot(a, a.T)
+    n = a.shape[0]
+    out = np.empty((n, n), a.dtype)
+    t = (n + 127) // 128
+    for q in numba.prange((t + 1) // 2):
+        for h in range(2):
+            I = np.int64(q) if h == 0 else t - 1 - np.int64(q)
+            if h == 1 and I == q:
+                continue
+            r0 = I * 128
+            r1 = min(n, r0 + 128)
+            panel = np.empty((r1 - r0, r1), a.dtype)
+            np.dot(a[r0:r1], a[:r1].T, panel)
+            for i in range(r1 - r0):
+                for j in range(r0 + i + 1):
+                    out[r0 + i, j] = panel[i, j]
+            for j in range(r1):
+                for i in range(max(0, j - r0 + 1), r1 - r0):
+                    out[j, r0 + i] = panel[i, j]
+    return out
