@@ -353,7 +353,7 @@ class Emitter:
     def load_shared(self, r):
         """Read a row reduction stored by an earlier pass (store_row) instead of computing it."""
         row = self.row_index(r) if self.stored_rows else None
-        arrays = row is not None and self.stored_rows.get(substitute(r, {row: ROW}))
+        arrays = row is not None and self.stored_rows.get(row_key(r, row))
         if not arrays:
             return False
         at = self.index_code(row)
@@ -397,7 +397,7 @@ class Emitter:
             self.line(f"{arg}[{jvar}] = {self.argvar[r]}")
         self.known, self.reduction_symbol = saved
         self.depth -= 1
-        self.stored_rows[substitute(r, {row: ROW})] = (value, peak, arg)
+        self.stored_rows[row_key(r, row)] = (value, peak, arg)
 
     def loop_range(self, size):
         """The iteration space of a reduction pass over ``size`` elements."""
@@ -705,6 +705,23 @@ def _computable(exprs, bound, em):
             if all(s in em.names or s in bound for s in r.free_symbols):
                 found.append(r)
     return found
+
+
+def row_key(r, row):
+    """Row reduction r as the key of its stored row: its row index as ROW, each reduction's own
+    index named by its depth, so that it is found however it is written (the chain rule names
+    ntxent's max[e] |z(i, e)| max[d] |z(m, d)| in the gradient of z)."""
+    def canon(e, depth):
+        if e.is_Atom:
+            return e
+        if isinstance(e, Reduce):
+            k = sp.Symbol(f"_k{depth}", integer=True)
+            index, size, body, cond = e.args
+            return e.func(k, size, canon(substitute(body, {index: k}), depth + 1),
+                          canon(substitute(cond, {index: k}), depth + 1))
+        args = [canon(a, depth) for a in e.args]
+        return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+    return canon(substitute(r, {row: ROW}), 0)
 
 
 def _rescues(exprs, todo):

@@ -26,8 +26,8 @@ from pathlib import Path
 import sympy as sp
 from sympy.core.function import AppliedUndef
 
-from .contract import index_sizes, merge_transposed, products
-from .emit import CALLS, ROW, Emitter, gradient_plan
+from .contract import index_sizes, merge_transposed, products, read_locals
+from .emit import CALLS, Emitter, gradient_plan, row_key
 from .primitives import IsArg, Min, Norm, Reduce, Sum, expm1, substitute
 from .vector_math import EXP32, EXP64
 
@@ -581,10 +581,12 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         return "(" + "".join(f"{size_var[low.sizes[a]]}, " for a in axes) + ")"
 
     gemm = _Products(em, compiled, sig, fn_array, size_var, buffers)
-    vector_grads = [(sig.grad_of[d.name], *compiled.grads[d.name], d.axes) for d in sig.inputs if d.axes]
+    adjoints = [(*a[:4], read_locals(a[4], compiled.locals)) for a in compiled.adjoints]
+    grads = {name: (read_locals(g, compiled.locals), idx) for name, (g, idx) in compiled.grads.items()}
+    vector_grads = [(sig.grad_of[d.name], *grads[d.name], d.axes) for d in sig.inputs if d.axes]
     stages = [(body, idx, axes) for _, _, idx, axes, body in compiled.locals] + [(compiled.expr, (), ())]
-    stages += [(e, idx, axes) for *_, idx, axes, e in compiled.adjoints] + [g[1:] for g in vector_grads]
-    stages += [(compiled.grads[d.name][0], (), ()) for d in sig.inputs if not d.axes]
+    stages += [(e, idx, axes) for *_, idx, axes, e in adjoints] + [g[1:] for g in vector_grads]
+    stages += [(grads[d.name][0], (), ()) for d in sig.inputs if not d.axes]
     shared = _shared_rows(em, low, stages)
 
     def lower(n, e, idx=(), axes=()):
@@ -607,8 +609,8 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
     em.line("if want_grad:")
     em.depth += 1
     forward = {name: fn for name, fn, *_ in compiled.locals}
-    later = [e for *_, e in compiled.adjoints] + [g for g, _ in compiled.grads.values()]
-    for i, (name, fn, idx, axes, expr) in enumerate(compiled.adjoints):
+    later = [e for *_, e in adjoints] + [g for g, _ in grads.values()]
+    for i, (name, fn, idx, axes, expr) in enumerate(adjoints):
         n += 1
         overwrite = _overwritable(forward[name], expr, idx, later[i + 1:])
         expr = lower(n, expr, idx, axes)
@@ -622,7 +624,7 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         n += 1
         g = lower(n, g, idx, axes)
         _map_loop(em, f"{grad}[{{}}]", "scale * ", g, idx, axes, size_var, low, True)
-    scalar_grads = [(f"d_{sig.grad_of[d.name]}", lower(n + 1 + k, compiled.grads[d.name][0]))
+    scalar_grads = [(f"d_{sig.grad_of[d.name]}", lower(n + 1 + k, grads[d.name][0]))
                     for k, d in enumerate(d for d in sig.inputs if not d.axes)]
     if scalar_grads:
         em.scope(scalar_grads, set())
@@ -633,23 +635,24 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
 
 
 def _shared_rows(em, low, stages):
-    """{stage number: [(r, row index, size)]}: the row reductions (one free index, none nested)
-    that two stages or more read, to be stored by a pass of their own before the first of them:
-    ntxent's logsumexp over each row of s, in the value and again in its adjoint."""
+    """{stage number: [(r, row index, size)]}: the row reductions (one free index, and so any
+    nested in them) that two stages or more read, to be stored by a pass of their own before the
+    first of them, nested ones first: ntxent's logsumexp over each row of s, in the value and again
+    in its adjoint; the norm of z(i)/max|z(i)|, in u and again in the gradient of z."""
     uses = {}
     for n, (e, idx, axes) in enumerate(stages):
         sizes = index_sizes(e, idx, [low.sizes[a] for a in axes])
         for r in sorted(e.atoms(Reduce), key=sp.default_sort_key):     # a set: same source every run
             row = em.row_index(r)
-            if row is None or r.body.atoms(Reduce) or r.has(IsArg) or sizes.get(row) is None:
+            if row is None or r.has(IsArg) or sizes.get(row) is None:
                 continue
-            uses.setdefault(substitute(r, {row: ROW}), {}).setdefault(n, (r, row, sizes[row]))
+            uses.setdefault(row_key(r, row), {}).setdefault(n, (r, row, sizes[row]))
     out = {}
     for at in uses.values():
         if len(at) > 1:
             first = min(at)
             out.setdefault(first, []).append(at[first])
-    return out
+    return {n: sorted(rows, key=lambda x: len(x[0].atoms(Reduce))) for n, rows in out.items()}
 
 
 class _Products:

@@ -106,6 +106,22 @@ def test_kernels_take_the_gemm_path(cross_nce):
     assert src.count("_symadd(D") == 1, src
 
 
+def test_the_gradient_reads_a_local_where_the_chain_rule_wrote_it_out():
+    # ntxent's gradient of z holds u = z/‖z‖ written out (unit(z(m, d), ‖z(m)‖, ...)) 3 times per element;
+    # the kernel reads u's buffer there: unit(z...) is computed once, in the forward pass that stores u
+    # (the reference tests of ntxent check the gradient's values)
+    from lossdsl.contract import read_locals
+    c = lossdsl.load("ntxent")._compiled_for(())
+    _, u_fn, _, _, body = c.locals[0]
+    z_fn = body.args[0].func            # u = unit(z(i, d), ...)
+    g = c.grads["z"][0]
+    assert any(a.args[0].func == z_fn for a in g.atoms(type(body))) and not g.has(u_fn)
+    read = read_locals(g, c.locals)
+    assert read.has(u_fn) and not any(a.args[0].func == z_fn for a in read.atoms(type(body)))
+    src = lossdsl.load("ntxent").source(dtype="float64").split("def kernel")[1]
+    assert src.count("_unit(a0[") == 1, src
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_a_gram_matrix_takes_half_the_products(dtype):
     # _gram(a) = a·aᵀ (float64: from the block-lower triangle and its mirror, exactly symmetric; float32:
