@@ -597,6 +597,9 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
 
     for n, (name, fn, idx, axes, body) in enumerate(compiled.locals):
         body = lower(n, body, idx, axes)
+        if isinstance(body, AppliedUndef) and body.func in buffers and body.args == tuple(idx):
+            em.line(f"{buffers[fn]} = {buffers[body.func]}    # {name}")     # the product itself
+            continue
         em.line(f"{buffers[fn]} = {gemm.reusable(body, idx) or f'np.empty({shape(axes)}, F)'}    # {name}")
         _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
     n = len(compiled.locals)
@@ -676,7 +679,14 @@ class _Products:
         found = {}
         for prod in products(e, lambda s: s not in self.em.names, tuple(idx)):
             readers = [e.xreplace({prod.total: sp.Integer(0)}), *later]
-            fn = self.done.get(prod.total) or self._emit(prod, sizes, readers)
+            # e = Σ/c, c free of the indices (s = u·uᵀ/τ): a Gram product divides as it is copied
+            q = e / prod.total
+            c = q.base if q.is_Pow and q.exp == -1 and not q.free_symbols & set(idx) else None
+            fn = self.done.get(prod.total)
+            if fn is None:
+                fn, folded = self._emit(prod, sizes, readers, c)
+                if folded:
+                    return fn(prod.p, prod.q)
             if fn is not None:
                 found[prod.total] = fn(prod.p, prod.q)
         return e.xreplace(found)
@@ -691,21 +701,27 @@ class _Products:
         self.done = {r: f for r, f in self.done.items() if f != fn}
         return self.buffers[fn]
 
-    def _emit(self, prod, sizes, readers):
+    def _emit(self, prod, sizes, readers, divisor=None):
+        """(the Function reading the product, or None; whether it is the product over ``divisor``)"""
         k = prod.total.index
         axes = {prod.p: self.axis_of.get(sizes.get(prod.p)), prod.q: self.axis_of.get(sizes.get(prod.q)),
                 k: self.axis_of.get(prod.total.size)}
         if None in axes.values():
-            return None
+            return None, False
         left = self._operand(prod.left, prod.p, k, axes, readers)
         right = self._operand(prod.right, k, prod.q, axes, readers)
         name = self.em.fresh("T")
-        call = "_gram(" + left if right == left + ".T" else ("np.dot(" if left.endswith(".T") else "_dot(") + f"{left}, {right}"
-        self.em.line(f"{name} = {call})")
+        gram = right == left + ".T"
+        if gram:
+            call = f"_gram({left}, {self.em.code(divisor) if divisor is not None else 'F(1.0)'})"
+        else:
+            call = f"{'np.dot' if left.endswith('.T') else '_dot'}({left}, {right})"
+        self.em.line(f"{name} = {call}")
         fn = sp.Function("_" + name, real=True)
         self.buffers[fn] = name
-        self.done[prod.total] = fn
-        return fn
+        if not (gram and divisor is not None):
+            self.done[prod.total] = fn
+        return fn, gram and divisor is not None
 
     def _operand(self, f, rows, cols, axes, readers):
         """Code for the matrix f[rows, cols]: an array as it is (or transposed); A + Aᵀ by _symadd,

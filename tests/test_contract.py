@@ -97,12 +97,14 @@ def close(got, want, dtype):
 
 def test_kernels_take_the_gemm_path(cross_nce):
     # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q: no triple loop left; row blocks over the
-    # cores (_dot) where the left operand is C-contiguous, d_sᵀ·q whole (np.dot). ntxent: u·uᵀ,
-    # and its adjoint d_sᵀ·u + d_s·u as one product (d_s + d_sᵀ)·u, d_s symmetrized in place
+    # cores (_dot) where the left operand is C-contiguous, d_sᵀ·q whole (np.dot). ntxent: u·uᵀ/τ
+    # (a Gram product, divided as it is copied: no pass of its own), and its adjoint d_sᵀ·u + d_s·u as
+    # one product (d_s + d_sᵀ)·u, d_s symmetrized in place
     src = cross_nce.source(dtype="float64").split("def kernel")[1]
     assert src.count(" _dot(") == 2 and src.count("np.dot(") == 1 and "_symadd(" not in src, src
     src = lossdsl.load("ntxent").source(dtype="float64").split("def kernel")[1]
     assert src.count(" _gram(") == 1 and src.count(" _dot(") == 1 and "np.dot(" not in src, src
+    assert " = _gram(L0, p0)" in src and "/(p0))" not in src.split("_gram")[1].split("_dot")[0], src  # s = u·uᵀ/τ
     assert src.count("_symadd(D") == 1, src
 
 
@@ -139,23 +141,24 @@ def test_the_gradient_reads_a_local_where_the_chain_rule_wrote_it_out():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_a_gram_matrix_takes_half_the_products(dtype):
-    # _gram(a) = a·aᵀ (float64: from the block-lower triangle and its mirror, exactly symmetric; float32:
-    # _dot's full product), each element within the rounding bound of a dot product (dim·ε·|a_i|·|a_j|),
-    # with edge blocks (n not a multiple of 128) and a single row
+    # _gram(a, d) = a·aᵀ/d (float64: from the block-lower triangle and its mirror, exactly symmetric;
+    # float32: _dot's full product), each element within the rounding bound of a dot product
+    # (dim·ε·|a_i|·|a_j|) and then divided, with edge blocks (n not a multiple of 128) and a single row
     import numba
     from lossdsl.cpu_runtime import _gram
 
     @numba.njit
-    def gram(a):
-        return _gram(a)
+    def gram(a, d):
+        return _gram(a, d)
     rng = np.random.default_rng(3)
     for n, dim in [(1, 3), (127, 5), (128, 16), (129, 2), (300, 64), (1000, 7)]:
         a = rng.normal(size=(n, dim)).astype(dtype)
-        g = gram(a)
+        g = gram(a, dtype(1.0))
         assert g.dtype == dtype and (dtype == np.float32 or np.array_equal(g, g.T))
         a64 = a.astype(np.float64)
         bound = dim * np.finfo(dtype).eps * (np.abs(a64) @ np.abs(a64).T)
         assert np.all(np.abs(g - a64 @ a64.T) <= bound), (n, dim)
+        assert np.array_equal(gram(a, dtype(0.3)), g / dtype(0.3))      # divided as it is copied
 
 
 def test_matrix_products_run_on_one_blas_thread_and_the_count_is_put_back():
