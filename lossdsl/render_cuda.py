@@ -38,7 +38,8 @@ import numpy as np
 
 from .emit import Emitter, gradient_plan
 from .primitives import LogSumExp, Max, Min
-from .render_cpu import DOMAIN_CHECKS, HELPERS, Signature
+from .helpers import DOMAIN_CHECKS, HELPERS
+from .render_cpu import Signature
 
 MAXT = 256          # the most threads per block a generated kernel supports (a power of two)
 
@@ -431,7 +432,7 @@ def _zero_sample(em, sig, low, size_var, coop):
 def _module(compiled, sig, dtype, kind, body):
     args = ", ".join(kernel_args(compiled))
     helpers = HELPERS.replace("@HELPER", '@cuda.jit(device=True, inline="always")')
-    assert "numba.njit" not in helpers, "render_cpu.HELPERS changed its decorator"
+    assert "numba.njit" not in helpers, "helpers.HELPERS changed its decorator"
     lines = [HEAD.format(name=compiled.definition.name, dtype=dtype, form=kind, maxt=MAXT, scratch=MAXT + 32), LIBM,
              helpers, BLOCK,
              ARG.format(kind="max", op=">"), ARG.format(kind="min", op="<"), TAIL]
