@@ -8,7 +8,8 @@ import sympy as sp
 
 from .derive import fresh_indices, gradient
 from .primitives import Sum, naive
-from .rules import stabilize, unit_adjoint
+from .root_rules import unit_adjoint
+from .rules import stabilize
 from .to_sympy import Lowered, to_sympy
 
 
