@@ -7,12 +7,11 @@ the adjoint reverse mode gives it, (d_sᵀ·u + d_s·u)/τ, as one product (A + 
 (``merge_transposed``).
 """
 from dataclasses import dataclass
+from itertools import permutations
 
 import sympy as sp
 
 from sympy.core.function import AppliedUndef
-
-from itertools import permutations
 
 from .primitives import Reduce, Sum, substitute
 
@@ -76,15 +75,16 @@ def read_locals(e, local_defs):
             continue            # one of other locals (s = u·uᵀ/τ): its adjoint may take its buffer
         fixed = body.free_symbols - set(idx)
 
-        def at(node):
+        found = {}
+        for node in sp.preorder_traversal(e):
             free = list(node.free_symbols - fixed)
-            if node.func != body.func or len(free) != len(idx):
-                return None
+            if node.func != body.func or len(free) != len(idx) or node in found:
+                continue
             for order in permutations(free):
                 if substitute(body, dict(zip(idx, order))) == node:
-                    return fn(*order)
-            return None
-        e = e.replace(lambda n: at(n) is not None, at)
+                    found[node] = fn(*order)
+                    break
+        e = e.xreplace(found)
     return e
 
 

@@ -70,13 +70,23 @@ def _symadd(a):
                         a[j0 + jj, i0 + ii] = tile[ii, jj]
 
 
-# A·B over the cores: each of numba's threads multiplies a block of A's rows on one BLAS thread
-# (blas.py: OpenBLAS's own threads next to numba's spinning workers ran slower). Row blocks of a
+@numba.njit(error_model="numpy", nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _divide(m, d):
+    # m/d in place (a block just multiplied, still in cache), as the division pass it replaces; x/1 is x
+    if d != 1:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                m[i, j] = m[i, j] / d
+
+
+# A·B/d over the cores: each of numba's threads multiplies a block of A's rows on one BLAS thread
+# (blas.py: OpenBLAS's own threads next to numba's spinning workers ran slower) and divides it (a
+# product over a param, ntxent's (d_s + d_sᵀ)·u/τ: no pass of its own). Row blocks of a
 # C-contiguous A and of the result stay contiguous, so BLAS takes them without a copy: ntxent
 # 1024 x 128 float64 on 2 cores, u·uᵀ 4.35 -> 2.04 ms and d_s·u 4.48 -> 2.36 ms. A transposed A
 # (an F-contiguous operand) has no contiguous row blocks: np.dot takes it whole.
 @numba.njit(parallel=True, error_model="numpy", nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
-def _dot(a, b):
+def _dot(a, b, d):
     n = a.shape[0]
     out = np.empty((n, b.shape[1]), a.dtype)
     t = _num_threads()
@@ -86,25 +96,21 @@ def _dot(a, b):
         r1 = min(n, r0 + step)
         if r0 < r1:
             np.dot(a[r0:r1], b, out[r0:r1])
+            _divide(out[r0:r1], d)
     return out
 
 
-# A·Aᵀ/d (a Gram matrix over a divisor: ntxent's u·uᵀ/τ) from half the products: each block of 128
-# rows is multiplied by the rows up to its own last one, into a scratch panel, whose lower triangle
-# is divided and copied to its place and, transposed, to the mirror place: exactly symmetric (np.dot's
-# need not be), and no pass of its own for the division. Block rows I and t-1-I go to one thread
-# (equal areas). ntxent 1024 x 128 float64: u·uᵀ 1.9 -> 1.64 ms, and the /τ pass (0.35 ms) gone.
-# Float32 takes _dot's full product: there the copies cost more than half the product saves.
+# A·Aᵀ/d (a Gram matrix: ntxent's u·uᵀ/τ) from half the products: each block of 128 rows is
+# multiplied by the rows up to its own last one into a scratch panel, whose lower triangle is divided
+# as it is copied to its place (a pass of _divide first took 0.4 ms more) and, transposed, to the
+# mirror place: exactly symmetric (np.dot's need not be). Block rows I and t-1-I go to one thread (equal areas). ntxent 1024 x 128 float64:
+# u·uᵀ 1.9 -> 1.64 ms. Float32 takes _dot's full product: there the copies cost more than half
+# the product saves.
 @numba.njit(parallel=True, error_model="numpy", nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def _gram(a, d):
-    n = a.shape[0]
     if a.itemsize < 8:
-        out = _dot(a, a.T)
-        if d != 1:              # x/1 is x
-            for i in numba.prange(n):
-                for j in range(n):
-                    out[i, j] = out[i, j] / d
-        return out
+        return _dot(a, a.T, d)
+    n = a.shape[0]
     out = np.empty((n, n), a.dtype)
     t = (n + 127) // 128
     for q in numba.prange((t + 1) // 2):

@@ -122,30 +122,30 @@ def _xpow(c, u, g):
 
 
 @HELPER
-def _sqdist_diff(a, p, n):
-    # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are close.
-    # A coordinate where the infinities cancel (n = p, a infinite or all three the same) is 0, not NaN, so
-    # the sum of the other coordinates needs no rescue (scaled by 2^-2h, they could underflow)
-    u, v = a - p, a - n
-    r = (n - p) * (u + v)
-    if r == r and r != 0:
-        return r
-    if n == p:
-        return r if r == r or a != a else F(0.0)
-    # (a - p) + (a - n) = 0, n - p perhaps overflowing (p = 1.8e308, n = -1.8e308: inf·0): what rounding left of
-    # 2a - p - n is the sum of the two differences' rounding errors (TwoSum), exact; 0 where both are
-    if u + v == 0 and abs(u) < F(math.inf):
-        e = _twosum_err(a, -p, u) + _twosum_err(a, -n, v)
-        return F(0.0) if e == 0 else (n - p) * e
-    return r
+def _sqdist_fast(a, p, n):
+    # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are
+    # close; NaN where that is not _sqdist_diff's value (0 for n ≠ p; NaN): a select, so a sum of it vectorizes
+    r = (n - p) * ((a - p) + (a - n))
+    return r if r != 0 or n == p else F(math.nan)
 
 
 @HELPER
-def _sqdist_fast(a, p, n):
-    # _sqdist_diff where its first line gives its value, else NaN: a select, so a sum of it vectorizes
+def _sqdist_diff(a, p, n):
+    # _sqdist_fast, and where that is NaN: a coordinate where the infinities cancel (n = p, a infinite or all
+    # three the same) is 0, not NaN, so the sum of the other coordinates needs no rescue (scaled by 2^-2h,
+    # they could underflow)
+    r = _sqdist_fast(a, p, n)
+    if r == r:
+        return r
+    if n == p:
+        return r if a != a else F(0.0)
+    # (a - p) + (a - n) = 0, n - p perhaps overflowing (p = 1.8e308, n = -1.8e308: inf·0): what rounding left of
+    # 2a - p - n is the sum of the two differences' rounding errors (TwoSum), exact; 0 where both are
     u, v = a - p, a - n
-    r = (n - p) * (u + v)
-    return r if r != 0 or n == p else F(math.nan)
+    if u + v == 0 and abs(u) < F(math.inf):
+        e = _twosum_err(a, -p, u) + _twosum_err(a, -n, v)
+        return F(0.0) if e == 0 else (n - p) * e
+    return (n - p) * (u + v)
 
 
 @HELPER

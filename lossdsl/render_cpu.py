@@ -333,13 +333,17 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
             em.store_row(gemm.lower(r, later=later), row, size)
         return gemm.lower(e, idx, axes, later)
 
+    def store(fn, e, idx, axes, label, into=None):
+        """fn's buffer = e over idx: a product itself (its helper divided it already) as it is, else
+        a parallel map into ``into``, the buffer of the product e reads, or a new one."""
+        if isinstance(e, AppliedUndef) and e.func in gemm.products and e.args == tuple(idx):
+            em.line(f"{buffers[fn]} = {buffers[e.func]}    # {label}")
+            return
+        em.line(f"{buffers[fn]} = {into or gemm.reusable(e, idx) or f'np.empty({shape(axes)}, F)'}    # {label}")
+        _map_loop(em, f"{buffers[fn]}[{{}}]", "", e, idx, axes, size_var, low, True)
+
     for n, (name, fn, idx, axes, body) in enumerate(compiled.locals):
-        body = lower(n, body, idx, axes)
-        if isinstance(body, AppliedUndef) and body.func in buffers and body.args == tuple(idx):
-            em.line(f"{buffers[fn]} = {buffers[body.func]}    # {name}")     # the product itself
-            continue
-        em.line(f"{buffers[fn]} = {gemm.reusable(body, idx) or f'np.empty({shape(axes)}, F)'}    # {name}")
-        _map_loop(em, f"{buffers[fn]}[{{}}]", "", body, idx, axes, size_var, low, True)
+        store(fn, lower(n, body, idx, axes), idx, axes, name)
     n = len(compiled.locals)
     em.scope([("val", lower(n, compiled.expr))], set())
     em.line("total = np.float64(val)")
@@ -356,11 +360,9 @@ def _batch_body(em, compiled, sig, low, fn_array, size_var, buffers):
         overwrite = _overwritable(forward[name], expr, idx, later[i + 1:])
         expr = lower(n, expr, idx, axes)
         if overwrite:
-            em.line(f"{buffers[fn]} = {buffers[forward[name]]}    # d loss / d {name}, in place of {name}")
+            store(fn, expr, idx, axes, f"d loss / d {name}, in place of {name}", buffers[forward[name]])
         else:
-            em.line(f"{buffers[fn]} = {gemm.reusable(expr, idx) or f'np.empty({shape(axes)}, F)'}"
-                    f"    # d loss / d {name}")
-        _map_loop(em, f"{buffers[fn]}[{{}}]", "", expr, idx, axes, size_var, low, True)
+            store(fn, expr, idx, axes, f"d loss / d {name}")
     for grad, g, idx, axes in vector_grads:
         n += 1
         g = lower(n, g, idx, axes)
@@ -397,8 +399,9 @@ def _shared_rows(em, low, stages):
 
 
 class _Products:
-    """The contractions of a batch kernel as matrix products (contract.py): _dot or np.dot, which
-    numba hands to BLAS, each computed once before its first use and then read like a buffer."""
+    """The contractions of a batch kernel as matrix products (contract.py): _dot, _gram or np.dot,
+    which numba hands to BLAS, each computed once before its first use and then read like a buffer;
+    a product over a param (Σ/τ) is divided by _dot's and _gram's blocks as they are made."""
 
     def __init__(self, em, compiled, sig, fn_array, size_var, buffers):
         self.em, self.low, self.fn_array, self.size_var, self.buffers = em, compiled.lowered, fn_array, size_var, buffers
@@ -407,6 +410,7 @@ class _Products:
         self.matrices |= {self.low.arrays[d.name][0] for d in sig.inputs if len(d.axes) == 2}
         self.axis_of = {size: a for a, size in self.low.sizes.items()}
         self.done = {}          # Sum -> the Function reading its product
+        self.products = set()   # every Function reading a product
 
     def lower(self, e, idx=(), axes=(), later=()):
         """``e`` (a map over ``idx``) with its contractions read from products computed here.
@@ -417,7 +421,7 @@ class _Products:
         found = {}
         for prod in products(e, lambda s: s not in self.em.names, tuple(idx)):
             readers = [e.xreplace({prod.total: sp.Integer(0)}), *later]
-            # e = Σ/c, c free of the indices (s = u·uᵀ/τ): a Gram product divides as it is copied
+            # e = Σ/c, c free of the indices (s = u·uᵀ/τ): the product's helper divides its blocks
             q = e / prod.total
             c = q.base if q.is_Pow and q.exp == -1 and not q.free_symbols & set(idx) else None
             fn = self.done.get(prod.total)
@@ -449,17 +453,20 @@ class _Products:
         left = self._operand(prod.left, prod.p, k, axes, readers)
         right = self._operand(prod.right, k, prod.q, axes, readers)
         name = self.em.fresh("T")
-        gram = right == left + ".T"
-        if gram:
-            call = f"_gram({left}, {self.em.code(divisor) if divisor is not None else 'F(1.0)'})"
+        folded = divisor is not None and not left.endswith(".T")
+        d = self.em.code(divisor) if folded else "F(1.0)"
+        if right == left + ".T":
+            self.em.line(f"{name} = _gram({left}, {d})")
+        elif left.endswith(".T"):
+            self.em.line(f"{name} = np.dot({left}, {right})")
         else:
-            call = f"{'np.dot' if left.endswith('.T') else '_dot'}({left}, {right})"
-        self.em.line(f"{name} = {call}")
+            self.em.line(f"{name} = _dot({left}, {right}, {d})")
         fn = sp.Function("_" + name, real=True)
         self.buffers[fn] = name
-        if not (gram and divisor is not None):
+        self.products.add(fn)
+        if not folded:
             self.done[prod.total] = fn
-        return fn, gram and divisor is not None
+        return fn, folded
 
     def _operand(self, f, rows, cols, axes, readers):
         """Code for the matrix f[rows, cols]: an array as it is (or transposed); A + Aᵀ by _symadd,

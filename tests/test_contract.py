@@ -98,13 +98,13 @@ def close(got, want, dtype):
 def test_kernels_take_the_gemm_path(cross_nce):
     # forward s = q·kᵀ, adjoints d_s·k and d_sᵀ·q: no triple loop left; row blocks over the
     # cores (_dot) where the left operand is C-contiguous, d_sᵀ·q whole (np.dot). ntxent: u·uᵀ/τ
-    # (a Gram product, divided as it is copied: no pass of its own), and its adjoint d_sᵀ·u + d_s·u as
-    # one product (d_s + d_sᵀ)·u, d_s symmetrized in place
+    # (a Gram product), and its adjoint (d_sᵀ·u + d_s·u)/τ as one product (d_s + d_sᵀ)·u, d_s
+    # symmetrized in place; each divided by τ in its helper's blocks, not by a pass of its own
     src = cross_nce.source(dtype="float64").split("def kernel")[1]
     assert src.count(" _dot(") == 2 and src.count("np.dot(") == 1 and "_symadd(" not in src, src
     src = lossdsl.load("ntxent").source(dtype="float64").split("def kernel")[1]
     assert src.count(" _gram(") == 1 and src.count(" _dot(") == 1 and "np.dot(" not in src, src
-    assert " = _gram(L0, p0)" in src and "/(p0))" not in src.split("_gram")[1].split("_dot")[0], src  # s = u·uᵀ/τ
+    assert " = _gram(L0, p0)" in src and " = _dot(D0, L0, p0)" in src and "/(p0))" not in src, src  # Σ/τ divided
     assert src.count("_symadd(D") == 1, src
 
 
