@@ -1,24 +1,31 @@
-"""GPU check of the CUDA back end: run on a machine with an NVIDIA GPU (under 5 minutes).
+"""GPU check of the CUDA back end: run on a machine with an NVIDIA GPU.
 
-    python benchmarks/gpu_check.py            # needs numba-cuda (pip install 'lossdsl[cuda]'); torch optional
+    python benchmarks/gpu_check.py --jobs 8 --compile --results benchmarks/RESULTS.md
 
-1. every library loss on the GPU against its CPU kernels, float32 and float64: value and every
-   gradient, reductions none (weighted) and mean, plus long rows (cross_entropy, K = 50 000)
-   and torch CUDA tensors passed straight in (when torch is installed); lossdsl.torch on CUDA
-   tensors against the CPU bridge, on a side stream and in float16;
+needs numba-cuda (pip install 'lossdsl[cuda13]'); torch optional.
+
+1. agree: every library loss on the GPU against its CPU kernels, float32 and float64: value and
+   every gradient, reductions none (weighted) and mean; extras: long rows (cross_entropy,
+   K = 50 000, masked), a bad class target, torch CUDA tensors passed straight in, and
+   lossdsl.torch on CUDA tensors against the CPU bridge, on a side stream and in float16;
 2. accuracy: every library loss's kernels on the accuracy audit's points (lossdsl.audit: bit
    patterns, realistic values, adversarial points), against exact arithmetic, on the GPU and on
    the CPU: the GPU's error in bits, per sampler and output, no worse than the CPU's (mean
    within 0.25 bits, p99 within 1 bit, no more non-finite results);
-3. timings, forward + backward, median of 5 after a warm-up: cross_entropy 65536 x 32000 float32
-   and bce over 2^28 float32 elements, against torch CUDA where installed and a device-to-device
-   copy of the input (the bandwidth floor);
-4. one table. Exit status 1 if any comparison fails.
+3. time: every workload of ``lossdsl bench`` (float32, forward + backward of the mean loss, its
+   batch x 16 so the GPU runs well past its launch overhead) for lossdsl on device arrays,
+   lossdsl.torch, torch eager and (``--compile``) torch.compile, next to a device-to-device copy
+   of the same bytes (the memory floor); and the per-call time of an 8 x 10 batch;
+4. one report (``--out``; ``--results`` puts it in RESULTS.md as its '## GPU' section). Exit
+   status 1 if any check fails or a peer's value differs from lossdsl's by more than 1e-4.
+
+The checks compile every kernel, single-threaded: ``--jobs N`` spreads them over N processes.
 """
 import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -107,17 +114,23 @@ def compare(f, arrays, dtype, sample, **kw):
     return worst, worst <= tol
 
 
-def check_all():
+def check_loss(name):
+    """One library loss on the GPU against its CPU kernels, float32 and float64."""
     ok = True
-    for name in lossdsl.names():
-        f = lossdsl.load(name)
-        for dtype in (np.float32, np.float64):
-            t = time.perf_counter()
-            arrays, sample = make_args(f, dtype)
-            err, good = compare(f, arrays, dtype, sample)
-            ok &= good
-            row("agree", f"{name} {np.dtype(dtype).name}", "ok" if good else "MISMATCH",
-                f"max rel err {err:.1e} ({time.perf_counter() - t:.1f} s incl. compile)")
+    f = lossdsl.load(name)
+    for dtype in (np.float32, np.float64):
+        t = time.perf_counter()
+        arrays, sample = make_args(f, dtype)
+        err, good = compare(f, arrays, dtype, sample)
+        ok &= good
+        row("agree", f"{name} {np.dtype(dtype).name}", "ok" if good else "MISMATCH",
+            f"max rel err {err:.1e} ({time.perf_counter() - t:.1f} s incl. compile)")
+    return ok
+
+
+def check_extras():
+    """Long masked rows, a bad target, torch CUDA tensors in and out, the torch bridge."""
+    ok = True
     f = lossdsl.load("cross_entropy")
     for dtype in (np.float32, np.float64):
         arrays, sample = make_args(f, dtype, rows=8, k=50000)
@@ -179,7 +192,8 @@ def check_torch_bridge():
             (vc.float() * w.cpu()).sum().backward()
             tol = 2e-2 if dt == torch.float16 else 1e-4
             err = max([float((v.float().cpu() - vc.float()).abs().max())] +
-                      [float((a.grad.float().cpu() - b.grad.float()).abs().max()) for a, b in zip(gpu, cpu)])
+                      [float((a.grad.float().cpu() - b.grad.float()).abs().max())
+                       for a, b in zip(gpu[:n_in], cpu[:n_in])])
             good = v.is_cuda and all(a.grad.is_cuda and a.grad.dtype == dt for a in gpu[:n_in]) and err < tol
             ok &= good
             row("torch", f"lossdsl.torch {name} {where}", "ok" if good else "MISMATCH", f"vs CPU bridge {err:.1e}")
@@ -190,28 +204,26 @@ def check_torch_bridge():
 # 2. accuracy: the GPU against exact arithmetic, no worse than the CPU
 # --------------------------------------------------------------------------------------
 
-def check_accuracy(points=12, batch_points=2, seed=20240604):
+def check_accuracy(name, points=12, batch_points=2, seed=20240604):
     """Both audits draw the same points (same seed); the truth is lossdsl.exact's."""
-    import warnings
     ok = True
-    for name in lossdsl.names():
-        f = lossdsl.load(name)
-        n = batch_points if f._c.definition.batch else points
-        for dtype in ("float32", "float64"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                gpu = audit(f, dtype, points=n, seed=seed, naive=False, device=True)
-                cpu = audit(f, dtype, points=n, seed=seed, naive=False)
-            worse, top = [], 0.0
-            for sampler, per in gpu.by_sampler.items():
-                for o, g in per.items():
-                    c = cpu.by_sampler[sampler][o]
-                    top = max(top, g.mean)
-                    if g.nonfinite > c.nonfinite or g.mean > c.mean + 0.25 or g.p99 > c.p99 + 1:
-                        worse.append(f"{o}/{sampler} {g.mean:.2f}/{g.p99:.1f} vs CPU {c.mean:.2f}/{c.p99:.1f}")
-            ok &= not worse
-            row("accuracy", f"{name} {dtype}", "ok" if not worse else "WORSE",
-                "; ".join(worse)[:200] or f"worst mean {top:.2f} bits ({n} points per sampler)")
+    f = lossdsl.load(name)
+    n = batch_points if f._c.definition.batch else points
+    for dtype in ("float32", "float64"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gpu = audit(f, dtype, points=n, seed=seed, naive=False, device=True)
+            cpu = audit(f, dtype, points=n, seed=seed, naive=False)
+        worse, top = [], 0.0
+        for sampler, per in gpu.by_sampler.items():
+            for o, g in per.items():
+                c = cpu.by_sampler[sampler][o]
+                top = max(top, g.mean)
+                if g.nonfinite > c.nonfinite or g.mean > c.mean + 0.25 or g.p99 > c.p99 + 1:
+                    worse.append(f"{o}/{sampler} {g.mean:.2f}/{g.p99:.1f} vs CPU {c.mean:.2f}/{c.p99:.1f}")
+        ok &= not worse
+        row("accuracy", f"{name} {dtype}", "ok" if not worse else "WORSE",
+            "; ".join(worse)[:200] or f"worst mean {top:.2f} bits ({n} points per sampler)")
     return ok
 
 
@@ -219,22 +231,14 @@ def check_accuracy(points=12, batch_points=2, seed=20240604):
 # 3. timings
 # --------------------------------------------------------------------------------------
 
-@cuda.jit
-def _fill(a, scale, shift, seed):
-    """Pseudo-random values in [shift, shift + scale) in a 1-D array, without a host array."""
-    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-        h = (i * 2654435761 + seed) % 4294967296
-        h = (h ^ (h >> 16)) * 73244475 % 4294967296
-        a[i] = shift + scale * ((h % 1000003) / 1000003.0)
+#: the batch of each CPU workload is repeated this many times on the GPU (2^24 elements run in
+#: tens of µs there, near the launch overhead); batch losses (one N x N problem) are drawn at 4 N
+SCALE, BATCH_SCALE = 16, 4
 
 
-@cuda.jit
-def _fill_int(a, k, seed):
-    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-        a[i] = (i * 2654435761 + seed) % 4294967296 % k
-
-
-def timed(fn, reps=5):
+def timed(fn, reps=7):
+    """Median milliseconds of ``reps`` synchronized calls after a warm-up call (3 when a call
+    takes over 0.2 s)."""
     fn()
     cuda.synchronize()
     ts = []
@@ -243,85 +247,255 @@ def timed(fn, reps=5):
         fn()
         cuda.synchronize()
         ts.append(time.perf_counter() - t)
+        if ts[0] > 0.2 and len(ts) == 3:
+            break
     return sorted(ts)[len(ts) // 2] * 1e3
 
 
-def bench():
-    n, k = 65536, 32000
-    z = cuda.device_array((n, k), np.float32)
-    _fill[1024, 256](z.reshape(n * k), np.float32(8.0), np.float32(-4.0), 1)
-    y = cuda.device_array(n, np.int64)
-    _fill_int[256, 256](y, k, 7)
-    gb = z.nbytes / 1e9
-    ce = lossdsl.load("cross_entropy")
-    t = timed(lambda: ce.value_and_grad(z, y))
-    row("time", f"cross_entropy {n}x{k} f32 fwd+bwd lossdsl", f"{t:.1f} ms", f"{2 * gb / t * 1e3:.0f} GB/s (read z + write grad)")
-    copy = cuda.device_array_like(z)
-    t = timed(lambda: copy.copy_to_device(z))
-    row("time", f"cross_entropy {n}x{k} f32 d2d copy", f"{t:.1f} ms", f"{2 * gb / t * 1e3:.0f} GB/s")
-    del copy
-    if HAVE_TORCH:
-        zt = torch.as_tensor(z, device="cuda")
-        yt = torch.as_tensor(y, device="cuda")
+def device_workload(w):
+    """(shape, device arrays): the CPU benchmark's float32 data (lossdsl.bench.WORKLOADS) with its
+    batch repeated SCALE times on the device, or drawn at BATCH_SCALE x N for a batch loss."""
+    from lossdsl.bench import _builder
+    if lossdsl.load(w.loss)._c.definition.batch:
+        shape = (w.shape[0] * BATCH_SCALE,) + w.shape[1:]
+        arrays = _builder(w.kind)(np.random.default_rng(0), shape, np.dtype("float32"))
+        return shape, [cuda.to_device(a) for a in arrays]
+    shape, arrays = w.arrays("full", "float32")
+    out = []
+    for a in arrays:
+        src, n = cuda.to_device(a), len(a)
+        big = cuda.device_array((SCALE * n,) + a.shape[1:], a.dtype)
+        for r in range(SCALE):
+            big[r * n:(r + 1) * n].copy_to_device(src)
+        out.append(big)
+    return (SCALE * shape[0],) + shape[1:], out
 
-        def torch_ce():
-            zr = zt.detach().requires_grad_()
-            torch.nn.functional.cross_entropy(zr, yt).backward()
-        t = timed(torch_ce)
-        row("time", f"cross_entropy {n}x{k} f32 fwd+bwd torch", f"{t:.1f} ms")
+
+def _torch_run(fn, loss, arrays):
+    """A call of ``fn(tensors)`` on the device arrays as zero-copy tensors: the value, then the
+    backward into the inputs' gradients."""
+    ts = [torch.as_tensor(a, device="cuda") for a in arrays]
+    ins = [t.detach().requires_grad_() for t in ts[:len(loss.inputs)]]
+    ts = ins + ts[len(loss.inputs):]
+
+    def run():
+        for t in ins:
+            t.grad = None
+        v = fn(ts)
+        v.backward()
+        return v.detach()
+    return run
+
+
+def bench_workload(w, compiled):
+    """One row: lossdsl on device arrays, lossdsl.torch, torch eager (torch.compile when
+    ``compiled``), and a device-to-device copy of the bytes read and written (the floor)."""
+    loss = lossdsl.load(w.loss)
+    shape, arrays = device_workload(w)
+    t_ours = timed(lambda: loss.value_and_grad(*arrays, **w.params))
+    value, grads = loss.value_and_grad(*arrays, **w.params)
+    value = float(value.copy_to_host())
+    src = list(arrays) + list(grads)
+    dst = [cuda.device_array_like(a) for a in src]
+    t_copy = timed(lambda: [d.copy_to_device(a) for d, a in zip(dst, src)])
+    moved = sum(a.nbytes for a in src)
+    r = {"label": w.label, "shape": w.shape_text(shape), "lossdsl": t_ours, "copy": t_copy,
+         "GB/s": 2 * moved / t_ours / 1e6, "diff": None}
+    if HAVE_TORCH:
         import lossdsl.torch as lt
-        f = lt.function("cross_entropy")
-
-        def bridge_ce():
-            zr = zt.detach().requires_grad_()
-            f(zr, yt).backward()
-        t = timed(bridge_ce)
-        row("time", f"cross_entropy {n}x{k} f32 fwd+bwd lossdsl.torch", f"{t:.1f} ms")
-        zs, ys = zt[:8, :10].contiguous(), yt[:8] % 10
-        t = timed(lambda: [f(zs.detach().requires_grad_(), ys).backward() for _ in range(100)]) * 10
-        row("time", "cross_entropy 8x10 lossdsl.torch per call", f"{t:.0f} us")
-        t = timed(lambda: [torch.nn.functional.cross_entropy(zs.detach().requires_grad_(), ys).backward()
-                           for _ in range(100)]) * 10
-        row("time", "cross_entropy 8x10 torch per call", f"{t:.0f} us")
-        del zt
+        from lossdsl.peers import torch_peers
+        bridge, peer = lt.function(w.loss), torch_peers()[w.loss]
+        r["lossdsl.torch"] = timed(_torch_run(lambda ts: bridge(*ts, **w.params), loss, arrays))
+        eager = _torch_run(lambda ts: peer(torch, *ts, **w.params), loss, arrays)
+        r["torch"] = timed(eager)
+        r["diff"] = abs(float(eager()) - value) / max(abs(value), 1e-30)
+        if compiled:
+            fn = torch.compile(peer, dynamic=False)
+            t = time.perf_counter()
+            run = _torch_run(lambda ts: fn(torch, *ts, **w.params), loss, arrays)
+            run()
+            r["compile s"] = time.perf_counter() - t
+            r["torch.compile"] = timed(run)
         torch.cuda.empty_cache()
-    del z
-    m = 1 << 28
-    zb = cuda.device_array(m, np.float32)
-    yb = cuda.device_array(m, np.float32)
-    _fill[1024, 256](zb, np.float32(20.0), np.float32(-10.0), 3)
-    _fill[1024, 256](yb, np.float32(1.0), np.float32(0.0), 5)
-    bce = lossdsl.load("bce")
-    gb = zb.nbytes / 1e9
-    t = timed(lambda: bce.value_and_grad(zb, yb))
-    row("time", "bce 2^28 f32 fwd+bwd lossdsl", f"{t:.1f} ms", f"{3 * gb / t * 1e3:.0f} GB/s (read z, y + write grad)")
-    copy = cuda.device_array_like(zb)
-    t = timed(lambda: copy.copy_to_device(zb))
-    row("time", "bce 2^28 f32 d2d copy", f"{t:.1f} ms", f"{2 * gb / t * 1e3:.0f} GB/s")
-    if HAVE_TORCH:
-        zt = torch.as_tensor(zb, device="cuda")
-        yt = torch.as_tensor(yb, device="cuda")
+    return r
 
-        def torch_bce():
-            zr = zt.detach().requires_grad_()
-            torch.nn.functional.binary_cross_entropy_with_logits(zr, yt).backward()
-        t = timed(torch_bce)
-        row("time", "bce 2^28 f32 fwd+bwd torch", f"{t:.1f} ms")
+
+def bench_tiny():
+    """Per-call time of cross_entropy 8 x 10 (µs): the overhead a small batch sees."""
+    ce = lossdsl.load("cross_entropy")
+    rng = np.random.default_rng(0)
+    z, y = cuda.to_device(rng.standard_normal((8, 10)).astype(np.float32)), cuda.to_device(rng.integers(0, 10, 8))
+    r = {"label": "cross_entropy (per call, µs)", "shape": "8 x 10",
+         "lossdsl": timed(lambda: [ce.value_and_grad(z, y) for _ in range(100)]) * 10}
+    if HAVE_TORCH:
+        import lossdsl.torch as lt
+        from lossdsl.peers import torch_peers
+        bridge, peer = lt.function("cross_entropy"), torch_peers()["cross_entropy"]
+        for col, run in (("lossdsl.torch", _torch_run(lambda ts: bridge(*ts), ce, (z, y))),
+                         ("torch", _torch_run(lambda ts: peer(torch, *ts), ce, (z, y)))):
+            r[col] = timed(lambda: [run() for _ in range(100)]) * 10
+    return r
+
+
+COLUMNS = ("lossdsl", "lossdsl.torch", "torch", "torch.compile", "copy")
+
+
+def time_table(rows):
+    """Markdown: ms per call (the tiny row: µs), ratios against torch's best."""
+    head = ["loss", "shape"] + [f"{c} ms" for c in COLUMNS] + ["GB/s (lossdsl)", "best torch / lossdsl",
+                                                              "value rel. diff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        peers = [r[c] for c in ("torch", "torch.compile") if r.get(c)]
+        ratio = f"{min(peers) / r['lossdsl']:.2f}x" if peers else "-"
+        diff = "-" if r.get("diff") is None else f"{r['diff']:.1e}" + (" MISMATCH" if r["diff"] > 1e-4 else "")
+        cells = [r["label"], r["shape"]] + [f"{r[c]:.3g}" if r.get(c) else "-" for c in COLUMNS]
+        cells += [f"{r['GB/s']:.0f}" if r.get("GB/s") else "-", ratio, diff]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench(compiled, deadline):
+    from lossdsl.bench import WORKLOADS
+    rows = []
+    for w in WORKLOADS:
+        if w.tiny:
+            continue
+        if time.perf_counter() > deadline:
+            print(f"  time     {w.label}: skipped (over the time budget)", flush=True)
+            continue
+        try:
+            r = bench_workload(w, compiled and time.perf_counter() < deadline - 60)
+        except Exception as e:     # one workload failing must not lose the others' rows
+            row("time", w.label, "FAILED", f"{type(e).__name__}: {str(e)[:150]}")
+            continue
+        rows.append(r)
+        print("  time     " + time_table([r]).splitlines()[-1], flush=True)
+    rows.append(bench_tiny())
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# 4. driver: the checks in parallel processes (compiling is single-threaded), then the timings
+# --------------------------------------------------------------------------------------
+
+def describe():
+    import numba
+    dev = cuda.get_current_device()
+    name = getattr(dev, "name", "numba's CUDA simulator")
+    name = name.decode() if isinstance(name, bytes) else name
+    versions = [f"numpy {np.__version__}", f"numba {numba.__version__}"]
+    try:
+        import numba_cuda
+        versions.append(f"numba-cuda {numba_cuda.__version__}")
+    except ImportError:
+        pass
+    versions.append(f"torch {torch.__version__}" if torch is not None else "torch not installed")
+    return name, (f"{name}, compute capability {getattr(dev, 'compute_capability', '-')}, "
+                  f"{getattr(dev, 'MULTIPROCESSOR_COUNT', '-')} SMs; "
+                  f"python {sys.version.split()[0]}, " + ", ".join(versions))
+
+
+def run_checks(sections, names):
+    ok = True
+    for name in names:
+        for section, check in (("agree", check_loss), ("accuracy", check_accuracy)):
+            if section in sections:
+                try:
+                    ok &= check(name)
+                except Exception as e:
+                    row(section, name, "FAILED", f"{type(e).__name__}: {str(e)[:150]}")
+                    ok = False
+    if "extras" in sections:
+        try:
+            ok &= check_extras()
+        except Exception as e:
+            row("extras", "extras", "FAILED", f"{type(e).__name__}: {str(e)[:150]}")
+            ok = False
+    return ok
+
+
+def run_parallel(sections, names, jobs):
+    """The checks split over ``jobs`` processes; their rows are merged in order."""
+    import json
+    import subprocess
+    import tempfile
+    parts = [names[i::jobs] for i in range(jobs)]
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, part in enumerate(parts):
+            only = [s for s in sections if s != "extras"] + (["extras"] if i == 0 and "extras" in sections else [])
+            if not part and only == []:
+                continue
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--only", ",".join(only) or "none",
+                   "--losses", ",".join(part) or "none", "--rows", out]
+            procs.append((subprocess.Popen(cmd), out))
+        ok = True
+        for p, out in procs:
+            ok &= p.wait() == 0
+            if os.path.exists(out):
+                with open(out) as fh:
+                    ROWS.extend(tuple(r) for r in json.load(fh))
+    return ok
 
 
 def main():
-    dev = cuda.get_current_device()
-    name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
-    print(f"device: {name}, compute capability {dev.compute_capability}, "
-          f"{dev.MULTIPROCESSOR_COUNT} SMs; torch CUDA: {HAVE_TORCH}", flush=True)
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="agree,accuracy,extras,time", help="sections to run")
+    ap.add_argument("--losses", default="", help="comma-separated library losses (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the checks")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) on the GPU")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds: no new timing starts after it")
+    ap.add_argument("--out", help="write the report (Markdown) to this file")
+    ap.add_argument("--results", help="replace the '## GPU' section of this RESULTS.md with the report")
+    ap.add_argument("--rows", help=argparse.SUPPRESS)      # a worker's rows, as JSON
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=RuntimeWarning)    # the simulator's inf - inf
+    warnings.filterwarnings("ignore", message=".*Grid size")        # small test batches
     t0 = time.perf_counter()
-    ok = check_all()
-    ok &= check_accuracy()
-    bench()
-    print(f"\n| section | what | result | detail |\n|---|---|---|---|")
-    for r in ROWS:
-        print("| " + " | ".join(r) + " |")
-    print(f"\n{name}: {'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t0:.0f} s")
+    sections = args.only.split(",")
+    names = [n for n in args.losses.split(",") if n and n != "none"] if args.losses else lossdsl.names()
+    name, described = describe()
+    if not args.rows:
+        print(f"device: {described}; torch CUDA: {HAVE_TORCH}", flush=True)
+    checks = [s for s in sections if s in ("agree", "accuracy", "extras")]
+    if args.jobs > 1 and checks:
+        ok = run_parallel(checks, names, args.jobs)
+    else:
+        ok = run_checks(checks, names)
+    if args.rows:
+        import json
+        with open(args.rows, "w") as fh:
+            json.dump(ROWS, fh)
+        return 0 if ok else 1
+    times = bench(args.compile, t0 + args.budget) if "time" in sections else []
+    ok &= not any(r.get("diff") is not None and r["diff"] > 1e-4 for r in times)
+    checked = "\n".join("| " + " | ".join(r) + " |" for r in ROWS)
+    report = ["## GPU", "", f"Produced by `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}` on "
+              f"{time.strftime('%Y-%m-%d')}: {described}.", ""]
+    if times:
+        report += ["Forward + backward of the mean loss, float32, median of 7 synchronized calls after a "
+                   f"warm-up; the CPU workloads' batch x {SCALE} (batch losses: N x {BATCH_SCALE}); "
+                   "lossdsl: numba device arrays in and out; lossdsl.torch: the autograd bridge on CUDA "
+                   "tensors; copy: device-to-device copies of the inputs, targets and gradients (the "
+                   "memory floor); GB/s: those bytes read and written over lossdsl's time.", "",
+                   time_table(times), ""]
+    if ROWS:
+        report += ["| section | what | result | detail |", "|---|---|---|---|", checked, ""]
+    report += [f"{'All checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t0:.0f} s."]
+    text = "\n".join(report) + "\n"
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    if args.results:
+        with open(args.results) as fh:
+            old = fh.read()
+        keep = old.split("\n## GPU\n")[0].rstrip("\n")
+        with open(args.results, "w") as fh:
+            fh.write(keep + "\n\n" + text)
     return 0 if ok else 1
 
 

@@ -15,6 +15,7 @@ Per call the host sees one copy of 4 float64s from the device (the counters: bad
 total), needed to raise on bad targets. Kernels run on the stream given (the torch bridge passes
 torch's current stream), else numba's default stream.
 """
+import functools
 import os
 
 import numpy as np
@@ -37,13 +38,23 @@ def on_device(args, weight=None):
     return any(is_device(a) for a in args) or is_device(weight)
 
 
+@functools.cache
 def _cuda():
     try:
         from numba import cuda
     except ImportError as e:    # pragma: no cover - depends on the installation
         raise LossError("device arrays need the CUDA back end: pip install 'lossdsl[cuda]' "
                         f"(numba-cuda); importing numba.cuda failed: {e}") from None
+    numpy_row_stack()
     return cuda
+
+
+def numpy_row_stack():
+    """numba-cuda 0.30 registers an overload of ``np.row_stack`` when it compiles its first
+    kernel, and numpy 2.5 removed that name (an alias of ``np.vstack``), so no kernel compiles
+    (NVIDIA/numba-cuda#907, closed unfixed: numba-cuda is in maintenance mode). Put the alias back."""
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
 
 
 def _simulator():
@@ -83,8 +94,9 @@ def _check_placement(loss, args, weight):
 
 def _to_host(a, stream):
     """``a`` on the host, copied in order on ``stream``: numba's copy on a given stream is
-    asynchronous, so wait for it before the host reads."""
-    if stream is None:
+    asynchronous, so wait for it before the host reads (None or 0: the default stream, on which
+    the copy is synchronous)."""
+    if not stream:
         return a.copy_to_host()
     host = a.copy_to_host(stream=stream)
     stream.synchronize()
@@ -97,7 +109,9 @@ def _contiguous(a, loss, what):
 
 
 def _launch(cuda, kind, call):
-    """(blocks, threads): a power of two threads per block; grid-stride loops cover the rest."""
+    """(blocks, threads): a power of two threads per block; grid-stride loops cover the rest.
+    Row kernels take a warp per row; under the simulator a block is one warp (it has no shuffles:
+    render_cuda.WFOLD)."""
     sim = _simulator()
     threads = THREADS or (32 if sim else 256)
     from .render_cuda import MAXT
@@ -111,11 +125,11 @@ def _launch(cuda, kind, call):
             cap = 4096
     if kind == "elementwise":
         return max(1, min(cap, -(-call.n_samples // threads))), threads
+    if kind == "row":
+        threads = 32 if sim else threads
+        return max(1, min(cap, -(-call.n_samples // (threads // 32)))), threads
     widest = max([int(s) for s in call.sizes] or [1])
-    threads = min(threads, max(32, 1 << (widest - 1).bit_length()))
-    if kind == "batch":
-        return 1, threads
-    return max(1, min(cap * 8 if not sim else cap, call.n_samples)), threads
+    return 1, min(threads, max(32, 1 << (widest - 1).bit_length()))
 
 
 def _like(x, template):
@@ -130,9 +144,17 @@ def _like(x, template):
     return x
 
 
+@functools.cache
+def _empty(dtype, ndim):
+    """An empty device array: what a kernel gets for an array it must not write (an allocation
+    costs 45 µs on an H200 host, more than a small batch's kernel)."""
+    return _cuda().device_array((0,) * ndim, dtype)
+
+
 def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
     """``Loss._run`` for device arrays: (value, gradients or None), all on the device, every launch
-    and copy on ``stream`` (a numba stream; None: the default stream)."""
+    and copy on ``stream`` (a numba stream; None: the default stream, with the inputs synchronized
+    as their producers ask; 0: the default stream, already in order with them)."""
     cuda = _cuda()
     if len(args) == len(loss._inputs) + len(loss._targets):
         _check_placement(loss, args, weight)
@@ -157,21 +179,17 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
         cls = targets[call.class_target_index()]
         mod.count_kept[max(1, min(blocks, -(-call.n_samples // threads))), threads, s](cls, call.ignore, res)
     # arrays not wanted are passed empty (flags say so): one compiled signature per dtype
-    grads = [cuda.device_array(a.shape if grad else (0,) * a.ndim, dtype, stream=s) for a in inputs]
-    out = cuda.device_array(call.n_samples if reduction == "none" else 0, dtype, stream=s)
-    w = weight.reshape(call.n_samples) if weight is not None else cuda.device_array(0, dtype, stream=s)
+    grads = [cuda.device_array(a.shape, dtype, stream=s) if grad else _empty(dtype, a.ndim) for a in inputs]
+    out = cuda.device_array(call.n_samples, dtype, stream=s) if reduction == "none" else _empty(dtype, 1)
+    w = weight.reshape(call.n_samples) if weight is not None else _empty(dtype, 1)
     scratch = [cuda.device_array(shape if grad or i < n_locals else (0,) * len(shape), dtype, stream=s)
                for i, shape in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
     mode = np.int64(1 if reduction == "mean" else 0)
+    v = _empty(dtype, 1) if reduction == "none" else cuda.device_array(1, dtype, stream=s)
     mod.kernel[blocks, threads, s](*inputs, *targets, *call.param_values, *call.sizes, w, out,
-                                   *grads, *scratch, res, mode, call.ignore,
+                                   *grads, *scratch, res, v, mode, call.ignore,
                                    weight is not None, reduction == "none", bool(grad))
-    if reduction == "none":
-        value = out.reshape(call.sample_shape)
-    else:
-        v = cuda.device_array(1, dtype, stream=s)
-        mod.finish[1, 1, s](res, mode, v)
-        value = v.reshape(())
+    value = out.reshape(call.sample_shape) if reduction == "none" else v.reshape(())
     if _to_host(res, stream)[1]:            # the one host read of a call
         call.raise_bad_targets([_to_host(t, stream) for t in targets])
     first = args[0]

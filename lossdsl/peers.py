@@ -47,7 +47,8 @@ def f_hinge(xp, f, y):                         # max(0, 1 - y·f)
 
 
 def f_multiclass_hinge(xp, z, y, margin=1.0):  # max(0, m - z_y + max_{j≠y} z_j)
-    oh = xp.arange(z.shape[-1]) == y[:, None]
+    k = xp.arange(z.shape[-1])
+    oh = (k.to(z.device) if hasattr(k, "to") else k) == y[:, None]     # torch: on z's device
     return _relu(xp, margin - xp.where(oh, z, 0).sum(-1) + xp.amax(xp.where(oh, -xp.inf, z), -1))
 
 
@@ -271,8 +272,8 @@ def torch_peers():
 
     def ntxent(t, z, pos, tau=0.5):
         u = F(t).normalize(z, dim=1)
-        s = (u @ u.T / tau).masked_fill(t.eye(len(z), dtype=t.bool), float("-inf"))
-        return (t.logsumexp(s, 1) - s[t.arange(len(z)), pos]).mean()
+        s = (u @ u.T / tau).masked_fill(t.eye(len(z), dtype=t.bool, device=z.device), float("-inf"))
+        return (t.logsumexp(s, 1) - s[t.arange(len(z), device=z.device), pos]).mean()
 
     def generic(f):
         return lambda t, *a, **k: f(t, *a, **k).mean()

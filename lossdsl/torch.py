@@ -65,8 +65,14 @@ def _kernel_array(t):
 
 
 def _numba_stream(device):
+    """torch's current stream for numba: 0 for the legacy default stream, which numba launches on
+    by default (an external stream object costs 20 µs to make and 28 µs per launch, measured on
+    an H200 host), else that stream wrapped."""
+    handle = torch.cuda.current_stream(device).cuda_stream
+    if handle == 0:
+        return 0
     from numba import cuda
-    return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+    return cuda.external_stream(handle)
 
 
 # torch dtype -> numpy dtype, built once outside any fake mode (fake tensors have no .numpy())
