@@ -491,9 +491,9 @@ def main():
         with open(args.out, "w") as fh:
             fh.write(text)
     if args.results:
+        from lossdsl.bench import GPU_SECTION
         with open(args.results) as fh:
-            old = fh.read()
-        keep = old.split("\n## GPU\n")[0].rstrip("\n")
+            keep = fh.read().split(GPU_SECTION)[0].rstrip("\n")
         with open(args.results, "w") as fh:
             fh.write(keep + "\n\n" + text)
     return 0 if ok else 1

@@ -361,6 +361,17 @@ def compile_times():
     return float(runs[1][0]), float(runs[0][1]), float(runs[1][1])
 
 
+#: where benchmarks/gpu_check.py's section of RESULTS.md starts (measured on another machine: a
+#: CPU run that rewrites the file keeps it)
+GPU_SECTION = "\n## GPU\n"
+
+
+def with_gpu_section(text, old):
+    """Report ``text`` followed by the GPU section of ``old``, the file it replaces (if it has one)."""
+    i = old.find(GPU_SECTION)
+    return text if i < 0 else text.rstrip("\n") + "\n" + old[i:]
+
+
 def report(rows, peers, threads, command, dtype, repeat, compiled=None):
     """RESULTS.md: title, how it was produced, the machine, the table, the compile-time line."""
     lines = ["# CPU benchmark results", "",

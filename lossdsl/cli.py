@@ -23,6 +23,7 @@ import argparse
 import difflib
 import sys
 import textwrap
+from pathlib import Path
 
 import lossdsl
 
@@ -322,8 +323,9 @@ def cmd_bench(args) -> int:
     _write(text)
     if args.out:
         try:
+            old = Path(args.out).read_text() if Path(args.out).is_file() else ""
             with open(args.out, "w") as fh:
-                fh.write(text)
+                fh.write(bench.with_gpu_section(text, old))
         except OSError as e:
             raise UsageError(f"{args.out}: {e.strerror or e}") from None
     bad = bench.mismatches(rows, args.dtype)

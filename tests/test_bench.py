@@ -42,6 +42,19 @@ def test_bench_mse_prints_a_table_with_every_available_peer(capsys):
     assert "numba" in out and "MISMATCH" not in out
 
 
+def test_bench_out_rewrites_the_cpu_report_and_keeps_the_gpu_section(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "compile_times", lambda: (0.1, 1.0, 0.2))     # two fresh processes otherwise
+    out = tmp_path / "RESULTS.md"
+    gpu = "## GPU\n\nProduced by `python benchmarks/gpu_check.py` on a GPU.\n\n| loss | ms |\n"
+    out.write_text("# CPU benchmark results\n\nan older table\n\n" + gpu)
+    rc, _, err = run(capsys, "bench", "mse", "--size", "small", "--repeat", "1", "--out", str(out))
+    assert rc == 0, err
+    text = out.read_text()
+    assert "an older table" not in text and "| mse |" in text
+    assert text.endswith("\n" + gpu) and text.count("## GPU") == 1
+    assert bench.with_gpu_section("# new\n", "# old, no GPU section\n") == "# new\n"
+
+
 @pytest.mark.parametrize("argv, msg", [(["bench"], "NAME or --all"), (["bench", "mse", "--all"], "NAME or --all"),
                                        (["bench", "msee"], "did you mean 'mse'"),
                                        (["bench", "mse", "--repeat", "0"], "--repeat")])

@@ -529,3 +529,64 @@ def test_numpy_without_row_stack_gets_the_alias_numba_cuda_needs(monkeypatch):
     monkeypatch.delattr(np, "row_stack", raising=False)
     cuda_dispatch.numpy_row_stack()
     assert np.row_stack is np.vstack
+
+
+class _Warp:
+    """32 lanes as threads, in lockstep at each shuffle: what the simulator lacks, for the warp
+    folds (render_cuda.WFOLD and _warg*), which the simulator replaces by the block's folds."""
+
+    def __init__(self):
+        import threading
+        self.barrier, self.slots, self.local = threading.Barrier(32), [None] * 32, threading.local()
+        self.jit = lambda **kw: (lambda f: f)
+
+    def shfl_xor_sync(self, mask, value, o):
+        assert mask == 0xFFFFFFFF
+        self.slots[self.local.lane] = value
+        self.barrier.wait()
+        got = self.slots[self.local.lane ^ o]
+        self.barrier.wait()
+        return got
+
+    def run(self, fn, *per_lane):
+        """fn(lane's values..., shared scratch) in each lane: a scratch array per value (unused)."""
+        import threading
+        out = [None] * 32
+
+        def lane(i):
+            self.local.lane = i
+            out[i] = fn(*(v[i] for v in per_lane), *[None] * len(per_lane))
+        threads = [threading.Thread(target=lane, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+
+@needs_parent
+def test_warp_folds_give_every_lane_the_block_folds_result():
+    from lossdsl import render_cuda as rc
+    warp = _Warp()
+    scope = {"cuda": warp, "F": np.float32, "MAXT": rc.MAXT}
+    exec(rc.BLOCK + rc.ARG.format(kind="max", op=">") + rc.ARG.format(kind="min", op="<"), scope)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(32) * 10.0 ** rng.integers(-3, 4, 32)).astype(np.float32)
+    sums = warp.run(scope["_wsum"], x)
+    assert len({s.tobytes() for s in sums}) == 1          # bitwise the same in every lane
+    assert abs(float(sums[0]) - float(np.sum(x.astype(np.float64)))) <= 1e-5 * float(np.abs(x).sum())
+    assert warp.run(scope["_wor"], [0] * 31 + [1]) == [1] * 32
+    with_nan = x.copy()
+    with_nan[9] = np.nan
+    assert all(np.isnan(m) for m in warp.run(scope["_wmax"], with_nan))
+    assert warp.run(scope["_wmax"], x) == [x.max()] * 32
+    # argmax: ties go to the first index, NaN wins (the last one), -1 (no element yet) never wins
+    ties = np.array([1, 5, 2, 5, 0, 5] + [0] * 26, np.float32)
+    idx = list(range(32))
+    assert {(float(v), i) for v, i in warp.run(scope["_wargmax"], ties, idx)} == {(5.0, 1)}
+    assert {(float(v), i) for v, i in warp.run(scope["_wargmin"], -ties, idx)} == {(-5.0, 1)}
+    nans = ties.copy()
+    nans[[3, 20]] = np.nan
+    assert {i for _, i in warp.run(scope["_wargmax"], nans, idx)} == {20}
+    none_yet = [-1] * 31 + [31]
+    assert {(float(v), i) for v, i in warp.run(scope["_wargmax"], ties, none_yet)} == {(0.0, 31)}
