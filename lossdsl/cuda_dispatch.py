@@ -128,8 +128,13 @@ def _launch(cuda, kind, call):
     if kind == "row":
         threads = 32 if sim else threads
         return max(1, min(cap, -(-call.n_samples // (threads // 32)))), threads
+    return cap, threads             # a batch loss's "map" stages: the grid shares the outer index
+
+
+def _block_threads(threads, call):
+    """Threads of a batch loss's one-block stages: no more than its widest axis needs."""
     widest = max([int(s) for s in call.sizes] or [1])
-    return 1, min(threads, max(32, 1 << (widest - 1).bit_length()))
+    return min(threads, max(32, 1 << (widest - 1).bit_length()))
 
 
 def _like(x, template):
@@ -186,9 +191,16 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
                for i, shape in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
     mode = np.int64(1 if reduction == "mean" else 0)
     v = _empty(dtype, 1) if reduction == "none" else cuda.device_array(1, dtype, stream=s)
-    mod.kernel[blocks, threads, s](*inputs, *targets, *call.param_values, *call.sizes, w, out,
-                                   *grads, *scratch, res, v, mode, call.ignore,
-                                   weight is not None, reduction == "none", bool(grad))
+    args = (*inputs, *targets, *call.param_values, *call.sizes, w, out, *grads, *scratch, res, v, mode,
+            call.ignore, weight is not None, reduction == "none", bool(grad))
+    if kind == "batch":
+        for i, (stage, for_grad) in enumerate(mod.STAGES):
+            if for_grad and not grad:
+                break               # the gradient's stages come last
+            grid = (blocks, threads) if stage == "map" else (1, _block_threads(threads, call))
+            mod.kernel[grid[0], grid[1], s](*args, np.int64(i))
+    else:
+        mod.kernel[blocks, threads, s](*args)
     value = out.reshape(call.sample_shape) if reduction == "none" else v.reshape(())
     if _to_host(res, stream)[1]:            # the one host read of a call
         call.raise_bad_targets([_to_host(t, stream) for t in targets])

@@ -184,7 +184,7 @@ class Emitter:
         self.assign(named)
 
     def reductions(self, exprs, bound):
-        todo = [r for r in _computable(exprs, bound, self) if not self.load_shared(r)]
+        todo = [r for r in computable(exprs, bound, self) if not self.load_shared(r)]
         rescues = _rescues(exprs, todo)
         todo = [r for r in todo if r not in rescues]
         levels = {}
@@ -694,7 +694,7 @@ def _replace_known(e, known):
     return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
 
 
-def _computable(exprs, bound, em):
+def computable(exprs, bound, em):
     """Reductions in exprs (at any depth) whose free symbols are all known here: no unbound index."""
     found = []
     for e in exprs:

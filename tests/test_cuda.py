@@ -141,7 +141,7 @@ def _signature(loss, dtype, types):
     out += [types.Array(F, 1, "C")] * 2 + [arr(F, d) for d in sig.inputs]
     out += [types.Array(F, len(axes), "C") for _, _, axes in render_cuda.buffers(loss._c)]
     out += [types.Array(types.float64, 1, "C"), types.Array(F, 1, "C"), types.int64, types.int64]
-    out += [types.boolean] * 3
+    out += [types.boolean] * 3 + ([types.int64] if sig.batch else [])
     return tuple(out)
 
 
@@ -314,6 +314,17 @@ def test_device_matches_cpu(case, dtype):
     agree(name, arrays, dtype, "none", weight=w, **params)
     agree(name, arrays, dtype, "mean", **params)
     agree(name, arrays, dtype, "sum", weight=w, grad=False, **params)   # its gradients are "none"'s
+
+
+@needs_sim
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_batch_stages_share_the_grid(dtype):
+    # ntxent's "map" stages spread over the grid (3 blocks of 32 under the simulator): N = 23 rows
+    # of D = 9 give 529 and 207 elements to the flattened (row, column) loops, several per thread
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((23, 9)).astype(dtype)
+    pos = (np.arange(23) + 5) % 23
+    agree("ntxent", [z, pos], dtype, "mean", tau=0.3)
 
 
 def _logit_rows(dtype):
