@@ -111,10 +111,10 @@ def _contiguous(a, loss, what):
 def _launch(cuda, kind, call):
     """(blocks, threads): a power of two threads per block; grid-stride loops cover the rest.
     Row kernels take a warp per row; under the simulator a block is one warp (it has no shuffles:
-    render_cuda.WFOLD)."""
+    cuda_prelude.WFOLD)."""
     sim = _simulator()
     threads = THREADS or (32 if sim else 256)
-    from .render_cuda import MAXT
+    from .cuda_prelude import MAXT
     threads = min(MAXT, 1 << max(5, (threads - 1).bit_length()))
     if sim:
         cap = 3

@@ -544,7 +544,7 @@ def test_numpy_without_row_stack_gets_the_alias_numba_cuda_needs(monkeypatch):
 
 class _Warp:
     """32 lanes as threads, in lockstep at each shuffle: what the simulator lacks, for the warp
-    folds (render_cuda.WFOLD and _warg*), which the simulator replaces by the block's folds."""
+    folds (cuda_prelude.WFOLD and _warg*), which the simulator replaces by the block's folds."""
 
     def __init__(self):
         import threading
@@ -577,7 +577,7 @@ class _Warp:
 
 @needs_parent
 def test_warp_folds_give_every_lane_the_block_folds_result():
-    from lossdsl import render_cuda as rc
+    from lossdsl import cuda_prelude as rc
     warp = _Warp()
     scope = {"cuda": warp, "F": np.float32, "MAXT": rc.MAXT}
     exec(rc.BLOCK + rc.ARG.format(kind="max", op=">") + rc.ARG.format(kind="min", op="<"), scope)
