@@ -191,16 +191,16 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
                for i, shape in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
     mode = np.int64(1 if reduction == "mean" else 0)
     v = _empty(dtype, 1) if reduction == "none" else cuda.device_array(1, dtype, stream=s)
-    args = (*inputs, *targets, *call.param_values, *call.sizes, w, out, *grads, *scratch, res, v, mode,
-            call.ignore, weight is not None, reduction == "none", bool(grad))
+    operands = (*inputs, *targets, *call.param_values, *call.sizes, w, out, *grads, *scratch, res, v, mode,
+                call.ignore, weight is not None, reduction == "none", bool(grad))
     if kind == "batch":
         for i, (stage, for_grad) in enumerate(mod.STAGES):
             if for_grad and not grad:
                 break               # the gradient's stages come last
             grid = (blocks, threads) if stage == "map" else (1, _block_threads(threads, call))
-            mod.kernel[grid[0], grid[1], s](*args, np.int64(i))
+            mod.kernel[grid[0], grid[1], s](*operands, np.int64(i))
     else:
-        mod.kernel[blocks, threads, s](*args)
+        mod.kernel[blocks, threads, s](*operands)
     value = out.reshape(call.sample_shape) if reduction == "none" else v.reshape(())
     if _to_host(res, stream)[1]:            # the one host read of a call
         call.raise_bad_targets([_to_host(t, stream) for t in targets])

@@ -327,6 +327,19 @@ def test_batch_stages_share_the_grid(dtype):
     agree("ntxent", [z, pos], dtype, "mean", tau=0.3)
 
 
+@needs_sim
+@pytest.mark.parametrize("name", ["bce", "ntxent"])
+def test_results_take_the_array_type_of_the_callers_first_argument(name, monkeypatch):
+    # a torch tensor in gives torch tensors out (_like): it must see the caller's first array
+    from lossdsl import cuda_dispatch
+    seen = []
+    monkeypatch.setattr(cuda_dispatch, "_like", lambda x, template: seen.append(template) or x)
+    arrays, _ = make_args(name, np.float32)
+    first = dev(arrays[0])
+    load(name).value_and_grad(first, *[dev(a) for a in arrays[1:]])
+    assert len(seen) == 2 and all(t is first for t in seen)
+
+
 def _logit_rows(dtype):
     """cross-entropy style rows: -inf masks, a row whose only finite logit is the target,
     huge and tiny logits, a NaN; longer than one block."""
