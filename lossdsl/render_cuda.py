@@ -195,7 +195,7 @@ def _batch_stages(em, compiled, sig, low, scalar_vars, size_var, cast):
     """A batch loss as launches of one kernel, one per ``stage`` argument; returns the plan, a
     (kind, for the gradient only) pair per stage, which the module exports as STAGES. "block"
     stages run in one block whose threads fold the top-level reductions: the target checks
-    (stage 0: a bad target stops the later stages) and the value. "map" stages run on the whole
+    (stage 0, where a target has a domain: a bad target stops the later stages) and the value. "map" stages run on the whole
     grid, each thread a share of the outer index: every buffer (the locals, then the adjoints) and
     each input's gradient (a single block used one of an H200's 132 multiprocessors for all of
     them: ntxent N = 4096 took 2.8 s). Stages share only buffers."""
@@ -212,13 +212,19 @@ def _batch_stages(em, compiled, sig, low, scalar_vars, size_var, cast):
         em.line("nt = cuda.gridsize(1)" if kind == "map" else "nt = cuda.blockDim.x")
         stages.append((kind, grad))
 
+    mark = len(em.lines)
     stage("block")
     em.line("for n in range(1):")           # the checks leave a bad sample with `continue`
     em.depth = 3
+    checks = len(em.lines)
     _checks(em, sig, low, scalar_vars, size_var, True, cast)
-    em.depth = 2
-    em.line("if tid == 0:")
-    em.line("    cuda.atomic.add(res, 1, T(bad))")
+    if len(em.lines) == checks:             # no target to check: no stage 0
+        del em.lines[mark:]
+        stages.pop()
+    else:
+        em.depth = 2
+        em.line("if tid == 0:")
+        em.line("    cuda.atomic.add(res, 1, T(bad))")
     em.depth = 1
     em.line("if res[1] > 0:")               # the host raises; stage 0 zeroed the outputs
     em.line("    return")

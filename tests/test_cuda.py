@@ -614,3 +614,23 @@ def test_warp_folds_give_every_lane_the_block_folds_result():
     assert {i for _, i in warp.run(scope["_wargmax"], nans, idx)} == {20}
     none_yet = [-1] * 31 + [31]
     assert {(float(v), i) for v, i in warp.run(scope["_wargmax"], ties, none_yet)} == {(0.0, 31)}
+
+
+@needs_sim
+def test_batch_loss_with_no_target_to_check():
+    # no stage 0 (the target checks): the stages start with the buffer
+    f = lossdsl.compile(GRAM)["gram_lse"]
+    z = np.random.default_rng(3).standard_normal((9, 4))
+    want, (want_g,) = f.value_and_grad(z)
+    got, (got_g,) = f.value_and_grad(dev(z))
+    close(host(got), want, np.float64, "gram_lse value")
+    close(host(got_g), want_g, np.float64, "gram_lse gradient")
+
+
+GRAM = '''
+loss gram_lse "a batch loss with no target"
+  batch  N
+  input  z[N, D]
+  g[i, j] = sum[d] z[i, d] * z[j, d] / D
+  loss = mean[i] logsumexp[j] g[i, j]
+'''
