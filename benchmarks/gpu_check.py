@@ -32,6 +32,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import lossdsl  # noqa: E402
 from lossdsl.audit import audit  # noqa: E402
+from lossdsl.bench import (GPU_SECTION, WORKLOADS, _builder, joined, torch_callable,  # noqa: E402
+                           torch_step)
+from lossdsl.bench import sections as results_parts  # noqa: E402
 from numba import cuda  # noqa: E402
 
 try:
@@ -255,7 +258,6 @@ def timed(fn, reps=7):
 def device_workload(w):
     """(shape, device arrays): the CPU benchmark's float32 data (lossdsl.bench.WORKLOADS) with its
     batch repeated SCALE times on the device, or drawn at BATCH_SCALE x N for a batch loss."""
-    from lossdsl.bench import _builder
     if lossdsl.load(w.loss)._c.definition.batch:
         shape = (w.shape[0] * BATCH_SCALE,) + w.shape[1:]
         arrays = _builder(w.kind)(np.random.default_rng(0), shape, np.dtype("float32"))
@@ -271,22 +273,6 @@ def device_workload(w):
     return (SCALE * shape[0],) + shape[1:], out
 
 
-def _torch_run(fn, loss, arrays):
-    """A call of ``fn(tensors)`` on the device arrays as zero-copy tensors: the value, then the
-    backward into the inputs' gradients."""
-    ts = [torch.as_tensor(a, device="cuda") for a in arrays]
-    ins = [t.detach().requires_grad_() for t in ts[:len(loss.inputs)]]
-    ts = ins + ts[len(loss.inputs):]
-
-    def run():
-        for t in ins:
-            t.grad = None
-        v = fn(ts)
-        v.backward()
-        return v.detach()
-    return run
-
-
 def bench_workload(w, compiled):
     """One row: lossdsl on device arrays, lossdsl.torch, torch eager (torch.compile when
     ``compiled``), and a device-to-device copy of the bytes read and written (the floor)."""
@@ -300,22 +286,17 @@ def bench_workload(w, compiled):
     t_copy = timed(lambda: [d.copy_to_device(a) for d, a in zip(dst, src)])
     moved = sum(a.nbytes for a in src)
     r = {"label": w.label, "shape": w.shape_text(shape), "lossdsl": t_ours, "copy": t_copy,
-         "GB/s": 2 * moved / t_ours / 1e6, "diff": None}
+         "GB/s": moved / t_ours / 1e6, "diff": None}
     if HAVE_TORCH:
         import lossdsl.torch as lt
-        from lossdsl.peers import torch_peers
-        bridge, peer = lt.function(w.loss), torch_peers()[w.loss]
-        r["lossdsl.torch"] = timed(_torch_run(lambda ts: bridge(*ts, **w.params), loss, arrays))
-        eager = _torch_run(lambda ts: peer(torch, *ts, **w.params), loss, arrays)
+        bridge = lt.function(w.loss)
+        r["lossdsl.torch"] = timed(torch_step(loss, arrays, lambda ts: bridge(*ts, **w.params), "cuda"))
+        eager = torch_callable(loss, arrays, w.params, device="cuda")
         r["torch"] = timed(eager)
         r["diff"] = abs(float(eager()) - value) / max(abs(value), 1e-30)
         if compiled:
-            fn = torch.compile(peer, dynamic=False)
-            t = time.perf_counter()
-            run = _torch_run(lambda ts: fn(torch, *ts, **w.params), loss, arrays)
-            run()
-            r["compile s"] = time.perf_counter() - t
-            r["torch.compile"] = timed(run)
+            run = torch_callable(loss, arrays, w.params, compiled=True, device="cuda")
+            r["torch.compile"] = timed(run)     # its first call (in timed's warm-up) compiles
         torch.cuda.empty_cache()
     return r
 
@@ -329,10 +310,9 @@ def bench_tiny():
          "lossdsl": timed(lambda: [ce.value_and_grad(z, y) for _ in range(100)]) * 10}
     if HAVE_TORCH:
         import lossdsl.torch as lt
-        from lossdsl.peers import torch_peers
-        bridge, peer = lt.function("cross_entropy"), torch_peers()["cross_entropy"]
-        for col, run in (("lossdsl.torch", _torch_run(lambda ts: bridge(*ts), ce, (z, y))),
-                         ("torch", _torch_run(lambda ts: peer(torch, *ts), ce, (z, y)))):
+        bridge = lt.function("cross_entropy")
+        for col, run in (("lossdsl.torch", torch_step(ce, (z, y), lambda ts: bridge(*ts), "cuda")),
+                         ("torch", torch_callable(ce, (z, y), {}, device="cuda"))):
             r[col] = timed(lambda: [run() for _ in range(100)]) * 10
     return r
 
@@ -356,7 +336,6 @@ def time_table(rows):
 
 
 def bench(compiled, deadline):
-    from lossdsl.bench import WORKLOADS
     rows = []
     for w in WORKLOADS:
         if w.tiny:
@@ -473,7 +452,7 @@ def main():
     times = bench(args.compile, t0 + args.budget) if "time" in sections else []
     ok &= not any(r.get("diff") is not None and r["diff"] > 1e-4 for r in times)
     checked = "\n".join("| " + " | ".join(r) + " |" for r in ROWS)
-    report = ["## GPU", "", f"Produced by `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}` on "
+    report = [GPU_SECTION.rstrip(), "", f"Produced by `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}` on "
               f"{time.strftime('%Y-%m-%d')}: {described}.", ""]
     if times:
         report += ["Forward + backward of the mean loss, float32, median of 7 synchronized calls after a "
@@ -491,11 +470,10 @@ def main():
         with open(args.out, "w") as fh:
             fh.write(text)
     if args.results:
-        from lossdsl.bench import GPU_SECTION
         with open(args.results) as fh:
-            keep = fh.read().split(GPU_SECTION)[0].rstrip("\n")
+            cpu = results_parts(fh.read())[0]
         with open(args.results, "w") as fh:
-            fh.write(keep + "\n\n" + text)
+            fh.write(joined(cpu, text))
     return 0 if ok else 1
 
 

@@ -192,7 +192,25 @@ def _numpy_callable(loss, arrays, params):
     return lambda: numpy_value_and_grad(loss.name, *arrays, **params)[0]
 
 
-def _torch_callable(loss, arrays, params, compiled=False):
+def torch_step(loss, arrays, call, device=None):
+    """A call of ``call(tensors)`` on ``arrays`` as tensors sharing their memory (numpy arrays, or
+    with ``device`` arrays on a GPU), then its backward into the inputs' gradients; returns the value."""
+    import torch
+    ts = [torch.as_tensor(a, device=device) for a in arrays]
+    ins = [t.detach().requires_grad_() for t in ts[:len(loss.inputs)]]
+    ts = ins + ts[len(loss.inputs):]
+
+    def run():
+        for t in ins:
+            t.grad = None
+        v = call(ts)
+        v.backward()
+        return v.detach()
+    return run
+
+
+def torch_callable(loss, arrays, params, compiled=False, device=None):
+    """torch's formula for ``loss`` (eager, or compiled by inductor) as a torch_step."""
     import torch
     fn = torch_peers()[loss.name]
     if compiled:
@@ -201,16 +219,7 @@ def _torch_callable(loss, arrays, params, compiled=False):
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 64)
         fn = torch.compile(fn, dynamic=False)
-    ts = [torch.from_numpy(a) for a in arrays]
-    ins = [t.requires_grad_(True) for t in ts[:len(loss.inputs)]]
-
-    def run():
-        for t in ins:
-            t.grad = None
-        v = fn(torch, *ts, **params)
-        v.backward()
-        return v.detach()
-    return run
+    return torch_step(loss, arrays, lambda ts: fn(torch, *ts, **params), device)
 
 
 def _jax_callable(loss, arrays, params):
@@ -227,8 +236,8 @@ def _jax_callable(loss, arrays, params):
     return run
 
 
-CALLABLES = {"numpy": _numpy_callable, "torch": _torch_callable, "jax.jit": _jax_callable,
-             "torch.compile": lambda *a: _torch_callable(*a, compiled=True)}
+CALLABLES = {"numpy": _numpy_callable, "torch": torch_callable, "jax.jit": _jax_callable,
+             "torch.compile": lambda *a: torch_callable(*a, compiled=True)}
 
 
 @dataclass
@@ -361,15 +370,20 @@ def compile_times():
     return float(runs[1][0]), float(runs[0][1]), float(runs[1][1])
 
 
-#: where benchmarks/gpu_check.py's section of RESULTS.md starts (measured on another machine: a
-#: CPU run that rewrites the file keeps it)
-GPU_SECTION = "\n## GPU\n"
+#: where benchmarks/gpu_check.py's section of RESULTS.md starts: measured on another machine, it
+#: is kept when a CPU run rewrites the file, and the CPU part when gpu_check rewrites its section
+GPU_SECTION = "## GPU\n"
 
 
-def with_gpu_section(text, old):
-    """Report ``text`` followed by the GPU section of ``old``, the file it replaces (if it has one)."""
-    i = old.find(GPU_SECTION)
-    return text if i < 0 else text.rstrip("\n") + "\n" + old[i:]
+def sections(text):
+    """(CPU part, GPU section or "") of a RESULTS.md."""
+    i = text.find("\n" + GPU_SECTION)
+    return (text, "") if i < 0 else (text[:i + 1], text[i + 1:])
+
+
+def joined(cpu, gpu):
+    """A RESULTS.md from its two parts."""
+    return cpu.rstrip("\n") + "\n\n" + gpu if gpu else cpu
 
 
 def report(rows, peers, threads, command, dtype, repeat, compiled=None):

@@ -325,7 +325,7 @@ def cmd_bench(args) -> int:
         try:
             old = Path(args.out).read_text() if Path(args.out).is_file() else ""
             with open(args.out, "w") as fh:
-                fh.write(bench.with_gpu_section(text, old))
+                fh.write(bench.joined(text, bench.sections(old)[1]))
         except OSError as e:
             raise UsageError(f"{args.out}: {e.strerror or e}") from None
     bad = bench.mismatches(rows, args.dtype)

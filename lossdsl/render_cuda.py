@@ -130,13 +130,12 @@ def render(compiled, dtype):
 
     em = BlockEmitter(names, element, lambda arr, k: f"{arr}[{lead}{k}]", coop, "w" if kind == "row" else "b")
     em.depth = {"elementwise": 3, "row": 2, "batch": 1}[kind]     # inside the unrolled loop / row loop
-    loads = []
+    loads = []                      # (variable, its read with the sample's index as {})
     for d in sig.inputs + sig.targets:
         if not d.axes:
             arr, var = sig.array_of[d.name], scalar_vars[d.name]
-            read = f"{arr}[{row}]"
-            loads.append((var, arr, arr in cast))
-            em.line(_unrolled(var) if kind == "elementwise" else f"{var} = {f'F({read})' if arr in cast else read}")
+            loads.append((var, f"F({arr}[{{}}])" if arr in cast else f"{arr}[{{}}]"))
+            em.line(_unrolled(var) if kind == "elementwise" else f"{var} = {loads[-1][1].format(row)}")
     if sig.batch:
         stages = _batch_stages(em, compiled, sig, low, scalar_vars, size_var, cast)
     else:
@@ -368,40 +367,36 @@ def _module(compiled, sig, dtype, kind, body, loads, stages):
     if any(d.domain.name == "class" and not d.axes for d in sig.targets):
         lines.append(COUNT)
     first = f"{sig.array_of[(sig.inputs + sig.targets)[0].name]}.shape[0]"
+    if stages is not None:
+        lines += ["", f"STAGES = {stages!r}   # (kind, for the gradient only) of each stage: _batch_stages"]
     lines += ["", "@cuda.jit", f"def kernel({args}):"]
-    pre = ["tid = cuda.threadIdx.x", "nt = cuda.blockDim.x",
-           "scale = F(1.0) if mode != 1 or res[2] <= 0 else F(1.0) / F(res[2])",
-           "total = T(0.0)", "bad = 0"]
+    scale = "scale = F(1.0) if mode != 1 or res[2] <= 0 else F(1.0) / F(res[2])"
     if kind == "elementwise":
         # the loads of UNROLL elements first, into scalars (registers, whether or not NVVM unrolls
         # the loop after them: a local array indexed by u went to local memory in focal's), then
         # the body for each element (_unrolled picks its values)
-        pre = ["sht = cuda.shared.array(SCRATCH, T)"] + pre + [
-            f"N = {first}", "stride = cuda.gridsize(1)", f"for n0 in range(cuda.grid(1), N, {UNROLL} * stride):"]
+        pre = ["sht = cuda.shared.array(SCRATCH, T)", "tid = cuda.threadIdx.x", scale, "total = T(0.0)", "bad = 0",
+               f"N = {first}", "stride = cuda.gridsize(1)", f"for n0 in range(cuda.grid(1), N, {UNROLL} * stride):"]
+        for u in range(1, UNROLL):
+            pre.append(f"    n{u} = n0 + {u} * stride")
         for u in range(UNROLL):
-            if u:
-                pre.append(f"    n{u} = n0 + {u} * stride")
-            for var, arr, cast in loads:
-                read = f"{arr}[{f'n{u}' if u else 'n0'}]"
-                read = f"F({read})" if cast else read
-                pre.append(f"    {var}_{u} = {read}" + (f" if n{u} < N else F(0.0)" if u else ""))
+            pre += [f"    {var}_{u} = {read.format(f'n{u}')}" + (f" if n{u} < N else F(0.0)" if u else "")
+                    for var, read in loads]
         pre += [f"    for u in range({UNROLL}):", "        n = n0 + u * stride", "        if n >= N:",
                 "            break"]
         post = ["total = _bsum(total, sht)", "nbad = _bsum(T(bad), sht)"]
     elif kind == "row":             # a warp per row: tid is the lane; lane 0 holds the warp's sums
         pre = ["sht = cuda.shared.array(SCRATCH, T)", "shf = cuda.shared.array(SCRATCH, F)",
-               "shi = cuda.shared.array(SCRATCH, np.int64)", "tid = cuda.threadIdx.x & 31", "nt = 32"] + pre[2:]
-        pre += [f"N = {first}", "for n in range(cuda.grid(1) >> 5, N, cuda.gridsize(1) >> 5):"]
+               "shi = cuda.shared.array(SCRATCH, np.int64)", "tid = cuda.threadIdx.x & 31", "nt = 32", scale,
+               "total = T(0.0)", "bad = 0", f"N = {first}", "for n in range(cuda.grid(1) >> 5, N, cuda.gridsize(1) >> 5):"]
         post = ["total = _bsum(total if tid == 0 else T(0.0), sht)",
                 "nbad = _bsum(T(bad) if tid == 0 else T(0.0), sht)"]
-    else:                           # batch: the stages write res themselves
-        pre = ["shf = cuda.shared.array(SCRATCH, F)", "shi = cuda.shared.array(SCRATCH, np.int64)", pre[2], "bad = 0"]
+    else:                           # batch: each stage sets tid and nt, and writes res itself
+        pre = ["shf = cuda.shared.array(SCRATCH, F)", "shi = cuda.shared.array(SCRATCH, np.int64)", scale, "bad = 0"]
+        post = []
     if stages is None:
         post += ["if cuda.threadIdx.x == 0:", "    cuda.atomic.add(res, 0, total)", "    cuda.atomic.add(res, 1, nbad)",
                  "    _finish(res, mode, value)"]
-    else:
-        lines.insert(-2, f"STAGES = {stages!r}   # (kind, for the gradient only) of each stage: _batch_stages")
-        post = []
     # arrays not wanted arrive empty: every write must be guarded by a flag, never by `is None`
     assert not any("is None" in ln or "is not None" in ln for ln in body), "a None check in a CUDA kernel"
     lines += ["    " + ln for ln in pre] + body + ["    " + ln for ln in post] + [""]

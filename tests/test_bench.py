@@ -52,7 +52,7 @@ def test_bench_out_rewrites_the_cpu_report_and_keeps_the_gpu_section(capsys, tmp
     text = out.read_text()
     assert "an older table" not in text and "| mse |" in text
     assert text.endswith("\n" + gpu) and text.count("## GPU") == 1
-    assert bench.with_gpu_section("# new\n", "# old, no GPU section\n") == "# new\n"
+    assert bench.joined("# new\n", bench.sections("# old, no GPU section\n")[1]) == "# new\n"
 
 
 @pytest.mark.parametrize("argv, msg", [(["bench"], "NAME or --all"), (["bench", "mse", "--all"], "NAME or --all"),
