@@ -41,12 +41,15 @@ def _subpeak(b, m):
 @HELPER
 def _expdiff(b, m):
     # e^(b - m) as e^d·(1 + lo), d + lo = b - m exactly (TwoSum): the rounding of d alone costs
-    # |d|·ulp/2, 5 bits of the softmax at d = -70
+    # |d|·ulp/2, 5 bits of the softmax at d = -70. At the max itself it is 1, also where that max is
+    # infinite and shared (several +inf logits split the softmax evenly, the limit along equal rates;
+    # inf - inf would make the whole row NaN, the finite logits' gradient included)
     d = b - m
     bd = d - b
     lo = (b - (d - bd)) - (m + bd)
     e = _exp(d)
-    return e + e * lo if abs(d) < F(math.inf) else e
+    r = e + e * lo if abs(d) < F(math.inf) else e
+    return F(1.0) if b == m else r
 
 
 @HELPER
@@ -79,10 +82,11 @@ def _xexpm1(x, s):
 
 
 @HELPER
-def _sqexp(x, s):
-    # x²·e^s as (x·e^(s/2))²: x² and e^s would overflow or underflow separately (0·inf)
+def _sqexp(x, s, c):
+    # c·x²·e^s as (t·c)·t, t = x·e^(s/2): x² and e^s would overflow or underflow separately (0·inf),
+    # and t·t where c·t·t (c = 1/2) does not
     t = _xexp(x, s * F(0.5))
-    return t * t
+    return (t * c) * t
 
 
 @HELPER
@@ -158,7 +162,8 @@ def _twosum_err(x, y, s):
 @HELPER
 def _inf_weight(a, p):
     # (a - p)²/Z² where a or p is infinite (Z): 1, 4 for opposite infinities, 0 for the same one or none
-    if abs(a - p) < F(math.inf) or a == p:
+    # (a finite a - p that overflows, ±FLT_MAX, is none: a term of the scaled sum)
+    if a == p or abs(a) < F(math.inf) and abs(p) < F(math.inf):
         return F(0.0)
     return F(4.0) if abs(a) == abs(p) else F(1.0)
 

@@ -197,22 +197,25 @@ class xexpm1(_Elementwise):
 
 
 class sqexp(_Elementwise):
-    """x²·e^s, computed as (x·e^(s/2))²: x² and e^s overflow or underflow separately (0·inf) where the
-    product is finite, e.g. the scaled residual (y - μ)²·e^(-logvar) of a Gaussian likelihood."""
-    nargs = 2
+    """c·x²·e^s (c ≥ 0 a number), computed as (t·c)·t with t = x·e^(s/2): x² and e^s overflow or underflow
+    separately (0·inf) where the product is finite, e.g. the scaled residual (y - μ)²·e^(-logvar) of a
+    Gaussian likelihood, and t² overflows where c·t² (its half) does not."""
+    nargs = 3
     latex_name = "sqexp"
 
     def fdiff(self, argindex=1):
-        x, s = self.args
-        return 2 * xexp(x, s) if argindex == 1 else sqexp(x, s)
+        x, s, c = self.args
+        if argindex == 1:
+            return 2 * c * xexp(x, s)
+        return sqexp(x, s, c) if argindex == 2 else sqexp(x, s, sp.S.One)
 
     @classmethod
-    def eval(cls, x, s):
-        if x.is_zero:
+    def eval(cls, x, s, c):
+        if x.is_zero or c.is_zero:
             return sp.S.Zero
 
     def naive(self):
-        return self.args[0] ** 2 * sp.exp(self.args[1])
+        return self.args[2] * self.args[0] ** 2 * sp.exp(self.args[1])
 
 
 class addexp(_Elementwise):

@@ -177,15 +177,18 @@ def _pow_combine(node):
 
 
 def _sqexp(node):
-    # b²·e^s -> sqexp(b, s) = (b·e^(s/2))²: the square and the exponential over/underflow separately
+    # c·b²·e^s -> sqexp(b, s, |c|) = (t·|c|)·t, t = b·e^(s/2), c the product's number (its sign stays out,
+    # so ±c·b²·e^s share one sqexp): the square and the exponential over/underflow separately, and the
+    # square overflows where c·b² does not (½(y - μ)²·e^(-logvar) at μ = 1.5e154)
     if not node.is_Mul:
         return None
     exps = [f for f in node.args if isinstance(f, sp.exp) and f.args[0].free_symbols]
     squares = [f for f in node.args if f.is_Pow and f.exp == 2 and f.base.free_symbols]
     if len(exps) != 1 or not squares:
         return None
-    rest = [f for f in node.args if f is not exps[0] and f is not squares[0]]
-    return sp.Mul(sqexp(squares[0].base, exps[0].args[0]), *rest)
+    c = sp.Mul(*[f for f in node.args if f.is_Number])
+    rest = [f for f in node.args if f is not exps[0] and f is not squares[0] and not f.is_Number]
+    return sp.Mul(sp.sign(c), sqexp(squares[0].base, exps[0].args[0], abs(c)), *rest)
 
 
 def _scaled_square(node):
@@ -507,9 +510,10 @@ NODE_RULES = (
          1 - sp.exp(x), -expm1(x), (1e-17,), _one_minus_exp),
     Rule("pow_combine", "γ·b^γ/b = γ·b^(γ-1), the derivative of b^γ, is 0/0 at b = 0",
          x ** y / x, x ** (y - 1), (0.0, 2.0), _pow_combine, post=True),
-    Rule("sqexp", "x²·e^y = (x·e^(y/2))²; x² underflows (or overflows) where e^y overflows (underflows): 0 vs "
-                  "1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out",
-         x ** 2 * sp.exp(y), sqexp(x, y), (1e-200, 700.0), _sqexp),
+    Rule("sqexp", "c·x²·e^y = (x·e^(y/2)·c)·(x·e^(y/2)); x² underflows (or overflows) where e^y overflows "
+                  "(underflows): 0 vs 1e-96 at x = 1e-200, y = 700, and 0·inf = NaN further out; (x·e^(y/2))² "
+                  "overflows where c·x²·e^y with c = 1/2 does not (x = 1.5e154, y = 0: inf vs 1.1e308)",
+         x ** 2 * sp.exp(y), sqexp(x, y, sp.S.One), (1e-200, 700.0), _sqexp),
     Rule("scaled_square", "c·x² = (x·c)·x: x² is subnormal at x = 1e-160 (1e-320, 11 bits), where c·x² with c = 1e10 "
                           "keeps 52; x² overflows at x = 1e160 where c·x² with c = 1e-10 does not",
          y * x ** 2, xsq(x, y), (1e-160, 1e10), _scaled_square),

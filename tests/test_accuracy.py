@@ -9,7 +9,8 @@ Excluded entries (only these, and counted in the report): cancellation that is i
 data, where a soft target t sits next to the prediction q and the output is q - t or a sum of
 such terms. Rounding q to the dtype alone already costs log2(κ) bits there, κ = (|q| + |t|)/|q - t|,
 whatever the formula; entries with κ > 4 are left out:
-  * gradients of bce, multilabel_bce, focal and vae_elbo (xhat) with a soft label 0 < y < 1 near σ(z);
+  * gradients of bce, multilabel_bce, focal and vae_elbo (xhat) with a soft label 0 < y < 1 near σ(z)
+    (with a pos_weight pw: σ(z)·(1 + (pw - 1)·y) near pw·y);
   * gradients of cross_entropy with label smoothing (soft targets), kl_div and soft_cross_entropy
     (soft p_j) where softmax(z)_j sits next to the target;
   * the value of kl_div with a soft (not one-hot) p near softmax(z): KL(p‖q) for q ≈ p is the
@@ -71,8 +72,9 @@ def make_exclude(name):
             z, y = np.asarray(values[zin]), np.asarray(values[ylab])
             if ix:
                 z, y = z[ix], y[ix]
-            y = float(y)
-            return 0 < y < 1 and np.isfinite(z) and _kappa(float(_sigmoid(z)), y) > 4
+            y, pw = float(y), float(values.get("pos_weight", 1.0))
+            # the gradient σ(z)·(1 + (pw - 1)·y) - pw·y: prediction against target, both weighted
+            return 0 < y < 1 and np.isfinite(z) and _kappa(float(_sigmoid(z)) * (1 + (pw - 1) * y), pw * y) > 4
         return exclude
     if name == "gaussian_nll":
         def exclude(output, values, ix, truth):

@@ -466,6 +466,26 @@ def test_zero_weight_keeps_a_nan_input():
     assert np.isnan(ce(np.array([[np.nan, -87.0, -88.0, 1.0]]), np.array([1]), reduction="sum"))
 
 
+def test_a_shared_infinite_max_splits_the_softmax():
+    # several +inf logits: softmax(z)_j -> 0 at every finite z_j whatever the rates (the gradient there
+    # is its limit, -target_j), and the +inf ones split the mass evenly (no limit exists: the one along
+    # equal rates). The textbook e^(z - max) is e^(inf - inf) = NaN, and its sum makes the row NaN.
+    inf = np.inf
+    z = np.array([[inf, -inf, -47.05, inf], [19.8, inf, -18.0, inf]])
+    for dt in (np.float32, np.float64):
+        ce = lossdsl.load("cross_entropy")
+        _, (g,) = ce.value_and_grad(z.astype(dt), np.array([3, 2]), reduction="none", label_smoothing=1.0)
+        assert g.tolist() == [[0.25, -0.25, -0.25, 0.25], [-0.25, 0.25, -0.25, 0.25]]
+        p = np.array([[0.1465, 0.1657, 0.6878, 0.0], [0.0, 1.0, 0.0, 0.0]], dt)
+        for name in ("kl_div", "soft_cross_entropy"):
+            _, (g,) = lossdsl.load(name).value_and_grad(z.astype(dt), p, reduction="none")
+            want = np.where(np.isinf(z) & (z > 0), 0.5, 0.0) * p.sum(axis=1, keepdims=True) - p
+            assert np.allclose(g, want, rtol=4 * np.finfo(dt).eps, atol=0), (name, g, want)
+    with np.errstate(all="ignore"):
+        e = np.exp(z[0] - z[0].max())
+        assert np.isnan(e / e.sum()).all()
+
+
 def test_log_softmax_split_at_an_infinite_target_logit():
     # cross_entropy = -(1 - ls)·z_y - ls·mean z + lse: at z_y = +inf (the max) the textbook sum is
     # -inf + inf = NaN; with lse - z_y formed first it is 0 (ls = 0), as in the limit
@@ -531,7 +551,8 @@ def test_rescue_overflow_keeps_the_sign_of_a_difference_of_squared_distances():
             ([inf, 1.0], [inf, 2.0], [4.0, 1.0]),                # a shared infinity: its coordinate is 0
             ([-inf, 1.0], [3.0, 1.0], [5.0, 1.0]),               # a infinite alone: (n - p)·2a = -inf
             ([-inf, -inf, -inf, 5.0], [709.0, 0.0, 0.0, -426.0], [483.0, -inf, -inf, -inf]),  # 2Z² - Z²: inf
-            ([3.0, 1e-300], [1.0, 0.0], [2.0, 1e-300])]         # no overflow: the plain sum
+            ([3.0, 1e-300], [1.0, 0.0], [2.0, 1e-300]),         # no overflow: the plain sum
+            ([1.7e308, 1.0], [-1.7e308, 2.0], [np.inf, 1.0])]   # a - p overflows, n infinite alone: -inf
     for a, p, n in rows:
         a, p, n = (np.array([v]) for v in (a, p, n))
         v, grads = f.value_and_grad(a, p, n, reduction="none")
