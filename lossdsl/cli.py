@@ -232,15 +232,27 @@ def cmd_compile(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """Accuracy audit: bits of error against exact arithmetic, lossdsl vs the naive lowering."""
+    """Accuracy audit: bits of error against exact arithmetic, lossdsl vs the naive lowering, and
+    the verdict against the library's bounds (lossdsl/inherent.py); exit status 1 if over them."""
     from lossdsl.audit import audit
+    from lossdsl.inherent import bounds, exclusion, violations
     if args.all == bool(args.name):
         raise UsageError("check takes a NAME or --all")
     losses = [lossdsl.load(n) for n in lossdsl.names()] if args.all else [_resolve(args.name)]
+    over = 0
     for i, loss in enumerate(losses):
-        rep = audit(loss, args.dtype, points=args.points, seed=args.seed)
+        exclude = exclusion(loss)
+        rep = audit(loss, args.dtype, points=args.points, seed=args.seed, exclude=exclude)
         print(("\n" if i else "") + rep.format())
-    return 0
+        excluded = sum(s.excluded for s in rep.overall.values())
+        if exclude is not None:
+            print(f"  ({excluded} entries left out: cancellation inherent in the data, lossdsl/inherent.py)")
+        mean_b, p99_b = bounds(rep, loss)
+        bad = violations(rep, loss)
+        over += bool(bad)
+        print(f"  bounds (mean <= {mean_b:g}, p99 <= {p99_b:g} bits, no non-finite where the truth is finite): "
+              + ("within" if not bad else "OVER\n    " + "\n    ".join(line.split("; worst")[0] for line in bad)))
+    return 1 if over else 0
 
 
 def cmd_cache(args) -> int:

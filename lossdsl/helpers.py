@@ -128,9 +128,12 @@ def _xpow(c, u, g):
 @HELPER
 def _sqdist_fast(a, p, n):
     # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are
-    # close; NaN where that is not _sqdist_diff's value (0 for n ≠ p; NaN): a select, so a sum of it vectorizes
+    # close; NaN where that is not _sqdist_diff's value (0 for n ≠ p; NaN): a select, so a sum of it vectorizes.
+    # In float64, whatever F: the terms of a margin cancel (a, p, n in ±1e3: Σ|terms| 360x the sum, 8 bits),
+    # and float32 points' differences and products are exact there, so a float32 margin rounds once
+    a, p, n = np.float64(a), np.float64(p), np.float64(n)
     r = (n - p) * ((a - p) + (a - n))
-    return r if r != 0 or n == p else F(math.nan)
+    return r if r != 0 or n == p else np.float64(math.nan)
 
 
 @HELPER

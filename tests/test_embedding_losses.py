@@ -534,3 +534,21 @@ def test_empty_batch_for_ntxent(losses):
             continue
         assert np.shape(v) == () and np.isnan(v)
         assert g.shape == (0, 3) and g.dtype == np.float64
+
+
+def test_triplet_float32_margin_rounds_once():
+    # Σ_d (n - p)(2a - n - p) of realistic float32 points whose terms (1e6) cancel to 1.2e4 (κ 360):
+    # summed in float32 the margin is 7 bits off (11967.8125), as is the textbook formula (9 bits); the
+    # terms in float64, where float32 differences and products are exact, round once
+    from lossdsl.audit import bits_error
+    from lossdsl.exact import evaluate
+    f = lossdsl.load("triplet")
+    a = np.array([204.10466, -832.96027, 972.4525, -172.0625], np.float32)
+    p = np.array([330.0161, -846.3114, -518.94464, 604.5263], np.float32)
+    n = np.array([-710.84985, 315.9109, 349.1616, -706.7422], np.float32)
+    v = f(a[None], p[None], n[None], reduction="none")
+    exact = {"a": a.astype(np.float64), "p": p.astype(np.float64), "n": n.astype(np.float64), "margin": 1.0, "D": 4}
+    truth = evaluate(f.expr, exact, "float32")
+    assert bits_error(v, truth, np.float32)[0] <= 1, (v[0], truth)
+    textbook = np.sum((a - p) ** 2) - np.sum((a - n) ** 2) + np.float32(1)
+    assert bits_error(np.array([textbook]), truth, np.float32)[0] > 4
