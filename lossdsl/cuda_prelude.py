@@ -24,6 +24,7 @@ if _config.ENABLE_CUDASIM:      # the simulator runs this as Python: IEEE result
 
 F = np.{dtype}
 T = np.float64          # the batch total and the counters
+W = F                   # the terms of sums that cancel: the CPU's float64, not on a GPU (slow float64)
 MAXT = {maxt}            # most threads per block (shared scratch size); blockDim.x must be a power of two
 SCRATCH = {scratch}        # MAXT + 32: shared scratch of the block combinations
 '''

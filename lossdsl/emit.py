@@ -23,10 +23,10 @@ from sympy import KroneckerDelta
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, at_peak,
-                         expand, expm1, fsum, isinf, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff,
-                         sqdist_diff_small, sqdist_fast, sqexp, subpeak, substitute, unit, xdivy, xexp, xexpm1, xlogy,
-                         xmul, xpow, xsq)
+from .primitives import (IsArg, LogSumExp, Max, Max2, Min, Min2, Norm, Reduce, ScaledSum, Select, Sum, addexp, addshift,
+                         at_peak, expand, expm1, fsum, isinf, log1p, logcosh, mul0, nanflag, overflow_or, sqdist_diff,
+                         sqdist_diff_small, sqdist_fast, sqexp, subpeak, substitute, unit, wshift, xdivy, xexp, xexpm1,
+                         xlogy, xmul, xpow, xsq)
 
 
 class ExpDiff(sp.Function):
@@ -40,7 +40,7 @@ class ExpDiff(sp.Function):
 CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "_tanh", sp.cosh: "math.cosh", sp.sinh: "_sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
-         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
+         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak", wshift: "_wshift", addshift: "_addshift",
          unit: "_unit", isinf: "_isinf",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
          addexp: "_addexp", xsq: "_xsq", xpow: "_xpow", xmul: "_xmul", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
@@ -505,9 +505,30 @@ class Emitter:
                             rest = [t for t in add.args if t is not a and t is not b]
                             return sp.Add(sign * subpeak(sign * b, -sign * a), *rest)
             return add
+        def shifted(add):
+            """(sign, b, m, rest) for ±subpeak(b, m) + rest, else None."""
+            for t in add.args if add.is_Add else ():
+                sign, core = (1, t) if isinstance(t, subpeak) else (-1, -t)
+                if isinstance(core, subpeak):
+                    return (sign, *core.args, sign * sp.Add(*[a for a in add.args if a is not t]))
+            return None
+
+        def weighted(e):
+            # the weight c of c·(±subpeak(b, m) + rest), or the term a of addexp(a, ±subpeak(b, m) + rest),
+            # meets the shift before b - m can overflow where the result does not (p_k·(z_k - lse) of
+            # kl_div, ε·(z_y - mean z) + (lse - z_y) of label smoothing, at logits ±3e38)
+            if isinstance(e, addexp):
+                s = shifted(e.args[1])
+                return e if s is None else addshift(e.args[0], s[0], *s[1:])
+            for f in e.args:
+                s = shifted(f)
+                if s is not None:
+                    return s[0] * wshift(e / f, *s[1:])
+            return e
         if not self.peaks:
             return e
-        return e.replace(lambda x: x.is_Add, pair)
+        e = e.replace(lambda x: x.is_Add, pair)
+        return e.replace(lambda x: (x.is_Mul or isinstance(x, addexp)) and x.has(subpeak), weighted)
 
     def assign(self, named):
         """Piecewise blocks first (each branch its own scope), then CSE of the rest."""

@@ -1,5 +1,6 @@
 """The stable primitives' numba code, which both back ends print into a generated module: each
-helper is a plain function of floats (F, the module's float type), decorated by the back end
+helper is a plain function of floats (F, the module's float type; W, the type a cancelling sum's
+terms are formed in: float64 on the CPU, F on a GPU), decorated by the back end
 (render_cpu: numba.njit, some force-inlined; render_cuda: cuda.jit device functions), so the CPU
 and CUDA kernels compute the same stable forms. The names are emit.CALLS's."""
 
@@ -36,6 +37,24 @@ def _mul0(a, b):
 def _subpeak(b, m):
     # b - m for m the max of the b: 0 at the max itself, also an infinite one (inf - inf is NaN)
     return F(0.0) if b == m else b - m
+
+
+@HELPER
+def _wshift(c, b, m, r):
+    # c·(subpeak(b, m) + r); where b - m overflows between finite logits, from halves: (c·((b/2 - m/2) + r/2))·2.
+    # Both formed and one selected, the tests combined with & (no branch: the row loops that call it vectorize)
+    d = F(0.0) if b == m else b - m
+    half = (c * ((b * F(0.5) - m * F(0.5)) + r * F(0.5))) * F(2.0)
+    return half if (abs(d) == F(math.inf)) & (abs(b) < F(math.inf)) & (abs(m) < F(math.inf)) else c * (d + r)
+
+
+@HELPER
+def _addshift(a, c, b, m, r):
+    # _addexp(a, c·(subpeak(b, m) + r)); where b - m overflows between finite logits, a finite, from halves
+    d = F(0.0) if b == m else b - m
+    half = (a * F(0.5) + c * ((b * F(0.5) - m * F(0.5)) + r * F(0.5))) * F(2.0)
+    over = (abs(d) == F(math.inf)) & (abs(b) < F(math.inf)) & (abs(m) < F(math.inf)) & (abs(a) < F(math.inf))
+    return half if over else _addexp(a, c * (d + r))
 
 
 @HELPER
@@ -129,11 +148,11 @@ def _xpow(c, u, g):
 def _sqdist_fast(a, p, n):
     # (a - p)² - (a - n)² as (n - p)·((a - p) + (a - n)): no square, n - p exact where the distances are
     # close; NaN where that is not _sqdist_diff's value (0 for n ≠ p; NaN): a select, so a sum of it vectorizes.
-    # In float64, whatever F: the terms of a margin cancel (a, p, n in ±1e3: Σ|terms| 360x the sum, 8 bits),
-    # and float32 points' differences and products are exact there, so a float32 margin rounds once
-    a, p, n = np.float64(a), np.float64(p), np.float64(n)
+    # In W, float64 on the CPU whatever F: the terms of a margin cancel (a, p, n in ±1e3: Σ|terms| 360x the
+    # sum, 8 bits), and float32 points' differences and products are exact there, so the margin rounds once
+    a, p, n = W(a), W(p), W(n)
     r = (n - p) * ((a - p) + (a - n))
-    return r if r != 0 or n == p else np.float64(math.nan)
+    return r if r != 0 or n == p else W(math.nan)
 
 
 @HELPER

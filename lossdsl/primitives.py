@@ -16,7 +16,7 @@ __all__ = ["sigmoid", "softplus", "logcosh", "xlogy", "xdivy", "xexp", "xexpm1",
            "sqdist_diff", "sqdist_diff_small", "sqdist_fast", "overflow_or", "at_peak", "Max2", "Min2",
            "log1p", "expm1",
            "Reduce", "Sum", "ScaledSum", "LogSumExp", "Max", "Min", "Norm", "IsArg", "indicator", "REDUCTIONS",
-           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "lse_minus",
+           "substitute", "naive", "expand", "Select", "mul0", "fsum", "nanflag", "subpeak", "wshift", "addshift", "lse_minus",
            "unit", "isinf"]
 
 
@@ -394,6 +394,30 @@ class subpeak(_Elementwise):
 
     def naive(self):
         return self.args[0] - self.args[1]
+
+
+class wshift(_Elementwise):
+    """c·(subpeak(b, m) + r): a weight times a logit shifted by its row's max, as p_k·(z_k - lse) of a
+    soft-label row loss (made by the emitter). Where b - m overflows (finite logits of both signs near the
+    float max) the product need not: it is then formed from halves, exactly, (c·((b/2 - m/2) + r/2))·2."""
+    nargs = 4
+    latex_name = "wshift"
+
+    def naive(self):
+        c, b, m, r = self.args
+        return c * (b - m + r)
+
+
+class addshift(_Elementwise):
+    """addexp(a, c·(subpeak(b, m) + r)): a term plus a weighted shifted logit, as ε·(z_y - mean z) + (lse - z_y)
+    of label smoothing (made by the emitter); where b - m overflows between finite logits and a is finite,
+    from halves, (a/2 + c·((b/2 - m/2) + r/2))·2."""
+    nargs = 5
+    latex_name = "addshift"
+
+    def naive(self):
+        a, c, b, m, r = self.args
+        return a + c * (b - m + r)
 
 
 class nanflag(_Flag):

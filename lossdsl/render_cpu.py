@@ -114,7 +114,7 @@ RUNTIME_HASH = hashlib.sha256((Path(__file__).parent / "cpu_runtime.py").read_by
 # stays scalar) are marked forceinline (LLVM's alwaysinline; numba compiles them as before):
 # vae_elbo's 32-wide KL loop, two _xexpm1 calls per element, took a fifth of its time.
 HELPER_DECORATOR = '@numba.njit(error_model="numpy")'
-INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp", "_xpow", "_xexpm1")
+INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp", "_xpow", "_xexpm1", "_wshift", "_addshift")
 
 
 # A vector input's gradient written by the value's sum pass over its axis: ``target`` (code with {}
@@ -728,6 +728,7 @@ def _module(sig, dtype, body, compiled):
             "from numba import types", "from numba.core import cgutils", "from numba.extending import intrinsic",
             f"from lossdsl.cpu_runtime import {runtime}    # cpu_runtime.py {RUNTIME_HASH}",
             "", f"F = np.{dtype}",
+            "W = np.float64    # the terms of sums that cancel (helpers._sqdist_fast)",
             # read by api.Loss.kernel: the products (_dot, np.dot) run on one BLAS thread each (blas.py)
             f"MATRIX_PRODUCTS = {any('dot(' in ln for ln in body)}",
             _no_wrappers("".join([EXP32 if dtype == "float32" else EXP64, SUMS, _cpu_helpers()])), ""]

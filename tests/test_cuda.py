@@ -442,10 +442,10 @@ def test_bad_targets_on_a_given_stream():
 # --- accuracy against exact arithmetic (the audit of test_accuracy.py, on the device) ----------
 
 ACC_POINTS = 8                          # per sampler: a sample (the CPU test takes 60-150)
-# Left out: two of test_accuracy's known failures (xfail there, for the CPU kernels too). triplet's
-# value cancels in Σ (n - p)(2a - n - p), and where those terms overflow the result depends on FMA
-# contraction (LLVM and NVVM contract a·b + c, the simulator's numpy does not); ntxent is a batch
-# loss (a point costs 5-8 s here) whose gradient's projection cancels.
+# Left out: triplet, whose value cancels in Σ (n - p)(2a - n - p): on a GPU its float32 terms stay
+# float32 (the CPU forms them in float64), and where they overflow the result depends on FMA
+# contraction (LLVM and NVVM contract a·b + c, the simulator's numpy does not); ntxent, a batch loss
+# (a point costs 5-8 s here) and test_accuracy's expected failure on the CPU too.
 ACC_CASES = [n for n in lossdsl.names() if n not in ("ntxent", "triplet")]
 
 

@@ -486,6 +486,30 @@ def test_a_shared_infinite_max_splits_the_softmax():
         assert np.isnan(e / e.sum()).all()
 
 
+def test_a_weight_meets_the_logit_shift_before_it_overflows():
+    # p_k·(z_k - lse) (kl_div, soft_cross_entropy) and ε·(z_y - mean z) + (lse - z_y) (label smoothing) with
+    # finite logits of both signs near the float max: z_k - max z overflows to -inf, the loss does not;
+    # the emitter's wshift / addshift form those from halves (exact) where the shift overflows
+    from lossdsl.audit import bits_error
+    from lossdsl.exact import evaluate
+    for dt in (np.float32, np.float64):
+        big = np.finfo(dt).max
+        z = np.array([[big, -745.13, -big, 1e-3]], dt)
+        p = np.array([[0.4, 0.25, 0.35, 0.0]], dt)
+        for name in ("kl_div", "soft_cross_entropy"):
+            f = lossdsl.load(name)
+            v = f(z, p, reduction="none")
+            truth = evaluate(f.expr, {"z": z[0].astype(np.float64), "p": p[0].astype(np.float64), "K": 4}, np.dtype(dt).name)
+            assert np.isfinite(truth) and bits_error(v, truth, dt)[0] <= 1, (name, dt, v[0], truth)
+        ce = lossdsl.load("cross_entropy")
+        z = np.array([[-1e-8, -0.9 * big, 0.8 * big, 1e-3]], dt)
+        v = ce(z, np.array([1]), reduction="none", label_smoothing=1.0)
+        truth = evaluate(ce.expr, {"z": z[0].astype(np.float64), "y": 1, "label_smoothing": 1.0, "K": 4}, np.dtype(dt).name)
+        assert np.isfinite(truth) and bits_error(v, truth, dt)[0] <= 1, (dt, v[0], truth)
+        with np.errstate(all="ignore"):
+            assert z[0, 1] - z.max() == -np.inf
+
+
 def test_log_softmax_split_at_an_infinite_target_logit():
     # cross_entropy = -(1 - ls)·z_y - ls·mean z + lse: at z_y = +inf (the max) the textbook sum is
     # -inf + inf = NaN; with lse - z_y formed first it is 0 (ls = 0), as in the limit
