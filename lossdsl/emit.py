@@ -40,7 +40,8 @@ class ExpDiff(sp.Function):
 CALLS = {ExpDiff: "_expdiff", sp.exp: "_exp", sp.log: "math.log", log1p: "_log1p", expm1: "math.expm1",
          sp.tanh: "_tanh", sp.cosh: "math.cosh", sp.sinh: "_sinh", sp.Abs: "abs",
          sp.sign: "_sign", logcosh: "_logcosh",
-         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak", wshift: "_wshift", addshift: "_addshift",
+         xlogy: "_xlogy", xdivy: "_xdivy", mul0: "_mul0", fsum: "_fsum3", nanflag: "_nanflag", subpeak: "_subpeak",
+         wshift: "_wshift", addshift: "_addshift",
          unit: "_unit", isinf: "_isinf",
          xexp: "_xexp", xexpm1: "_xexpm1", sqexp: "_sqexp",
          addexp: "_addexp", xsq: "_xsq", xpow: "_xpow", xmul: "_xmul", sqdist_diff: "_sqdist_diff", sqdist_diff_small: "_sqdist_diff_small",
@@ -493,7 +494,8 @@ class Emitter:
 
     def pair_peaks(self, e):
         """±(b - m) in a sum, m the max shift of a logsumexp over the b: subpeak(b, m), which is 0 at
-        the max itself, even an infinite one (inf - inf is NaN). Before CSE, which would split it."""
+        the max itself, even an infinite one (inf - inf is NaN); and such a sum weighted, or added to
+        a term, as one wshift / addshift. Before CSE, which would split them."""
         def pair(add):
             for sign in (1, -1):
                 for a in add.args:
@@ -505,6 +507,7 @@ class Emitter:
                             rest = [t for t in add.args if t is not a and t is not b]
                             return sp.Add(sign * subpeak(sign * b, -sign * a), *rest)
             return add
+
         def shifted(add):
             """(sign, b, m, rest) for ±subpeak(b, m) + rest, else None."""
             for t in add.args if add.is_Add else ():
