@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_compile)
 
     s = sub.add_parser("check", help="accuracy audit: bits of error against exact arithmetic, "
-                                     "lossdsl vs the naive lowering")
+                                     "lossdsl vs the naive lowering; exit status 1 if over the bounds")
     s.add_argument("name", metavar="NAME", nargs="?", help=name_help)
     s.add_argument("--all", action="store_true", help="every library loss")
     s.add_argument("--dtype", choices=("float32", "float64"), default="float64")
