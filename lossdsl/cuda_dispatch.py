@@ -187,7 +187,7 @@ def run(loss, args, reduction, weight, ignore_index, params, grad, stream=None):
     grads = [cuda.device_array(a.shape, dtype, stream=s) if grad else _empty(dtype, a.ndim) for a in inputs]
     out = cuda.device_array(call.n_samples, dtype, stream=s) if reduction == "none" else _empty(dtype, 1)
     w = weight.reshape(call.n_samples) if weight is not None else _empty(dtype, 1)
-    scratch = [cuda.device_array(shape if grad or i < n_locals else (0,) * len(shape), dtype, stream=s)
+    scratch = [cuda.device_array(shape, dtype, stream=s) if grad or i < n_locals else _empty(dtype, len(shape))
                for i, shape in enumerate(render_cuda.sizes_of(loss._c, call.axis_size))]
     mode = np.int64(1 if reduction == "mean" else 0)
     v = _empty(dtype, 1) if reduction == "none" else cuda.device_array(1, dtype, stream=s)

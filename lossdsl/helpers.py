@@ -40,21 +40,28 @@ def _subpeak(b, m):
 
 
 @HELPER
+def _halfshift(c, b, m, r):
+    # (half of c·(b - m + r) formed from halves, c·((b/2 - m/2) + r/2): exact for normal numbers and finite
+    # where b - m overflows between finite b and m (logits of both signs near the float max); whether it
+    # does). The callers select, not branch, so the row loops that call them vectorize
+    d = b - m
+    over = (abs(d) == F(math.inf)) & (abs(b) < F(math.inf)) & (abs(m) < F(math.inf))
+    return c * ((b * F(0.5) - m * F(0.5)) + r * F(0.5)), over
+
+
+@HELPER
 def _wshift(c, b, m, r):
-    # c·(subpeak(b, m) + r); where b - m overflows between finite logits, from halves: (c·((b/2 - m/2) + r/2))·2.
-    # Both formed and one selected, the tests combined with & (no branch: the row loops that call it vectorize)
-    d = F(0.0) if b == m else b - m
-    half = (c * ((b * F(0.5) - m * F(0.5)) + r * F(0.5))) * F(2.0)
-    return half if (abs(d) == F(math.inf)) & (abs(b) < F(math.inf)) & (abs(m) < F(math.inf)) else c * (d + r)
+    # c·(subpeak(b, m) + r), from halves where b - m overflows
+    half, over = _halfshift(c, b, m, r)
+    return half * F(2.0) if over else c * ((F(0.0) if b == m else b - m) + r)
 
 
 @HELPER
 def _addshift(a, c, b, m, r):
-    # _addexp(a, c·(subpeak(b, m) + r)); where b - m overflows between finite logits, a finite, from halves
-    d = F(0.0) if b == m else b - m
-    half = (a * F(0.5) + c * ((b * F(0.5) - m * F(0.5)) + r * F(0.5))) * F(2.0)
-    over = (abs(d) == F(math.inf)) & (abs(b) < F(math.inf)) & (abs(m) < F(math.inf)) & (abs(a) < F(math.inf))
-    return half if over else _addexp(a, c * (d + r))
+    # _addexp(a, c·(subpeak(b, m) + r)), from halves where b - m overflows and a is finite
+    half, over = _halfshift(c, b, m, r)
+    plain = _addexp(a, c * ((F(0.0) if b == m else b - m) + r))
+    return (a * F(0.5) + half) * F(2.0) if over & (abs(a) < F(math.inf)) else plain
 
 
 @HELPER

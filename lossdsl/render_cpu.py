@@ -114,7 +114,7 @@ RUNTIME_HASH = hashlib.sha256((Path(__file__).parent / "cpu_runtime.py").read_by
 # stays scalar) are marked forceinline (LLVM's alwaysinline; numba compiles them as before):
 # vae_elbo's 32-wide KL loop, two _xexpm1 calls per element, took a fifth of its time.
 HELPER_DECORATOR = '@numba.njit(error_model="numpy")'
-INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp", "_xpow", "_xexpm1", "_wshift", "_addshift")
+INLINED_HELPERS = ("_logcosh", "_xexp", "_sqexp", "_xpow", "_xexpm1", "_halfshift", "_wshift", "_addshift")
 
 
 # A vector input's gradient written by the value's sum pass over its axis: ``target`` (code with {}
